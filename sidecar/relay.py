@@ -1,0 +1,76 @@
+"""The relay of one sidecar process: the store, the hub, the reader, and the subscribe handshake between them.
+
+Runs on gevent (one OS thread): hub calls never yield, so they need no lock; only Redis reads yield.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sidecar.config import Settings
+from sidecar.core.hub import Connection, Hub, Subscription, Sync
+from sidecar.core.protocol import Position
+from sidecar.reader import Reader
+from sidecar.store import Store, connect
+
+log = logging.getLogger(__name__)
+
+
+class Relay:
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        if not settings.redis_url:
+            raise ValueError("the relay needs a Redis URL")
+        self.settings = settings
+        self.store = store or Store(connect(settings.redis_url, settings), settings)
+        self.hub = Hub()
+        self.reader = Reader(self.store, settings, self.hub.dispatch)
+
+    def start(self) -> Relay:
+        self.reader.start()
+        return self
+
+    def stop(self) -> None:
+        self.reader.stop()
+
+    def healthy(self) -> bool:
+        if not self.reader.alive or not self.reader.healthy:
+            return False
+        try:
+            return bool(self.store.redis.ping())
+        except Exception:
+            return False
+
+    def connection(self, transport: str, wake: object) -> Connection:
+        s = self.settings
+        return self.hub.connect(Connection(transport, wake, s.queue_frames, s.queue_bytes))  # type: ignore[arg-type]
+
+    def subscribe(self, conn: Connection, channel: str, mode: str, since: Position | None = None) -> None:
+        """Register, read, start: see the hub's docstring. Redis errors propagate after unregistering."""
+        sub = self.hub.subscribe(conn, channel, mode)
+        try:
+            sync = self.read(channel, since)
+        except Exception:
+            self.hub.unsubscribe(conn, channel)
+            raise
+        self.hub.start(sub, sync)
+
+    def resync(self, conn: Connection) -> None:
+        """Bring the channels whose backlog was dropped (or that saw a hole) back: snapshot or reset."""
+        for channel in list(conn.resync):
+            sub: Subscription | None = conn.subs.get(channel)
+            if sub is None:
+                conn.resync.discard(channel)
+                continue
+            sync = self.read(channel, None)
+            sync.resumed = sync.gap = sync.resync = True
+            self.hub.start(sub, sync)
+
+    def read(self, channel: str, since: Position | None) -> Sync:
+        if since is None:
+            snap = self.store.snapshot(channel)
+            if snap is None:
+                return Sync(Position(), 0)
+            return Sync(snap.position, snap.seq, snap.state_json())
+        caught = self.store.catch_up(channel, since)
+        snap = caught.snapshot
+        return Sync(snap.position, snap.seq, snap.state_json(), caught.messages, resumed=True, gap=caught.gap)

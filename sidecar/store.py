@@ -1,0 +1,248 @@
+"""The Redis side: key layout (every key name is made here), the publish script, snapshot and history reads.
+
+Layout for channel C in shard k (every key of one publish shares the hash tag `{k}`, so the script is valid on
+Redis Cluster):
+    <prefix>:{k}:live        the shard's live stream, read by every sidecar replica
+    <prefix>:{k}:h:C         C's history stream: the same entries with the same ids, bounded by length and TTL
+    <prefix>:{k}:m:C         C's meta hash: seq, epoch, id, ts, base (JSON state), gen, st (has state)
+    <prefix>:{k}:p:C         C's merge patches published since `base` was written, folded by compaction
+    <prefix>:stats           replicas' per-second stats records
+    <prefix>:throttle        the throttle policy set by ops
+The snapshot is `base` with the pending patches applied in order, folded in Python so JSON stays exact
+(Redis' Lua cjson loses empty arrays and number precision).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis
+
+from sidecar.config import Settings
+from sidecar.core import merge
+from sidecar.core.protocol import Message, Position, shard_of, stream_key
+
+PUBLISH_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[3], 'epoch')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('HSET', KEYS[3], 'epoch', epoch)
+end
+local seq = redis.call('HINCRBY', KEYS[3], 'seq', 1)
+local fields = {'c', ARGV[1], 'k', ARGV[2], 'e', ARGV[3], 's', seq, 'ep', epoch, 't', ARGV[7]}
+if ARGV[4] ~= '' then
+  fields[#fields + 1] = 'd'
+  fields[#fields + 1] = ARGV[4]
+end
+if ARGV[5] ~= '' then
+  fields[#fields + 1] = 'x'
+  fields[#fields + 1] = ARGV[5]
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[8], '*', unpack(fields))
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[9], id, unpack(fields))
+redis.call('EXPIRE', KEYS[2], ARGV[10])
+local pending = 0
+if ARGV[2] == 'diff' then
+  pending = redis.call('RPUSH', KEYS[4], ARGV[5])
+  redis.call('EXPIRE', KEYS[4], ARGV[11])
+  redis.call('HSET', KEYS[3], 'st', '1')
+elseif ARGV[2] == 'state' then
+  redis.call('DEL', KEYS[4])
+  redis.call('HSET', KEYS[3], 'base', ARGV[5], 'st', '1')
+  redis.call('HINCRBY', KEYS[3], 'gen', 1)
+end
+redis.call('HSET', KEYS[3], 'id', id, 'ts', ARGV[7])
+redis.call('EXPIRE', KEYS[3], ARGV[11])
+return {id, seq, epoch, pending}
+"""
+
+# Fold the first ARGV[3] pending patches into base, unless a full-state publish replaced base meanwhile.
+COMPACT_SCRIPT = """
+if (redis.call('HGET', KEYS[1], 'gen') or '0') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'base', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('LTRIM', KEYS[2], tonumber(ARGV[3]), -1)
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Keys:
+    live: str
+    history: str
+    meta: str
+    patches: str
+
+
+@dataclass(frozen=True)
+class Published:
+    channel: str
+    id: str
+    seq: int
+    epoch: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A channel's state at one point of its stream (`state` None: an event-only channel)."""
+
+    channel: str
+    id: str
+    seq: int
+    epoch: str
+    state: Any = None
+    has_state: bool = False
+
+    @property
+    def position(self) -> Position:
+        return Position(self.id, self.epoch)
+
+    def state_json(self) -> bytes | None:
+        return orjson.dumps(self.state) if self.has_state else None
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """What a client that was at `since` missed: the messages, or `gap` with a snapshot to restart from."""
+
+    messages: list[Message]
+    gap: bool
+    snapshot: Snapshot
+
+
+def connect(url: str, settings: Settings, block_ms: int = 0) -> redis.Redis:
+    # redis-py's default socket timeout would cut a blocking XREAD: give blocking clients their block time.
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=settings.redis_socket_timeout + block_ms / 1000,
+        socket_connect_timeout=settings.redis_socket_timeout,
+        health_check_interval=30,
+    )
+
+
+class Store:
+    """Every Redis read and write of the relay. Thread/greenlet safe (redis-py pools connections)."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.prefix = settings.key_prefix
+        self._publish = client.register_script(PUBLISH_SCRIPT)
+        self._compact = client.register_script(COMPACT_SCRIPT)
+
+    # -- key names ------------------------------------------------------------------------------------------
+    def shard_tag(self, shard: int) -> str:
+        return f"{self.prefix}:{{{shard}}}"
+
+    def live_key(self, shard: int) -> str:
+        return f"{self.shard_tag(shard)}:live"
+
+    def live_keys(self) -> list[str]:
+        return [self.live_key(k) for k in range(self.settings.shards)]
+
+    def keys(self, channel: str) -> Keys:
+        tag = self.shard_tag(shard_of(channel, self.settings.shards))
+        return Keys(f"{tag}:live", f"{tag}:h:{channel}", f"{tag}:m:{channel}", f"{tag}:p:{channel}")
+
+    @property
+    def stats_key(self) -> str:
+        return f"{self.prefix}:stats"
+
+    @property
+    def throttle_key(self) -> str:
+        return f"{self.prefix}:throttle"
+
+    # -- writes ---------------------------------------------------------------------------------------------
+    def publish_args(
+        self, channel: str, kind: str, event: str, data: bytes | None, change: bytes | None, ts: float
+    ) -> tuple[list[str], list[Any]]:
+        k = self.keys(channel)
+        s = self.settings
+        args = [
+            channel, kind, event, data or b"", change or b"", secrets.token_hex(4), repr(ts),
+            s.live_len, s.history_len, s.history_ttl, s.state_ttl,
+        ]  # fmt: skip
+        return [k.live, k.history, k.meta, k.patches], args
+
+    def publish_many(self, items: list[tuple[str, str, str, bytes | None, bytes | None, float]]) -> list[Published]:
+        """Run the publish script once per item, all in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for item in items:
+            keys, args = self.publish_args(*item)
+            self._publish(keys=keys, args=args, client=pipe)
+        replies = pipe.execute()
+        published = []
+        for item, (stream_id, seq, epoch, pending) in zip(items, replies, strict=True):
+            channel = item[0]
+            if pending > self.settings.compact_after:
+                self.compact(channel)
+            published.append(Published(channel, stream_id.decode(), int(seq), epoch.decode()))
+        return published
+
+    def compact(self, channel: str) -> None:
+        k = self.keys(channel)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hmget(k.meta, "base", "gen")
+        pipe.lrange(k.patches, 0, -1)
+        (base, gen), patches = pipe.execute()
+        state = _fold(base, patches)
+        self._compact(keys=[k.meta, k.patches], args=[orjson.dumps(state), gen or b"0", len(patches)])
+
+    # -- reads ----------------------------------------------------------------------------------------------
+    def snapshot(self, channel: str) -> Snapshot | None:
+        """The channel's current state and position; None if the channel has no meta (never published,
+        expired, or lost with Redis' data)."""
+        k = self.keys(channel)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hmget(k.meta, "id", "seq", "epoch", "base", "st")
+        pipe.lrange(k.patches, 0, -1)
+        (stream_id, seq, epoch, base, has_state), patches = pipe.execute()
+        if epoch is None:
+            return None
+        if stream_id is None:  # a meta hash without a publish cannot happen; be safe
+            return None
+        state = _fold(base, patches) if has_state else None
+        return Snapshot(channel, stream_id.decode(), int(seq), epoch.decode(), state, bool(has_state))
+
+    def history(self, channel: str, after: str = "0-0", count: int | None = None) -> list[Message]:
+        """History entries strictly after stream id `after`, oldest first."""
+        k = self.keys(channel)
+        entries = self.redis.xrange(k.history, min=f"({after}" if after != "0-0" else "-", count=count)
+        return [Message.from_fields(i.decode(), f) for i, f in entries]
+
+    def catch_up(self, channel: str, since: Position) -> CatchUp:
+        """What a client at `since` missed, or a gap when history no longer covers it (trimmed, expired,
+        epoch changed): never a silent hole."""
+        snap = self.snapshot(channel)
+        if snap is None:
+            # Nothing is known of the channel: fine for a client that has seen nothing, a gap otherwise.
+            gap = since.id != "0-0"
+            return CatchUp([], gap, Snapshot(channel, "0-0", 0, since.epoch if not gap else ""))
+        if since.epoch and since.epoch != snap.epoch:
+            return CatchUp([], True, snap)
+        if since.id == snap.id:
+            return CatchUp([], False, snap)
+        if since.key > stream_key(snap.id):
+            return CatchUp([], True, snap)  # a position from the future: another epoch in disguise
+        k = self.keys(channel)
+        entries = self.redis.xrange(k.history, min=since.id, count=self.settings.history_len + 1)
+        messages = [Message.from_fields(i.decode(), f) for i, f in entries]
+        if since.id == "0-0":
+            complete = bool(messages) and messages[0].seq == 1
+        else:
+            # The entry at `since` is still there only if nothing after it was trimmed.
+            complete = bool(messages) and messages[0].id == since.id
+            messages = messages[1:]
+        if not complete or not messages or messages[-1].key < stream_key(snap.id):
+            return CatchUp([], True, snap)
+        return CatchUp(messages, False, snap)
+
+
+def _fold(base: bytes | None, patches: list[bytes]) -> Any:
+    state = orjson.loads(base) if base else {}
+    for patch in patches:
+        state = merge.apply(state, orjson.loads(patch))
+    return state

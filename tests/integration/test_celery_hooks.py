@@ -1,0 +1,318 @@
+"""sidecar.celery_hooks on a real redis-server: the reference app in a real worker, eager runs in-process.
+
+Results are read the way clients see them: the channel's snapshot (its state) and its retained history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.exceptions import TaskRevokedError
+
+from sidecar.celery_hooks import enable_realtime, progress, task_channel
+from sidecar.publish import Publisher
+from tests.processes import EmbeddedRedis, WorkerProcess
+
+RESULT_TIMEOUT = 20.0
+STATE_TIMEOUT = 5.0
+
+
+@dataclass
+class Stack:
+    client: Celery  # sends tasks to the worker and reads their results
+    pub: Publisher  # reads channels
+    worker: WorkerProcess
+
+    def run(self, name: str, *args: Any, **kwargs: Any) -> str:
+        """Send ``tasks.jobs.<name>``, wait for it to end (its exception re-raised); return its id."""
+        result = self.client.send_task(f"tasks.jobs.{name}", args=args, kwargs=kwargs)
+        try:
+            result.get(timeout=RESULT_TIMEOUT)
+        except Exception as exc:
+            exc.add_note(f"task id {result.id}")
+            exc.task_id = result.id  # type: ignore[attr-defined]
+            raise
+        finally:
+            result.forget()
+        return result.id
+
+    def state_when(self, channel: str, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The channel's state once ``done(state)`` holds (the backend has the result before the channel)."""
+        deadline = time.monotonic() + STATE_TIMEOUT
+        state: Any = None
+        while time.monotonic() < deadline:
+            snap = self.pub.snapshot(channel)
+            state = snap.state if snap is not None else None
+            if isinstance(state, dict) and done(state):
+                return state
+            time.sleep(0.02)
+        raise AssertionError(f"{channel}: state still {state!r} after {STATE_TIMEOUT} s")
+
+    def final_state(self, task_id: str) -> dict[str, Any]:
+        terminal = ("SUCCESS", "FAILURE", "REVOKED")
+        return self.state_when(task_channel(task_id), lambda s: s.get("status") in terminal)
+
+
+@pytest.fixture
+def stack(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess]) -> Iterator[Stack]:
+    worker = celery_worker(redis_server.url)
+    client = Celery("tests-client", broker=redis_server.url, backend=redis_server.url, set_as_current=False)
+    client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+    pub = Publisher.from_url(redis_server.url)
+    try:
+        yield Stack(client, pub, worker)
+    finally:
+        pub.store.redis.close()
+        client.close()
+
+
+def events(pub: Publisher, channel: str) -> list[str]:
+    return [m["event"] for m in pub.history(channel)]
+
+
+# -- the reference app in a real worker ---------------------------------------------------------------------
+
+
+def test_succeeded_task_channel_keeps_status_result_and_runtime(stack: Stack) -> None:
+    task_id = stack.run("echo", {"answer": 42, "tags": ("a", "b")})
+
+    state = stack.final_state(task_id)
+    assert state["status"] == "SUCCESS"
+    assert state["result"] == {"answer": 42, "tags": ["a", "b"]}
+    assert isinstance(state["runtime"], float) and 0 <= state["runtime"] < RESULT_TIMEOUT
+    assert state["task_id"] == task_id and state["name"] == "tasks.jobs.echo"
+    assert state["started_at"].endswith("+00:00")
+    history = stack.pub.history(task_channel(task_id))
+    assert [m["event"] for m in history] == ["task-started", "task-succeeded"]
+    assert history[-1]["data"]["result"] == state["result"]  # event-mode clients get the result too
+
+
+def test_progress_task_went_through_progress_steps_before_success(stack: Stack) -> None:
+    task_id = stack.run("report", "u1", steps=3, delay=0.01)
+
+    state = stack.final_state(task_id)
+    history = stack.pub.history(task_channel(task_id))
+    assert [m["event"] for m in history] == ["task-started"] + ["task-progress"] * 3 + ["task-succeeded"]
+    assert [m["diff"]["status"] for m in history[1:4]] == ["PROGRESS"] * 3
+    assert [m["diff"]["progress"]["current"] for m in history[1:4]] == [1, 2, 3]
+    assert history[3]["data"]["progress"] == {"current": 3, "total": 3, "message": "step 3 of 3"}
+    assert state["status"] == "SUCCESS"
+    assert state["result"] == {"rows": 300, "url": f"/reports/{task_id}.csv"}
+
+
+def test_failed_task_shows_error_type_and_message_and_no_traceback(stack: Stack) -> None:
+    with pytest.raises(ValueError, match="the printer is on fire") as raised:
+        stack.run("fail", "the printer is on fire")
+    channel = task_channel(raised.value.task_id)  # type: ignore[attr-defined]
+
+    state = stack.state_when(channel, lambda s: s.get("status") == "FAILURE")
+    assert state["error"] == {"type": "ValueError", "message": "the printer is on fire"}
+    history = stack.pub.history(channel)
+    assert [m["event"] for m in history] == ["task-started", "task-failed"]
+    assert history[-1]["data"]["error"] == state["error"]
+    everything = json.dumps([state, history])
+    for trace_mark in ("Traceback", 'File "', "jobs.py", "line "):
+        assert trace_mark not in everything
+
+
+def test_realtime_channels_get_job_finished_on_the_formatted_channel(stack: Stack) -> None:
+    by_keyword = stack.run("report", user_id="ann", steps=1, delay=0)
+    by_position = stack.run("report", 7, 1, 0)
+
+    for channel, task_id in (("user:ann", by_keyword), ("user:7", by_position)):
+        deadline = time.monotonic() + STATE_TIMEOUT
+        while not stack.pub.history(channel) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [message] = stack.pub.history(channel)
+        assert message["event"] == "job-finished"
+        assert message["data"] == {
+            "task_id": task_id,
+            "task": "tasks.jobs.report",
+            "status": "SUCCESS",
+            "result": {"rows": 100, "url": f"/reports/{task_id}.csv"},
+        }
+
+
+def test_complete_sprint_single_diff_leaves_every_task_completed(stack: Stack) -> None:
+    sprint_id = uuid.uuid4().hex[:8]
+    stack.run("complete_sprint", sprint_id)
+
+    channel = f"sprint:{sprint_id}"
+    state = stack.state_when(channel, lambda s: "completed_date" in s)
+    assert set(state["tasks"]) == {"t1", "t2", "t3", "t4"}
+    assert {task["status"] for task in state["tasks"].values()} == {"completed"}
+    assert all(task["title"] for task in state["tasks"].values())  # the diff touched status only
+    history = stack.pub.history(channel)
+    assert [m["event"] for m in history] == ["sprint-created", "sprint-completed"]
+    assert history[1]["diff"]["tasks"] == {tid: {"status": "completed"} for tid in ("t2", "t3", "t4")}
+    assert history[1]["data"]["completed_tasks"] == ["t2", "t3", "t4"]
+
+
+def test_result_json_cannot_encode_is_published_as_a_summary(stack: Stack) -> None:
+    task_id = stack.run("stamp")
+
+    result = stack.final_state(task_id)["result"]
+    assert result["type"] == "datetime.datetime"
+    assert result["summary"].startswith("datetime.datetime(")
+
+
+def test_expired_task_is_revoked_with_the_expired_flag(stack: Stack) -> None:
+    expired = datetime.now(UTC) - timedelta(minutes=1)
+    result = stack.client.send_task("tasks.jobs.echo", args=(1,), expires=expired)
+    with pytest.raises(TaskRevokedError):
+        result.get(timeout=RESULT_TIMEOUT)
+    result.forget()
+
+    state = stack.final_state(result.id)
+    assert state["status"] == "REVOKED"
+    assert state["expired"] is True and state["terminated"] is False
+    assert events(stack.pub, task_channel(result.id)) == ["task-revoked"]
+
+
+def test_bulk_import_burst_ends_with_every_item_in_the_state(stack: Stack) -> None:
+    stack.run("bulk_import", "import:burst", rows=120)
+
+    state = stack.state_when("import:burst", lambda s: s.get("imported") == 120)
+    assert len(state["items"]) == 120
+    assert len(stack.pub.history("import:burst")) == 120
+
+
+# -- eager runs in this process (signals, options and failure handling without a worker) ---------------------
+
+
+@pytest.fixture
+def pub(redis_server: EmbeddedRedis) -> Iterator[Publisher]:
+    publisher = Publisher.from_url(redis_server.url)
+    try:
+        yield publisher
+    finally:
+        publisher.store.redis.close()
+
+
+@pytest.fixture
+def eager_app() -> Iterator[Celery]:
+    app = Celery(f"eager-{uuid.uuid4().hex[:6]}", set_as_current=False)
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+def test_realtime_events_false_opts_out_of_lifecycle_but_keeps_business_events(
+    eager_app: Celery, pub: Publisher
+) -> None:
+    @eager_app.task(name="t.quiet", realtime_events=False, realtime_channels=["user:{user}"])
+    def quiet(user: str) -> int:
+        return 1
+
+    enable_realtime(eager_app, publisher=pub)
+    task_id = quiet.apply(("bo",)).id
+
+    assert pub.snapshot(task_channel(task_id)) is None
+    assert events(pub, "user:bo") == ["job-finished"]
+
+
+def test_unformattable_channel_template_is_skipped_with_a_warning(
+    eager_app: Celery, pub: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    @eager_app.task(name="t.routed", realtime_channels=["org:{org_id}", "user:{user_id}", "team:{nope}"])
+    def routed(user_id: int, org_id: str = "acme") -> str:
+        return "ok"
+
+    enable_realtime(eager_app, publisher=pub)
+    with caplog.at_level(logging.WARNING, logger="sidecar.celery_hooks"):
+        result = routed.apply(kwargs={"user_id": 5})
+
+    assert result.get() == "ok"
+    assert events(pub, "org:acme") == ["job-finished"]  # the default was applied
+    assert events(pub, "user:5") == ["job-finished"]
+    assert any("team:{nope}" in record.getMessage() for record in caplog.records)
+
+
+def test_redis_down_never_fails_the_task_and_logs_the_channel(
+    eager_app: Celery, free_port: Callable[[], int], caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = Publisher.from_url(f"redis://127.0.0.1:{free_port()}/0", redis_socket_timeout=0.5)
+
+    @eager_app.task(name="t.steps", realtime_channels=["user:{user_id}"])
+    def steps(user_id: int) -> str:
+        progress(1, 1)
+        return "done"
+
+    enable_realtime(eager_app, publisher=dead)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sidecar.celery_hooks"):
+            result = steps.apply((9,))
+    finally:
+        dead.store.redis.close()
+
+    assert result.get() == "done"
+    messages = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    channel = task_channel(result.id)
+    assert any("task-started" in m and channel in m for m in messages)
+    assert any("task-progress" in m and channel in m for m in messages)
+    assert any("task-succeeded" in m and channel in m and "user:9" in m for m in messages)
+
+
+def test_enable_realtime_twice_publishes_each_step_once(eager_app: Celery, pub: Publisher) -> None:
+    @eager_app.task(name="t.once")
+    def once() -> None:
+        return None
+
+    enable_realtime(eager_app, publisher=pub)
+    enable_realtime(eager_app)
+    task_id = once.apply().id
+
+    assert events(pub, task_channel(task_id)) == ["task-started", "task-succeeded"]
+    state = pub.snapshot(task_channel(task_id)).state
+    assert state["status"] == "SUCCESS"
+    assert "result" not in state  # a None result: null in a merge patch deletes the key (RFC 7386)
+
+
+def test_retried_task_shows_retry_then_starts_afresh(eager_app: Celery, pub: Publisher) -> None:
+    @eager_app.task(bind=True, name="t.flaky", max_retries=1, default_retry_delay=0)
+    def flaky(self: Any) -> str:
+        if not self.request.retries:
+            progress(1, 2, "half way")
+            raise self.retry(exc=ConnectionError("database went away"))
+        return "ok"
+
+    enable_realtime(eager_app, publisher=pub)
+    task_id = flaky.apply().id
+
+    history = pub.history(task_channel(task_id))
+    retried = next(m for m in history if m["event"] == "task-retried")
+    assert retried["diff"]["status"] == "RETRY"
+    assert "database went away" in retried["diff"]["reason"]
+    state = pub.snapshot(task_channel(task_id)).state
+    assert state["status"] == "SUCCESS" and state["retries"] == 1
+    assert "progress" not in state and "reason" not in state  # the new attempt cleared the old one's
+
+
+def test_tasks_of_apps_without_enable_realtime_are_left_alone(eager_app: Celery, pub: Publisher) -> None:
+    other = Celery("other", set_as_current=False)
+
+    @other.task(name="t.other")
+    def untouched() -> int:
+        return 1
+
+    enable_realtime(eager_app, publisher=pub)
+    try:
+        task_id = untouched.apply().id
+    finally:
+        other.close()
+
+    assert pub.snapshot(task_channel(task_id)) is None
+
+
+def test_progress_outside_a_task_does_nothing() -> None:
+    assert progress(1, 2, "not in a task") is None
