@@ -103,8 +103,7 @@ def sse() -> Response:
     wakeup = threading.Event()
     conn = relay.connection(SSE, wakeup.set)
     try:
-        for channel in channels:
-            relay.subscribe(conn, channel, mode, positions.get(channel))
+        relay.subscribe(conn, channels, mode, positions)
     except BaseException:
         relay.hub.disconnect(conn)
         raise
@@ -121,6 +120,7 @@ def sse() -> Response:
                 frames = conn.drain()
                 if frames:
                     yield b"".join(frames)
+                    relay.stats.observe_write(conn)
                     continue
                 if not wakeup.wait(settings.keepalive):
                     yield SSE_KEEPALIVE

@@ -106,7 +106,12 @@ _bindings: weakref.WeakKeyDictionary[Celery, _Binding] = weakref.WeakKeyDictiona
 _default_app: weakref.ref[Celery] | None = None
 
 
-def enable_realtime(app: Celery, *, publisher: Publisher | None = None, settings: Settings | None = None) -> None:
+def enable_realtime(
+    app: Celery,
+    *,
+    publisher: Publisher | None = None,
+    settings: Settings | None = None,
+) -> None:
     """Publish the lifecycle of ``app``'s tasks to their ``task:<id>`` channels, and route their results.
 
     ``publisher``: use this one (else one is made per process from ``settings``, else from
@@ -195,7 +200,13 @@ def _connect_signals() -> None:
         _connected = True
 
 
-def _on_prerun(sender: Any = None, task_id: str | None = None, args: Any = None, kwargs: Any = None, **_: Any) -> None:
+def _on_prerun(
+    sender: Any = None,
+    task_id: str | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
     binding = _binding_of_task(sender)
     if binding is None or not task_id:
         return

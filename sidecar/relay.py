@@ -11,6 +11,7 @@ from sidecar.config import Settings
 from sidecar.core.hub import Connection, Hub, Subscription, Sync
 from sidecar.core.protocol import Position
 from sidecar.reader import Reader
+from sidecar.stats import Stats
 from sidecar.store import Store, connect
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,16 @@ class Relay:
         self.store = store or Store(connect(settings.redis_url, settings), settings)
         self.hub = Hub()
         self.reader = Reader(self.store, settings, self.hub.dispatch)
+        self.stats = Stats(self)
 
     def start(self) -> Relay:
         self.reader.start()
+        self.stats.start()
         return self
 
     def stop(self) -> None:
         self.reader.stop()
+        self.stats.stop()
 
     def healthy(self) -> bool:
         if not self.reader.alive or not self.reader.healthy:
@@ -44,15 +48,17 @@ class Relay:
         s = self.settings
         return self.hub.connect(Connection(transport, wake, s.queue_frames, s.queue_bytes))  # type: ignore[arg-type]
 
-    def subscribe(self, conn: Connection, channel: str, mode: str, since: Position | None = None) -> None:
-        """Register, read, start: see the hub's docstring. Redis errors propagate after unregistering."""
-        sub = self.hub.subscribe(conn, channel, mode)
+    def subscribe(self, conn: Connection, channels: list[str], mode: str, since: dict[str, Position]) -> None:
+        """Register every channel, then read and start each (see the hub's docstring). Registering all first
+        keeps the connection's cursor whole from the first frame. Redis errors propagate after unregistering."""
+        subs = [self.hub.subscribe(conn, channel, mode, since.get(channel)) for channel in channels]
         try:
-            sync = self.read(channel, since)
+            for sub in subs:
+                self.hub.start(sub, self.read(sub.channel, since.get(sub.channel)))
         except Exception:
-            self.hub.unsubscribe(conn, channel)
+            for sub in subs:
+                self.hub.unsubscribe(conn, sub.channel)
             raise
-        self.hub.start(sub, sync)
 
     def resync(self, conn: Connection) -> None:
         """Bring the channels whose backlog was dropped (or that saw a hole) back: snapshot or reset."""

@@ -63,6 +63,7 @@ def websocket(ws: Any) -> None:
             frames = conn.drain()
             if frames:
                 ws.sock.sendall(b"".join(frames))
+                relay.stats.observe_write(conn)
             elif not woke:
                 ws.sock.sendall(WS_PING)  # idle: keep intermediaries from closing us, learn if the peer left
     except Closed as closed:
@@ -123,4 +124,4 @@ class Session:
             position = Position.parse(f"{since}~{epoch}")
         if channel not in self.conn.subs and len(self.conn.subs) >= self.settings.max_channels:
             raise ProtocolError("too-many-channels", f"at most {self.settings.max_channels} channels per connection")
-        self.relay.subscribe(self.conn, channel, mode, position)
+        self.relay.subscribe(self.conn, [channel], mode, {channel: position} if position else {})

@@ -80,7 +80,8 @@ class Connection:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.subs: dict[str, Subscription] = {}
-        self.queue: deque[tuple[bytes, str | None, Position | None]] = deque()
+        self.queue: deque[tuple[bytes, str | None, Position | None, float]] = deque()
+        self.batch_ts = 0.0  # publish time (ms) of the oldest message in the last drained batch; 0: none
         self.queued_bytes = 0
         self.positions: dict[str, Position] = {}  # SSE cursor: position of the newest queued frame
         self.sent: dict[str, Position] = {}  # position of the newest frame handed to the socket
@@ -90,7 +91,9 @@ class Connection:
     def cursor(self) -> str:
         return encode_cursor([self.positions.get(c, Position()) for c in sorted(self.subs)])
 
-    def push(self, frame: bytes, channel: str | None = None, position: Position | None = None) -> None:
+    def push(
+        self, frame: bytes, channel: str | None = None, position: Position | None = None, ts: float = 0.0
+    ) -> None:
         if channel is not None and channel in self.resync:
             return  # its backlog was dropped; the resync will bring it up to date
         if position is not None and channel is not None:
@@ -98,7 +101,7 @@ class Connection:
             if self.transport == SSE:
                 frame = sse_id_line(self.cursor()) + frame
         was_empty = not self.queue
-        self.queue.append((frame, channel, position))
+        self.queue.append((frame, channel, position, ts))
         self.queued_bytes += len(frame)
         if len(self.queue) > self.max_frames or self.queued_bytes > self.max_bytes:
             self._drop_backlog()
@@ -108,9 +111,12 @@ class Connection:
     def drain(self) -> list[bytes]:
         """Everything queued, to be written in one go."""
         frames = []
+        self.batch_ts = 0.0
         while self.queue:
-            frame, channel, position = self.queue.popleft()
+            frame, channel, position, ts = self.queue.popleft()
             frames.append(frame)
+            if ts and not self.batch_ts:
+                self.batch_ts = ts
             if position is not None and channel is not None:
                 self.sent[channel] = position
         self.queued_bytes = 0
@@ -118,7 +124,7 @@ class Connection:
 
     def _drop_backlog(self) -> None:
         # A slow consumer must not grow memory: drop what it has not read and resynchronise it instead.
-        for _, channel, _ in self.queue:
+        for _, channel, _, _ in self.queue:
             if channel is not None:
                 self.resync.add(channel)
         self.dropped += len(self.queue)
@@ -148,7 +154,8 @@ class Hub:
         self.channels: dict[str, ChannelRecord] = {}
         self.connections: dict[int, Connection] = {}
         self.frames_encoded = 0
-        self.delivered = 0
+        self.delivered = 0  # frames queued for connections, ever
+        self.delivered_by_channel: dict[str, int] = {}  # the same, per channel (read and reset by stats)
 
     # -- connections and subscriptions -------------------------------------------------------------------
     def connect(self, conn: Connection) -> Connection:
@@ -160,19 +167,22 @@ class Hub:
             self.unsubscribe(conn, channel)
         self.connections.pop(conn.id, None)
 
-    def subscribe(self, conn: Connection, channel: str, mode: str) -> Subscription:
+    def subscribe(self, conn: Connection, channel: str, mode: str, since: Position | None = None) -> Subscription:
         """Register first (step 1); live messages for the subscription are buffered until :meth:`start`."""
         old = conn.subs.get(channel)
         if old is not None:
             self.unsubscribe(conn, channel)
         sub = Subscription(conn, channel, mode)
         conn.subs[channel] = sub
+        conn.positions[channel] = conn.sent[channel] = since or Position()
         self.channels.setdefault(channel, ChannelRecord()).subs[conn.id] = sub
         return sub
 
     def unsubscribe(self, conn: Connection, channel: str) -> None:
         conn.subs.pop(channel, None)
         conn.resync.discard(channel)
+        conn.positions.pop(channel, None)
+        conn.sent.pop(channel, None)
         record = self.channels.get(channel)
         if record is None:
             return
@@ -189,9 +199,10 @@ class Hub:
             return  # unsubscribed meanwhile
         conn.resync.discard(channel)
         record = self.channels[channel]
-        if mode == "state" and sync.state is not None and record.state_key is None:
-            record.state, record.state_json = orjson.loads(sync.state), sync.state
-            record.state_key = sync.position.key
+        if mode == "state" and record.state_key is None:
+            # A channel with no state yet starts from null: RFC 7386 merges a first patch into {}.
+            record.state_json = sync.state or b"null"
+            record.state, record.state_key = orjson.loads(record.state_json), sync.position.key
         frames = self._sync_frames(sub, sync)
         last, seq = sync.position, sync.seq
         if mode != "state" and not sync.gap and sync.messages and sync.messages[-1].key > last.key:
@@ -271,8 +282,9 @@ class Hub:
             record = self.channels[sub.channel]
             state = record.state_json if sub.mode == "state" else None
             frame = frames[(sub.mode, transport)] = self._encode(transport, message_body(msg, sub.mode, state))
-        sub.conn.push(frame, sub.channel, msg.position)
+        sub.conn.push(frame, sub.channel, msg.position, msg.ts)
         self.delivered += 1
+        self.delivered_by_channel[sub.channel] = self.delivered_by_channel.get(sub.channel, 0) + 1
 
     def _advance_state(self, record: ChannelRecord, msg: Message) -> None:
         if record.state_key is not None and msg.key <= record.state_key:

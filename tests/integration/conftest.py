@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from celery import Celery
 
 from tests.processes import EmbeddedRedis
 
@@ -14,6 +15,17 @@ from tests.processes import EmbeddedRedis
 def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
     """A client of ``redis_server`` (bytes replies), closed at teardown."""
     client = redis.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def celery_client(redis_server: EmbeddedRedis) -> Iterator[Celery]:
+    """A Celery app that sends tasks to (and reads results from) ``redis_server``: pair it with ``celery_worker``."""
+    client = Celery("tests-client", broker=redis_server.url, backend=redis_server.url, set_as_current=False)
+    client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
     try:
         yield client
     finally:

@@ -1,0 +1,81 @@
+"""A Celery task's outcome reaches browsers live: real worker process, real sidecar, real SSE and WebSocket."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.clients import SSEClient, WSClient
+
+
+@pytest.fixture
+def stack(redis_server, sidecar_process, celery_worker):
+    celery_worker(redis_server.url)
+    return sidecar_process(redis_server.url)
+
+
+def events(frames: list[dict]) -> list[str]:
+    return [f["event"] for f in frames if f["type"] == "message"]
+
+
+def test_a_task_is_seen_live_over_sse_and_websocket_from_start_to_result(stack, celery_client):
+    task_id = str(uuid.uuid4())
+    channel = f"task:{task_id}"
+    sse = SSEClient(stack.url, [channel])
+    ws = WSClient(stack.ws_url)
+    ws.subscribe(channel)
+    sse.wait(lambda f: sse.last_id is not None)
+    ws.wait(lambda f: ws.of_type("subscribed"))
+
+    celery_client.send_task("tasks.jobs.report", (7,), {"steps": 3, "delay": 0.05}, task_id=task_id).get(timeout=30)
+    for client in (sse, ws):
+        client.wait(lambda f: "task-succeeded" in events(f))
+        assert events(client.frames) == ["task-started", "task-progress", "task-progress", "task-progress",
+                                         "task-succeeded"]  # fmt: skip
+        done = client.messages()[-1]
+        assert done["diff"]["status"] == "SUCCESS"
+        assert done["diff"]["result"] == {"rows": 300, "url": f"/reports/{task_id}.csv"}
+        assert done["diff"]["runtime"] > 0
+        assert [m["seq"] for m in client.messages()] == [1, 2, 3, 4, 5]
+    progress = [m["diff"]["progress"] for m in ws.messages() if m["event"] == "task-progress"]
+    assert [p["current"] for p in progress] == [1, 2, 3] and progress[0]["total"] == 3
+    sse.close()
+    ws.close()
+
+
+def test_a_failing_task_is_seen_as_failed_with_its_exception_type_and_no_traceback(stack, celery_client):
+    task_id = str(uuid.uuid4())
+    ws = WSClient(stack.ws_url)
+    ws.subscribe(f"task:{task_id}", mode="state")
+    ws.wait(lambda f: ws.of_type("subscribed"))
+    result = celery_client.send_task("tasks.jobs.fail", ("disk full",), task_id=task_id)
+    with pytest.raises(Exception, match="disk full"):
+        result.get(timeout=30)
+    ws.wait(lambda f: "task-failed" in events(f))
+    state = ws.messages()[-1]["state"]
+    assert state["status"] == "FAILURE"
+    assert state["error"] == {"type": "ValueError", "message": "disk full"}
+    assert "Traceback" not in str(ws.frames)
+    ws.close()
+
+
+def test_subscribing_after_the_task_finished_yields_its_outcome_at_once(stack, celery_client):
+    task_id = str(uuid.uuid4())
+    celery_client.send_task("tasks.jobs.echo", ({"answer": 42},), task_id=task_id).get(timeout=30)
+    sse = SSEClient(stack.url, [f"task:{task_id}"])
+    snapshot = sse.wait(lambda f: sse.of_type("snapshot"))[0]
+    assert snapshot["state"]["status"] == "SUCCESS"
+    assert snapshot["state"]["result"] == {"answer": 42}
+    sse.close()
+
+
+def test_business_channel_from_task_options_hears_job_finished(stack, celery_client):
+    ws = WSClient(stack.ws_url)
+    ws.subscribe("user:99", mode="event")
+    ws.wait(lambda f: ws.of_type("subscribed"))
+    result = celery_client.send_task("tasks.jobs.report", (99,), {"steps": 1, "delay": 0})
+    result.get(timeout=30)
+    finished = ws.wait(lambda f: "job-finished" in events(f)) and ws.messages()[-1]
+    assert finished["data"]["task_id"] == result.id and finished["data"]["status"] == "SUCCESS"
+    ws.close()
