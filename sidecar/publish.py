@@ -67,6 +67,16 @@ class Publisher:
     def batch(self) -> Batch:
         return Batch(self)
 
+    def close(self) -> None:
+        """Release the Redis connections."""
+        self.store.redis.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def snapshot(self, channel: str) -> Snapshot | None:
         return self.store.snapshot(validate_channel(channel))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -127,8 +128,6 @@ class WSClient(Recorder):
             self.closed.set()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(websocket.WebSocketException, OSError):
             self.ws.close()
-        except (websocket.WebSocketException, OSError):
-            pass
         self.closed.wait(5)
