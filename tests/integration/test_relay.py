@@ -7,6 +7,7 @@ import time
 
 import pytest
 import redis
+import requests
 
 from sidecar.config import Settings
 from sidecar.core.protocol import shard_of
@@ -242,3 +243,18 @@ def test_redis_restart_during_publishing_loses_nothing(redis_server, sidecar_pro
     assert got == sorted(got)  # in order, and no message delivered twice
     assert seqs(ws.frames, "restart:1") == list(range(1, len(got) + 1))  # no hole in seq either
     ws.close()
+
+
+def test_healthz_is_ready_only_while_redis_answers_and_the_reader_runs(redis_server, sidecar_process):
+    sidecar = sidecar_process(redis_server.url)
+    assert requests.get(sidecar.url + "/healthz", timeout=5).json()["ok"] is True
+    redis_server.kill()
+    deadline = time.monotonic() + 15
+    while requests.get(sidecar.url + "/healthz", timeout=15).status_code != 503:
+        assert time.monotonic() < deadline, "healthz still says ready with Redis gone"
+        time.sleep(0.1)
+    redis_server.restart()
+    deadline = time.monotonic() + 15
+    while requests.get(sidecar.url + "/healthz", timeout=15).status_code != 200:
+        assert time.monotonic() < deadline, "healthz did not recover with Redis back"
+        time.sleep(0.1)
