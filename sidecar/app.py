@@ -10,15 +10,19 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, request, send_from_directory
+from werkzeug.exceptions import HTTPException
 
+from sidecar.auth import Auth, AuthError, Grant, bearer
 from sidecar.config import Settings
+from sidecar.control import aborter, busy
 from sidecar.core.hub import SSE
 from sidecar.core.protocol import (
     SSE_KEEPALIVE,
@@ -33,6 +37,8 @@ from sidecar.core.protocol import (
 )
 from sidecar.publish import Publisher, PublishError
 from sidecar.relay import Relay
+from sidecar.stats import PROMETHEUS_CONTENT_TYPE, prometheus_text
+from sidecar.writer import Direct, drop_read_buffer, request_fd, writer
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -46,14 +52,22 @@ def create_app(settings: Settings, relay: Relay | None = None) -> Flask:
     relay = relay or Relay(settings)
     app.extensions["relay"] = relay
     app.extensions["publisher"] = Publisher(relay.store)
+    app.extensions["auth"] = Auth(settings)
     app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_publish_bytes * 2  # bounds chunked bodies too
     app.register_blueprint(api)
+    from sidecar.admin import admin
+
+    app.register_blueprint(admin)
     from sidecar.ws import sock
 
     sock.init_app(app)
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.max_frame_bytes}
     app.register_error_handler(ProtocolError, lambda e: error(400, e.code, e.message))
     app.register_error_handler(redis.RedisError, _redis_down)
+    app.register_error_handler(AuthError, lambda e: error(e.status, e.code, e.message, **e.headers))
+    app.register_error_handler(HTTPException, _http_error)
+    app.after_request(_cors)
     return app
 
 
@@ -70,9 +84,54 @@ def error(status: int, code: str, message: str, **headers: str) -> Response:
     return Response(body, status=status, mimetype="application/json", headers=headers)
 
 
+def _http_error(exc: HTTPException) -> Response:
+    headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+    return error(exc.code or 500, (exc.name or "error").lower().replace(" ", "-"), exc.description or "", **headers)
+
+
+CORS_ENDPOINTS = ("api.sse", "api.channel_state")
+
+
+def _cors(response: Response) -> Response:
+    """CORS for the browser-facing reads (allowlist: SIDECAR_CORS_ORIGINS); preflights come as OPTIONS."""
+    if request.endpoint not in CORS_ENDPOINTS:
+        return response
+    response.vary.add("Origin")
+    allow = current_app.extensions["auth"].cors_origin(request.headers.get("Origin"))
+    if allow:
+        response.headers["Access-Control-Allow-Origin"] = allow
+        response.headers["Access-Control-Expose-Headers"] = "ETag"
+        if request.method == "OPTIONS":
+            response.headers["Access-Control-Allow-Methods"] = "GET"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Last-Event-ID, If-None-Match"
+            response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+def request_grant() -> Grant:
+    """The grant of the request's token: `Authorization: Bearer`, or `?token=` (EventSource sets no headers)."""
+    token = bearer(request.headers.get("Authorization")) or request.args.get("token")
+    return current_app.extensions["auth"].grant(token)
+
+
+TOKEN_EXPIRED = orjson.dumps({"type": "error", "code": "token-expired", "message": "reconnect with a fresh token"})
+
+
 def _redis_down(exc: redis.RedisError) -> Response:
     log.warning("Redis unavailable: %s", type(exc).__name__)
     return error(503, "unavailable", "the relay cannot reach its store; retry shortly", **{"Retry-After": "1"})
+
+
+@api.get("/demo")
+def demo_page() -> Response:
+    """The demo job board (static; its buttons need `sidecar demo`, which adds the demo blueprint)."""
+    return send_from_directory(STATIC, "demo.html")
+
+
+@api.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text exposition of this process's counters (per channel pattern, so cardinality is bounded)."""
+    return Response(prometheus_text(relay_of().stats), mimetype=None, content_type=PROMETHEUS_CONTENT_TYPE)
 
 
 @api.get("/healthz")
@@ -91,17 +150,24 @@ def healthz() -> Response:
 def sse() -> Response:
     """Server-Sent Events: `?channel=a&channel=b&mode=diff`, resumed by `Last-Event-ID` (or `last_event_id`)."""
     settings, relay = settings_of(), relay_of()
+    grant = request_grant()
     channels = sorted({validate_channel(c) for c in request.args.getlist("channel")})
     if not channels:
         raise ProtocolError("no-channel", "give at least one ?channel=")
     if len(channels) > settings.max_channels:
         raise ProtocolError("too-many-channels", f"at most {settings.max_channels} channels per connection")
     mode = validate_mode(request.args.get("mode", "diff"))
+    Auth.authorize(grant, channels)  # all or nothing: 403 if any channel is outside the grant
     cursor = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
     positions = parse_cursor(cursor, channels) if cursor else {}
 
+    retry = relay.control.admit(channels)  # before any Redis read: a refused client costs next to nothing
+    if retry is not None:
+        body, _, after = busy(retry)
+        return Response(body, status=503, mimetype="application/json", headers={"Retry-After": after})
     wakeup = threading.Event()
     conn = relay.connection(SSE, wakeup.set)
+    conn.abort = aborter(request.environ)
     try:
         relay.subscribe(conn, channels, mode, positions)
     except BaseException:
@@ -111,20 +177,35 @@ def sse() -> Response:
     conn.push(sse_id_line(conn.cursor()) + sse_frame("ready", ready))
     retry_ms = int(settings.sse_retry_ms * random.uniform(1.0, 2.0))  # jittered: no synchronized reconnects
 
+    fd = request_fd(request.environ) if request.method == "GET" else None
+    drop_read_buffer(request.environ)  # 8 KB per stream, never read again
+    chunked = request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"  # both gevent.pywsgi and gunicorn chunk then
+
     def stream() -> Iterator[bytes]:
+        direct: Direct | None = None
         try:
             yield sse_retry(retry_ms)
+            # The headers are out: from here on the writer's pass writes our frames (sidecar/writer.py).
+            direct = writer.attach(conn, fd, chunked, wakeup.set, relay.stats.observe_write)
             while True:
                 if conn.resync:
                     relay.resync(conn)
                 frames = conn.drain()
-                if frames:
-                    yield b"".join(frames)
-                    relay.stats.observe_write(conn)
+                if frames or (direct is not None and (direct.pending or direct.broken)):
+                    with conn.writing(time.monotonic()):  # a write that lasts is a stuck peer (control.py)
+                        yield from _write(direct, b"".join(frames))
+                    if frames:
+                        relay.stats.observe_write(conn)
                     continue
-                if not wakeup.wait(settings.keepalive):
-                    yield SSE_KEEPALIVE
+                if grant.expired(time.time()):
+                    yield from _write(direct, sse_frame("error", TOKEN_EXPIRED))  # never outlive the token
+                    return
+                if not wakeup.wait(grant.wait(settings.keepalive, time.time())):
+                    with conn.writing(time.monotonic()):
+                        yield from _write(direct, SSE_KEEPALIVE)
                 wakeup.clear()
+        except OSError:
+            pass  # a direct write found the client gone
         finally:
             relay.hub.disconnect(conn)
 
@@ -132,23 +213,36 @@ def sse() -> Response:
     return Response(stream(), mimetype="text/event-stream", headers=headers, direct_passthrough=True)
 
 
+def _write(direct: Direct | None, data: bytes) -> Iterator[bytes]:
+    """Yield `data` to the WSGI server, or write it straight to the socket once the stream is direct."""
+    if direct is None:
+        if data:
+            yield data
+    else:
+        direct.send_all(direct.frame(data))
+
+
 @api.get("/channels/<channel>/state")
 def channel_state(channel: str) -> Response:
-    """The pull of poke/pull: the channel's snapshot, with an ETag of its position."""
-    snap = relay_of().store.snapshot(validate_channel(channel))
-    if snap is None:
+    """The pull of poke/pull: the channel's snapshot, with an ETag of its position. N pulls of one version cost
+    one Redis read (sidecar/state_cache.py)."""
+    grant = request_grant()
+    Auth.authorize(grant, [validate_channel(channel)])  # 403 before 404: no oracle for what exists
+    pulled = relay_of().control.pull(channel)
+    if pulled is None:
         return error(404, "unknown-channel", "nothing has been published on this channel (or it expired)")
-    etag = f'"{snap.epoch}:{snap.id}"'
-    if etag in request.headers.get("If-None-Match", ""):
+    etag, body = pulled
+    if_none_match = request.headers.get("If-None-Match", "")
+    if etag in if_none_match or if_none_match.strip() == "*":
         return Response(status=304, headers={"ETag": etag})
-    body = {"channel": channel, "id": snap.id, "seq": snap.seq, "epoch": snap.epoch, "state": snap.state}
-    return Response(orjson.dumps(body), mimetype="application/json", headers={"ETag": etag})
+    return Response(body, mimetype="application/json", headers={"ETag": etag})
 
 
 @api.post("/publish")
 def publish() -> Response:
     """The publisher API over HTTP: one message object, or {"messages": [...]} for a batch."""
     publisher: Publisher = current_app.extensions["publisher"]
+    current_app.extensions["auth"].require_publisher(bearer(request.headers.get("Authorization")))
     if request.content_length is not None and request.content_length > settings_of().max_publish_bytes * 2:
         return error(413, "too-large", "request body too large")
     try:
@@ -176,9 +270,10 @@ def _publish_item(publisher: Publisher, index: int, item: Any) -> Any:
     field = PUBLISH_KINDS[kind]
     if field and field not in item:
         raise PublishError("bad-request", f'{where}a {kind} message needs "{field}"')
-    unknown = set(item) - {"channel", "event", "kind", "data", "changes", "state"}
+    unknown = set(item) - {"channel", "event", "kind", "data", field} - {None}
     if unknown:
-        raise PublishError("bad-request", f"{where}unknown fields: {', '.join(sorted(unknown))}")
+        fields = ", ".join(sorted(unknown))
+        raise PublishError("bad-request", f"{where}fields not allowed in a {kind} message: {fields}")
     try:
         return publisher.item(
             item.get("channel"), kind, item.get("event", "changed" if kind == "poke" else None),

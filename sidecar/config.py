@@ -31,6 +31,7 @@ class Settings:
     state_ttl: int = 7 * 86_400  # seconds a channel's snapshot/seq/epoch survive without a publish
     compact_after: int = 64  # pending merge patches before the snapshot is folded
     redis_socket_timeout: float = 10.0  # for plain commands; blocking reads add their block time
+    redis_pool: int = 100  # Redis connections per process; past that, requests wait for one (<= the timeout)
 
     # Reader
     read_block_ms: int = 1_000
@@ -44,6 +45,34 @@ class Settings:
     max_channels: int = 100  # channels per connection
     max_frame_bytes: int = 65_536  # largest client->server WebSocket frame
     max_publish_bytes: int = 262_144  # largest published message body
+    max_state_bytes: int = 1_048_576  # largest state a channel may hold in Redis (base + pending patches)
+    subscribe_rate: float = 20.0  # subscribes per second per connection, sustained ...
+    subscribe_burst: int = 100  # ... after a burst of this many (a page subscribing to all it shows at once)
+
+    # Auth (docs/security.md). Secrets are kept out of repr() so that logging settings cannot leak them.
+    jwt_secret: str | None = dataclasses.field(default=None, repr=False)  # HS256 shared secret, >= 32 bytes
+    jwt_public_key: str | None = None  # PEM text or a PEM file's path: RS256/ES256 tokens
+    jwt_algorithms: str = ""  # comma-separated; empty: HS256 with a secret, RS256 and ES256 with a public key
+    jwt_audience: str | None = None  # when set, tokens must carry this `aud`
+    jwt_issuer: str | None = None  # when set, tokens must carry this `iss`
+    jwt_channels_claim: str = "channels"  # the claim listing channel patterns (`user:{sub}`, `sprint:*`)
+    jwt_leeway: float = 5.0  # seconds of clock skew tolerated on `exp`
+    publisher_key: str | None = dataclasses.field(default=None, repr=False)  # POST /publish; comma: several
+    admin_key: str | None = dataclasses.field(default=None, repr=False)  # /admin/*; comma: several
+    allowed_origins: str = ""  # WebSocket Origin allowlist (comma); empty: same origin only (dev: any)
+    cors_origins: str = ""  # CORS for /sse and the state endpoint (comma, or *); empty: none (dev: *)
+    auth_timeout: float = 10.0  # seconds a WebSocket without a token may take to send {"op": "auth"}
+
+    # Herd control (docs/operations.md): the policy's defaults until ops PUT /admin/throttle. Off or gentle.
+    coalesce_window: float = 0.0  # seconds: at most one frame per channel per window per connection; 0: off
+    poke_rate: float = 0.0  # pulls/s a change's pokes are spread to (per channel, per replica); 0: off
+    poke_floor: float = 0.0  # seconds: the least a change's pokes are spread over (with poke_rate on)
+    admit_rate: float = 0.0  # new connections and resumes per second per replica; 0: unlimited
+    admit_burst: int = 0  # admitted at once before admit_rate applies; 0: one second's worth
+    max_connections: int = 0  # connections per replica; 0: unlimited
+    stuck_timeout: float = 30.0  # seconds a connection may sit in one socket write before it is closed
+    throttle: str = ""  # a whole policy document (JSON, as PUT /admin/throttle takes) over the values above
+    policy_poll: float = 0.5  # seconds between a replica's checks for a policy change in Redis
 
     # Stats
     stats_interval: float = 1.0

@@ -104,7 +104,10 @@ class Publisher:
         return channel, kind, name, data_json, change_json, round(time.time() * 1000, 3)
 
     def _send(self, items: list[Item]) -> list[Published]:
-        return self.store.publish_many(items) if items else []
+        try:
+            return self.store.publish_many(items) if items else []
+        except ProtocolError as exc:  # state-too-large
+            raise PublishError(exc.code, exc.message) from None
 
 
 class Batch:

@@ -30,6 +30,8 @@ class Reader:
         self.healthy = False
         self.running = False
         self.reconnects = 0
+        self.messages_read = 0  # ever, every channel (every replica reads every shard: this is the publish rate)
+        self.read_by_channel: dict[str, int] = {}  # the same per channel, read and reset by stats
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -78,6 +80,10 @@ class Reader:
                     continue
                 messages = [Message.from_fields(i.decode(), fields) for i, fields in entries]
                 self.last_ids[stream.decode()] = messages[-1].id
+                self.messages_read += len(messages)
+                counts = self.read_by_channel
+                for msg in messages:
+                    counts[msg.channel] = counts.get(msg.channel, 0) + 1
                 try:
                     self.on_messages(messages)
                 except Exception:  # a bug in dispatch must not stop the relay

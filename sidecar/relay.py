@@ -6,11 +6,15 @@ Runs on gevent (one OS thread): hub calls never yield, so they need no lock; onl
 from __future__ import annotations
 
 import logging
+import time
 
 from sidecar.config import Settings
+from sidecar.control import Control, policy_from_settings
 from sidecar.core.hub import Connection, Hub, Subscription, Sync
 from sidecar.core.protocol import Position
+from sidecar.core.throttle import Throttle
 from sidecar.reader import Reader
+from sidecar.scheduler import Scheduler
 from sidecar.stats import Stats
 from sidecar.store import Store, connect
 
@@ -23,18 +27,23 @@ class Relay:
             raise ValueError("the relay needs a Redis URL")
         self.settings = settings
         self.store = store or Store(connect(settings.redis_url, settings), settings)
-        self.hub = Hub()
+        self.throttle = Throttle(policy_from_settings(settings), time.monotonic)
+        self.hub = Hub(self.throttle)
+        self.scheduler = Scheduler()  # every timer of the process (docs/operations.md)
         self.reader = Reader(self.store, settings, self.hub.dispatch)
         self.stats = Stats(self)
+        self.control = Control(self)
 
     def start(self) -> Relay:
         self.reader.start()
         self.stats.start()
+        self.control.start()
         return self
 
     def stop(self) -> None:
         self.reader.stop()
         self.stats.stop()
+        self.control.stop()
 
     def healthy(self) -> bool:
         if not self.reader.alive or not self.reader.healthy:
@@ -45,8 +54,8 @@ class Relay:
             return False
 
     def connection(self, transport: str, wake: object) -> Connection:
-        s = self.settings
-        return self.hub.connect(Connection(transport, wake, s.queue_frames, s.queue_bytes))  # type: ignore[arg-type]
+        p = self.throttle.policy  # the queue bounds are live: ops may change them
+        return self.hub.connect(Connection(transport, wake, p.queue_frames, p.queue_bytes))  # type: ignore[arg-type]
 
     def subscribe(self, conn: Connection, channels: list[str], mode: str, since: dict[str, Position]) -> None:
         """Register every channel, then read and start each (see the hub's docstring). Registering all first
@@ -67,6 +76,7 @@ class Relay:
             if sub is None:
                 conn.resync.discard(channel)
                 continue
+            self.hub.hold(sub)  # register first, then read: what arrives during the read is kept
             sync = self.read(channel, None)
             sync.resumed = sync.gap = sync.resync = True
             self.hub.start(sub, sync)
@@ -79,4 +89,6 @@ class Relay:
             return Sync(snap.position, snap.seq, snap.state_json())
         caught = self.store.catch_up(channel, since)
         snap = caught.snapshot
-        return Sync(snap.position, snap.seq, snap.state_json(), caught.messages, resumed=True, gap=caught.gap)
+        return Sync(
+            snap.position, snap.seq, snap.state_json(), caught.messages, resumed=True, gap=caught.gap, since=since
+        )

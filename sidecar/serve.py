@@ -6,11 +6,13 @@ monkey.patch_all()
 
 import logging  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 from sidecar.app import create_app  # noqa: E402
+from sidecar.auth import InsecureConfig, check_startup  # noqa: E402
 from sidecar.config import Settings  # noqa: E402
 from sidecar.embedded import EmbeddedRedis  # noqa: E402
 
@@ -19,6 +21,11 @@ log = logging.getLogger("sidecar")
 
 def serve(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_startup(settings)  # production refuses to run open; dev mode says loudly what is open
+    except InsecureConfig as exc:
+        log.critical("not starting: %s", exc)
+        sys.exit(2)
     embedded = None
     if not settings.redis_url:
         embedded = EmbeddedRedis(settings.data_dir).start()
@@ -31,7 +38,12 @@ def serve(settings: Settings) -> None:
     app = create_app(settings)
     relay = app.extensions["relay"]
     relay.start()
-    server = WSGIServer((settings.host, settings.port), app, log=None, error_log=log)
+    # A deep accept queue: a reconnect storm is admitted at a controlled rate, not refused by the kernel.
+    server = WSGIServer((settings.host, settings.port), app, log=None, error_log=log, backlog=2048)
+    server.init_socket()
+    # Frames are small and already batched per wakeup: Nagle would hold one behind the client's delayed ACK
+    # (~40 ms). Accepted sockets inherit TCP_NODELAY from the listener (gunicorn sets it on its own).
+    server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def shutdown(*_: object) -> None:
         server.stop(timeout=1)

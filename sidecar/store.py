@@ -20,12 +20,23 @@ from typing import Any
 
 import orjson
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from sidecar.config import Settings
 from sidecar.core import merge
-from sidecar.core.protocol import Message, Position, shard_of, stream_key
+from sidecar.core.protocol import Message, Position, ProtocolError, shard_of, stream_key
 
+# `sb` is the bytes C's state holds in Redis (base + pending patches); a publish that would take it past
+# ARGV[12] is refused before anything is written, with the number of pending patches (compaction may help).
 PUBLISH_SCRIPT = """
+local size = #ARGV[5]
+if ARGV[2] == 'diff' then
+  size = size + tonumber(redis.call('HGET', KEYS[3], 'sb') or '0')
+end
+if (ARGV[2] == 'diff' or ARGV[2] == 'state') and size > tonumber(ARGV[12]) then
+  return redis.error_reply('STATETOOLARGE ' .. redis.call('LLEN', KEYS[4]))
+end
 local epoch = redis.call('HGET', KEYS[3], 'epoch')
 if not epoch then
   epoch = ARGV[6]
@@ -48,10 +59,10 @@ local pending = 0
 if ARGV[2] == 'diff' then
   pending = redis.call('RPUSH', KEYS[4], ARGV[5])
   redis.call('EXPIRE', KEYS[4], ARGV[11])
-  redis.call('HSET', KEYS[3], 'st', '1')
+  redis.call('HSET', KEYS[3], 'st', '1', 'sb', size)
 elseif ARGV[2] == 'state' then
   redis.call('DEL', KEYS[4])
-  redis.call('HSET', KEYS[3], 'base', ARGV[5], 'st', '1')
+  redis.call('HSET', KEYS[3], 'base', ARGV[5], 'st', '1', 'sb', size)
   redis.call('HINCRBY', KEYS[3], 'gen', 1)
 end
 redis.call('HSET', KEYS[3], 'id', id, 'ts', ARGV[7])
@@ -65,6 +76,9 @@ if (redis.call('HGET', KEYS[1], 'gen') or '0') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'base', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'gen', 1)
 redis.call('LTRIM', KEYS[2], tonumber(ARGV[3]), -1)
+local size = #ARGV[1]
+for _, patch in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do size = size + #patch end
+redis.call('HSET', KEYS[1], 'sb', size)
 return 1
 """
 
@@ -115,12 +129,22 @@ class CatchUp:
 
 def connect(url: str, settings: Settings, block_ms: int = 0) -> redis.Redis:
     # redis-py's default socket timeout would cut a blocking XREAD: give blocking clients their block time.
-    return redis.Redis.from_url(
+    # No automatic retries: a publish script retried after a lost reply would run twice, and a request during
+    # an outage should fail fast (503) rather than hang; callers that can retry (the reader) do it themselves.
+    # A blocking pool: past `redis_pool` connections a request waits for one (a storm of subscribes queues up)
+    # instead of failing at once with MaxConnectionsError, redis-py's default, which fails /healthz too.
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=settings.redis_pool,
+        timeout=settings.redis_socket_timeout,
         socket_timeout=settings.redis_socket_timeout + block_ms / 1000,
         socket_connect_timeout=settings.redis_socket_timeout,
         health_check_interval=30,
+        retry=Retry(NoBackoff(), 0),
     )
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
 
 
 class Store:
@@ -155,6 +179,23 @@ class Store:
     def throttle_key(self) -> str:
         return f"{self.prefix}:throttle"
 
+    # -- the throttle policy (a hash: `doc` the JSON ops PUT, `v` its version, `at` when) -------------------
+    def read_policy(self) -> tuple[int, bytes | None, float]:
+        """(version, document or None for "the settings", set at epoch seconds); (0, None, 0.0) if never set."""
+        version, doc, at = self.redis.hmget(self.throttle_key, "v", "doc", "at")
+        return int(version or 0), doc if isinstance(doc, bytes) else None, float(at or 0)
+
+    def write_policy(self, doc: bytes | None, at: float) -> int:
+        """Store a policy document (None: back to the settings) and return its version; replicas poll it."""
+        pipe = self.redis.pipeline(transaction=True)
+        if doc is None:
+            pipe.hdel(self.throttle_key, "doc")
+        else:
+            pipe.hset(self.throttle_key, "doc", doc)
+        pipe.hset(self.throttle_key, "at", repr(at))
+        pipe.hincrby(self.throttle_key, "v", 1)
+        return int(pipe.execute()[-1])
+
     # -- writes ---------------------------------------------------------------------------------------------
     def publish_args(
         self, channel: str, kind: str, event: str, data: bytes | None, change: bytes | None, ts: float
@@ -163,24 +204,56 @@ class Store:
         s = self.settings
         args = [
             channel, kind, event, data or b"", change or b"", secrets.token_hex(4), repr(ts),
-            s.live_len, s.history_len, s.history_ttl, s.state_ttl,
+            s.live_len, s.history_len, s.history_ttl, s.state_ttl, s.max_state_bytes,
         ]  # fmt: skip
         return [k.live, k.history, k.meta, k.patches], args
 
     def publish_many(self, items: list[tuple[str, str, str, bytes | None, bytes | None, float]]) -> list[Published]:
-        """Run the publish script once per item, all in one round trip."""
+        """Run the publish script once per item, all in one round trip.
+
+        A message that would take its channel's state past `max_state_bytes` is not published (the others
+        are): ProtocolError("state-too-large") once the whole batch has been sent."""
         pipe = self.redis.pipeline(transaction=False)
         for item in items:
             keys, args = self.publish_args(*item)
             self._publish(keys=keys, args=args, client=pipe)
-        replies = pipe.execute()
-        published = []
-        for item, (stream_id, seq, epoch, pending) in zip(items, replies, strict=True):
+        replies = pipe.execute(raise_on_error=False)
+        published, refused = [], []
+        for item, reply in zip(items, replies, strict=True):
+            if isinstance(reply, Exception):
+                reply = self._retry_too_large(item, reply)
+                if reply is None:
+                    refused.append(item[0])
+                    continue
+            stream_id, seq, epoch, pending = reply
             channel = item[0]
             if pending > self.settings.compact_after:
                 self.compact(channel)
             published.append(Published(channel, stream_id.decode(), int(seq), epoch.decode()))
+        if refused:
+            raise ProtocolError(
+                "state-too-large",
+                f"not published: the state of {', '.join(sorted(set(refused)))} would exceed "
+                f"{self.settings.max_state_bytes} bytes (publish a smaller full state to shrink it)",
+            )
         return published
+
+    def _retry_too_large(self, item: tuple, error: Exception) -> Any:
+        """The reply of a refused publish retried once after compaction (pending patches overstate the state's
+        size until folded), or None if it is still too large. Other errors propagate."""
+        text = str(error)
+        if not (isinstance(error, redis.ResponseError) and text.startswith("STATETOOLARGE")):
+            raise error
+        if text.split()[-1] == "0":
+            return None
+        self.compact(item[0])
+        keys, args = self.publish_args(*item)
+        try:
+            return self._publish(keys=keys, args=args)
+        except redis.ResponseError as again:
+            if str(again).startswith("STATETOOLARGE"):
+                return None
+            raise
 
     def compact(self, channel: str) -> None:
         k = self.keys(channel)

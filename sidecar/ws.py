@@ -1,22 +1,27 @@
 """The WebSocket route (the only flask_sock import).
 
-One greenlet per socket does everything that writes: it waits on one event, set both when the client sent a
-frame (simple-websocket's reader sets `ws.event`) and when the hub queued frames for us (`conn.wake`), then
-answers the client's frames and writes every queued frame in a single `sendall`. flask-sock's `send` has no
-lock, so nothing else writes to the socket (but simple-websocket's own pong/close replies).
+One greenlet per socket waits on one event, set when the client sent a frame (simple-websocket's reader sets
+`ws.event`) or when the writer's pass needs it (sidecar/writer.py: the rest of a partial write, a resync); it
+answers the client's frames and writes what the pass could not. Queued frames are otherwise written by the
+pass, one write per socket per turn of the event loop. flask-sock's `send` has no lock, so nothing else writes
+to the socket (but simple-websocket's own pong/close replies).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
 
 import redis
-from flask import current_app
+from flask import current_app, g, request
 from flask_sock import Sock
 
+from sidecar.auth import AuthError, Grant, bearer
+from sidecar.control import busy, socket_aborter
 from sidecar.core.hub import WS, Connection
+from sidecar.core.limits import TokenBucket
 from sidecar.core.protocol import (
     WS_PING,
     Position,
@@ -28,6 +33,7 @@ from sidecar.core.protocol import (
     validate_mode,
     ws_text_frame,
 )
+from sidecar.writer import drop_read_buffer, writer
 
 log = logging.getLogger(__name__)
 sock = Sock()
@@ -37,6 +43,10 @@ CLOSE_UNSUPPORTED = 1003
 CLOSE_INVALID = 1007
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
+CLOSE_UNAUTHORIZED = 3000  # IANA WebSocket close code registry: "Unauthorized"
+
+
+FORBIDDEN = "the token does not grant this channel"
 
 
 class Closed(Exception):
@@ -50,22 +60,39 @@ class Closed(Exception):
 def websocket(ws: Any) -> None:
     relay = current_app.extensions["relay"]
     settings = current_app.config["SETTINGS"]
+    retry = relay.control.admit()  # admission control: 1013 is "try again later" (RFC 6455 section 7.4.1)
+    if retry is not None:
+        ws.close(reason=CLOSE_TRY_AGAIN, message=busy(retry)[1])
+        _no_keepalive()
+        return
     conn = relay.connection(WS, ws.event.set)
-    session = Session(relay, settings, conn)
+    conn.abort = socket_aborter(ws.sock)
+    session = Session(relay, settings, conn, current_app.extensions["auth"], g.get("grant"))
+    # Queued frames are written by the writer's pass (sidecar/writer.py); we write what it could not finish.
+    direct = writer.attach(conn, ws.sock.fileno(), False, ws.event.set, relay.stats.observe_write)
+    drop_read_buffer(request.environ)  # simple-websocket reads the socket itself
+    send = ws.sock.sendall if direct is None else direct.send_all
     try:
-        while ws.connected:
-            woke = ws.event.wait(settings.keepalive)
-            ws.event.clear()
-            while ws.input_buffer:
-                session.handle(ws.input_buffer.pop(0))
-            if conn.resync:
-                relay.resync(conn)
-            frames = conn.drain()
-            if frames:
-                ws.sock.sendall(b"".join(frames))
-                relay.stats.observe_write(conn)
-            elif not woke:
-                ws.sock.sendall(WS_PING)  # idle: keep intermediaries from closing us, learn if the peer left
+        try:
+            while ws.connected:
+                woke = ws.event.wait(session.wait(settings.keepalive, time.time()))
+                ws.event.clear()
+                while ws.input_buffer:
+                    session.handle(ws.input_buffer.pop(0))
+                session.check(time.time())
+                if conn.resync:
+                    relay.resync(conn)
+                frames = conn.drain()
+                if frames or (direct is not None and (direct.pending or direct.broken)):
+                    with conn.writing(time.monotonic()):  # a write that lasts is a stuck peer (control.py)
+                        send(b"".join(frames))
+                    if frames:
+                        relay.stats.observe_write(conn)
+                elif not woke:
+                    with conn.writing(time.monotonic()):
+                        send(WS_PING)  # idle: keep intermediaries from closing us, learn if the peer left
+        finally:
+            conn.wake = ws.event.set  # no more direct writes: a close frame must be the last thing sent
     except Closed as closed:
         ws.close(reason=closed.code, message=closed.reason)
     except redis.RedisError:
@@ -74,15 +101,69 @@ def websocket(ws: Any) -> None:
         pass  # the client went away
     finally:
         relay.hub.disconnect(conn)
+        _no_keepalive()
+
+
+def _no_keepalive() -> None:
+    # gevent.pywsgi keeps the connection for a next request once the route returns, and would parse what the
+    # client still sends (its close reply, the rest of a too-large frame) as HTTP and log it as an error. It
+    # stops at a closed rfile, which it hands to upgrade requests as wsgi.input.
+    if request.environ.get("SERVER_SOFTWARE", "").startswith("gevent"):
+        stream: Any = request.environ.get("wsgi.input")
+        with contextlib.suppress(AttributeError, OSError):
+            getattr(stream, "rfile", stream).close()
+
+
+@sock.bp.before_request
+def handshake() -> None:
+    """Checks before the upgrade (RFC 6455 section 4.2.2 lets a server refuse with any HTTP status): a plain GET
+    gets a 400, a foreign Origin a 403 (cross-site WebSocket hijacking), a bad or expired token a 401. Without a
+    token the socket opens, and must send {"op": "auth", "token": ...} within `auth_timeout`."""
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        raise ProtocolError("not-websocket", "this endpoint speaks WebSocket only (RFC 6455)")
+    auth = current_app.extensions["auth"]
+    if not auth.origin_allowed(request.headers.get("Origin"), request.host):
+        raise AuthError(403, "forbidden-origin", "WebSockets from this origin are not allowed")
+    token = bearer(request.headers.get("Authorization")) or request.args.get("token")
+    g.grant = auth.grant(token) if token or not auth.tokens_required else None
 
 
 class Session:
-    """One socket's client frames: subscribe, unsubscribe, ping."""
+    """One socket's client frames: auth, subscribe, unsubscribe, ping; and its token's deadlines."""
 
-    def __init__(self, relay: Any, settings: Any, conn: Connection) -> None:
+    def __init__(self, relay: Any, settings: Any, conn: Connection, auth: Any, grant: Grant | None) -> None:
         self.relay = relay
         self.settings = settings
         self.conn = conn
+        self.auth = auth
+        self.grant = grant  # None until an auth frame brings a valid token
+        self.auth_deadline = time.time() + settings.auth_timeout
+        self.subscribes = TokenBucket(settings.subscribe_rate, settings.subscribe_burst, time.monotonic())
+
+    def wait(self, longest: float, now: float) -> float:
+        """How long the socket may sleep before a deadline (auth timeout, token expiry) needs a look."""
+        if self.grant is None:
+            return max(0.0, min(longest, self.auth_deadline - now))
+        return self.grant.wait(longest, now)
+
+    def check(self, now: float) -> None:
+        # A connection never outlives its token: the client reconnects (and resumes exactly) with a fresh one,
+        # or sends a fresh one as an auth frame before this one expires.
+        if self.grant is None and now >= self.auth_deadline:
+            raise Closed(CLOSE_UNAUTHORIZED, f"no token within {self.settings.auth_timeout:g} s")
+        if self.grant is not None and self.grant.expired(now):
+            raise Closed(CLOSE_UNAUTHORIZED, "the token has expired")
+
+    def authenticate(self, token: object) -> None:
+        try:
+            grant = self.auth.grant(token if isinstance(token, str) else None)
+        except AuthError as exc:
+            raise Closed(CLOSE_UNAUTHORIZED, exc.message) from None
+        self.grant = grant
+        for channel in [c for c in self.conn.subs if not grant.allows(c)]:  # a fresh token may grant less
+            self.relay.hub.unsubscribe(self.conn, channel)
+            self.reply({"type": "error", "code": "forbidden", "channel": channel, "message": FORBIDDEN})
+        self.reply({"type": "authorized", "expires": grant.expires})
 
     def reply(self, body: dict) -> None:
         self.conn.push(ws_text_frame(dumps(body)))
@@ -103,8 +184,10 @@ class Session:
                 self.reply({"type": "unsubscribed", "channel": channel})
             elif op == "ping":
                 self.reply({"type": "pong", "ts": time.time() * 1000})
+            elif op == "auth":
+                self.authenticate(frame.get("token"))
             else:
-                raise ProtocolError("unknown-op", "op must be subscribe, unsubscribe or ping")
+                raise ProtocolError("unknown-op", "op must be auth, subscribe, unsubscribe or ping")
         except ProtocolError as exc:
             body = {"type": "error", "code": exc.code, "message": exc.message}
             if isinstance(frame.get("channel"), str):
@@ -112,7 +195,14 @@ class Session:
             self.reply(body)
 
     def subscribe(self, frame: dict) -> None:
+        wait = self.subscribes.take(time.monotonic())
+        if wait:
+            raise ProtocolError("rate-limited", f"too many subscribes; retry in {wait:.2f} s")
         channel = validate_channel(frame.get("channel"))
+        if self.grant is None:
+            raise ProtocolError("unauthorized", 'send {"op": "auth", "token": ...} first')
+        if not self.grant.allows(channel):
+            raise ProtocolError("forbidden", FORBIDDEN)
         mode = validate_mode(frame.get("mode", "diff"))
         since = frame.get("since")
         position = None

@@ -6,14 +6,16 @@ The subscribe handshake has no race with the live stream (docs/protocol.md, "Sub
 3. :meth:`Hub.start` queues what that read produced, then the buffered messages newer than it.
 
 Frames are encoded once per (message, mode, transport) and shared by every connection receiving them; a
-connection only prefixes its own SSE `id:` line.
+connection only prefixes its own SSE `id:` line. With a :class:`~sidecar.core.throttle.Throttle`, dispatch offers
+each message to it and sends what it returns; :meth:`Hub.flush` sends what it held once :meth:`Hub.due` comes.
+A coalesced delivery is encoded once per (messages, mode, transport), shared the same way.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,7 @@ from sidecar.core.protocol import (
     sse_id_line,
     ws_text_frame,
 )
+from sidecar.core.throttle import Outgoing, Throttle
 
 SSE, WS = "sse", "ws"
 STATEFUL_MODES = ("diff", "state")
@@ -49,6 +52,7 @@ class Sync:
     resumed: bool = False  # the client gave a position
     gap: bool = False  # the client's position is no longer covered by history: snapshot or reset
     resync: bool = False  # the hub asked for this read (slow consumer, hole): no new `subscribed`
+    since: Position | None = None  # the client's position, when it gave one
 
 
 @dataclass
@@ -80,28 +84,42 @@ class Connection:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.subs: dict[str, Subscription] = {}
-        self.queue: deque[tuple[bytes, str | None, Position | None, float]] = deque()
+        # Frames only, and what the drop of a backlog needs beside them: the hot path allocates no tuples
+        # (every container it makes is work for the cyclic GC, whose full passes stall every socket).
+        self.queue: list[bytes] = []
+        self.queued_channels: dict[str, int] = {}  # channel -> frames of it in the queue
+        self.queue_ts = 0.0  # publish time (ms) of the oldest message queued; 0: none
         self.batch_ts = 0.0  # publish time (ms) of the oldest message in the last drained batch; 0: none
         self.queued_bytes = 0
         self.positions: dict[str, Position] = {}  # SSE cursor: position of the newest queued frame
         self.sent: dict[str, Position] = {}  # position of the newest frame handed to the socket
         self.resync: set[str] = set()  # channels whose backlog was dropped: snapshot/reset them
         self.dropped = 0  # frames dropped for slowness, ever
+        self.drops: dict[str, int] = {}  # the same per channel, read and reset by the hub's owner
+        self.writing_since: float | None = None  # when the socket write in progress began (see writing())
+        self.abort: Callable[[], None] | None = None  # set by the caller: ends a socket stuck in a write
+        self._writing = _Writing(self)
 
     def cursor(self) -> str:
         return encode_cursor([self.positions.get(c, Position()) for c in sorted(self.subs)])
 
-    def push(
-        self, frame: bytes, channel: str | None = None, position: Position | None = None, ts: float = 0.0
-    ) -> None:
+    def push(self, frame: bytes, channel: str | None = None, position: Position | None = None, ts: float = 0.0) -> None:
         if channel is not None and channel in self.resync:
             return  # its backlog was dropped; the resync will bring it up to date
         if position is not None and channel is not None:
             self.positions[channel] = position
             if self.transport == SSE:
-                frame = sse_id_line(self.cursor()) + frame
-        was_empty = not self.queue
-        self.queue.append((frame, channel, position, ts))
+                if len(self.subs) == 1 and channel in self.subs:
+                    frame = _single_channel_frame(frame, position)
+                else:
+                    frame = sse_id_line(self.cursor()) + frame
+        queue = self.queue
+        was_empty = not queue
+        queue.append(frame)
+        if channel is not None:
+            self.queued_channels[channel] = self.queued_channels.get(channel, 0) + 1
+        if ts and not self.queue_ts:
+            self.queue_ts = ts
         self.queued_bytes += len(frame)
         if len(self.queue) > self.max_frames or self.queued_bytes > self.max_bytes:
             self._drop_backlog()
@@ -110,32 +128,74 @@ class Connection:
 
     def drain(self) -> list[bytes]:
         """Everything queued, to be written in one go."""
-        frames = []
-        self.batch_ts = 0.0
-        while self.queue:
-            frame, channel, position, ts = self.queue.popleft()
-            frames.append(frame)
-            if ts and not self.batch_ts:
-                self.batch_ts = ts
-            if position is not None and channel is not None:
-                self.sent[channel] = position
+        frames = self.queue
+        self.batch_ts = self.queue_ts
+        if not frames:
+            return []
+        self.queue = []
+        self.queue_ts = 0.0
+        self.queued_channels.clear()
+        # Whatever was queued is handed over now, so the newest queued position of each channel is sent.
+        self.sent.update(self.positions)
         self.queued_bytes = 0
         return frames
 
+    def writing(self, now: float) -> AbstractContextManager[None]:
+        """Wrap each socket write: a write that lasts (the peer stopped reading) makes the connection stuck."""
+        self.writing_since = now
+        return self._writing
+
     def _drop_backlog(self) -> None:
         # A slow consumer must not grow memory: drop what it has not read and resynchronise it instead.
-        for _, channel, _, _ in self.queue:
-            if channel is not None:
-                self.resync.add(channel)
+        for channel, n in self.queued_channels.items():
+            self.resync.add(channel)
+            self.drops[channel] = self.drops.get(channel, 0) + n
         self.dropped += len(self.queue)
         self.queue.clear()
+        self.queued_channels.clear()
+        self.queue_ts = 0.0
         self.queued_bytes = 0
         self.positions = dict(self.sent)
-        for channel in self.resync:
-            sub = self.subs.get(channel)
-            if sub is not None:
-                sub.buffer = []  # hold live messages until the resync's read
+        # Nothing is held for these channels until the resync's read begins (Hub.hold): a peer that stopped
+        # reading may keep its writer blocked for long, and holding live messages meanwhile grows without bound.
         self.wake()
+
+
+class _Writing:
+    """The context of :meth:`Connection.writing`, one per connection (no allocation per write)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        self.conn.writing_since = None
+
+
+class _SingleChannelFrames:
+    """The SSE frame with its `id:` line for a connection with one channel: its cursor is the message's
+    position alone, so all such connections share the same bytes. One entry is enough: the deliveries of one
+    frame come one after the other."""
+
+    __slots__ = ("frame", "position", "out")
+
+    def __init__(self) -> None:
+        self.frame: bytes | None = None
+        self.position = Position()
+        self.out = b""
+
+    def __call__(self, frame: bytes, position: Position) -> bytes:
+        if frame is not self.frame or (position is not self.position and position != self.position):
+            self.frame, self.position = frame, position
+            self.out = sse_id_line(position.encode()) + frame
+        return self.out
+
+
+_single_channel_frame = _SingleChannelFrames()
 
 
 @dataclass
@@ -150,7 +210,12 @@ class ChannelRecord:
 
 
 class Hub:
-    def __init__(self) -> None:
+    """``throttle`` None: every message goes out at once, as its own frame. ``on_timer`` (set by the caller)
+    is called with :meth:`due` whenever dispatch left something for a later :meth:`flush`."""
+
+    def __init__(self, throttle: Throttle | None = None) -> None:
+        self.throttle = throttle
+        self.on_timer: Callable[[float], None] | None = None
         self.channels: dict[str, ChannelRecord] = {}
         self.connections: dict[int, Connection] = {}
         self.frames_encoded = 0
@@ -189,6 +254,8 @@ class Hub:
         record.subs.pop(conn.id, None)
         if not record.subs:
             del self.channels[channel]
+            if self.throttle is not None:
+                self.throttle.forget(channel)
         elif not any(s.mode == "state" for s in record.subs.values()):
             record.state = record.state_json = record.state_key = None
 
@@ -211,10 +278,12 @@ class Hub:
         buffered, sub.buffer = sub.buffer or [], None
         for body, position in frames:
             conn.push(self._encode(conn.transport, body), channel, position)
+        if not frames:
+            conn.positions[channel] = conn.sent[channel] = last  # the cursor starts at the read, not at 0-0
         for msg in buffered:
             if mode == "state" and record.state_key is not None and msg.key > record.state_key:
                 self._advance_state(record, msg)
-            self._deliver(sub, msg, {})
+            self._deliver(sub, (msg,), {})
 
     def _sync_frames(self, sub: Subscription, sync: Sync) -> list[tuple[dict, Position]]:
         pos, mode, channel = sync.position, sub.mode, sub.channel
@@ -224,7 +293,10 @@ class Hub:
             extra: dict[str, Any] = {"mode": sub.mode}
             if with_state and not sync.resumed:
                 extra["state"] = sync.state
-            frames.append((control_body("subscribed", channel, pos, sync.seq, **extra), pos))
+            at, at_seq = pos, sync.seq
+            if sync.since is not None and not sync.gap and sync.messages:
+                at, at_seq = sync.since, sync.messages[0].seq - 1  # the catch-up continues from the client's position
+            frames.append((control_body("subscribed", channel, at, at_seq, **extra), at))
         elif with_state and not sync.resumed:
             frames.append((control_body("snapshot", channel, pos, sync.seq, state=sync.state), pos))
         if sync.gap:
@@ -262,29 +334,132 @@ class Hub:
                 continue
             if record.state_key is not None:
                 self._advance_state(record, msg)
-            frames: dict[tuple[str, str], bytes] = {}
-            for sub in list(record.subs.values()):
+            for sub in record.subs.values():
                 if sub.buffer is not None:
                     sub.buffer.append(msg)
-                else:
-                    self._deliver(sub, msg, frames)
+            if self.throttle is None:
+                self._send(Outgoing(msg.channel, (msg,)))
+                continue
+            pokes: list[int] = []
+            if self.throttle.spreads(msg.channel):
+                pokes = [cid for cid, s in record.subs.items() if s.mode == "poke" and _live(s)]
+            for out in self.throttle.offer(msg, pokes):
+                self._send(out)
+        self._timer()
 
-    def _deliver(self, sub: Subscription, msg: Message, frames: dict[tuple[str, str], bytes]) -> None:
-        if msg.epoch == sub.epoch and msg.key <= sub.last:
+    def due(self) -> float | None:
+        """When :meth:`flush` has something to send (None: nothing is held)."""
+        return self.throttle.due() if self.throttle is not None else None
+
+    def flush(self) -> None:
+        """Send what the throttle held and is now due: ended coalescing windows, spread pokes."""
+        if self.throttle is not None:
+            for out in self.throttle.flush():
+                self._send(out)
+        self._timer()
+
+    def _timer(self) -> None:
+        due = self.due()
+        if due is not None and self.on_timer is not None:
+            self.on_timer(due)
+
+    def _send(self, out: Outgoing) -> None:
+        record = self.channels.get(out.channel)
+        if record is None:
             return
-        if sub.epoch and msg.epoch != sub.epoch:
+        if out.conn is None and len(out.messages) == 1:
+            self._broadcast(record, out.messages[0], out.pokes)
+            return
+        cache: dict[tuple, Any] = {}  # frames of this delivery, shared by every subscription that gets them
+        if out.conn is not None:
+            sub = record.subs.get(out.conn)
+            if sub is not None and _live(sub) and sub.mode == "poke":
+                self._deliver(sub, out.messages, cache, spread=True)
+            return
+        for sub in list(record.subs.values()):
+            if _live(sub) and (out.pokes or sub.mode != "poke"):
+                self._deliver(sub, out.messages, cache)
+
+    def _broadcast(self, record: ChannelRecord, msg: Message, pokes: bool) -> None:
+        """One message to every live subscription of its channel: the hot path of fan-out. The same as
+        :meth:`_deliver` for a single message, without the per-subscription lists and tuples (bench/)."""
+        key, epoch, seq, channel, ts = msg.key, msg.epoch, msg.seq, msg.channel, msg.ts
+        position = msg.position
+        sse_frames: dict[str, bytes] = {}  # mode -> frame (no tuple keys: no allocation per subscription)
+        ws_frames: dict[str, bytes] = {}
+        n = 0
+        for sub in list(record.subs.values()):
+            if sub.buffer is not None or (sub.mode == "poke" and not pokes):
+                continue
+            if sub.epoch == epoch:
+                if key <= sub.last:
+                    continue
+            elif sub.epoch:
+                self._resync_sub(sub)
+                continue
+            sub.last, sub.seq, sub.epoch = key, seq, epoch
+            conn = sub.conn
+            frames = sse_frames if conn.transport == SSE else ws_frames
+            frame = frames.get(sub.mode)
+            if frame is None:
+                frame = frames[sub.mode] = self._frame(sub, (msg,), seq, {})[0]
+            conn.push(frame, channel, position, ts)
+            n += 1
+        if n:
+            self.delivered += n
+            self.delivered_by_channel[channel] = self.delivered_by_channel.get(channel, 0) + n
+
+    def _deliver(self, sub: Subscription, messages: Sequence[Message], cache: dict, spread: bool = False) -> None:
+        fresh = [m for m in messages if not (m.epoch == sub.epoch and m.key <= sub.last)]
+        if not fresh:
+            return
+        if sub.epoch and any(m.epoch != sub.epoch for m in fresh):
             self._resync_sub(sub)
             return
-        sub.last, sub.seq, sub.epoch = msg.key, msg.seq, msg.epoch
-        transport = sub.conn.transport
-        frame = frames.get((sub.mode, transport))
+        first_seq = fresh[0].seq
+        if spread and sub.seq and fresh[0].epoch == sub.epoch:
+            first_seq = sub.seq + 1  # a spread poke stands for every change since the last one it got
+        last = fresh[-1]
+        sub.last, sub.seq, sub.epoch = last.key, last.seq, last.epoch
+        for frame, msg, ts in self._frames(sub, fresh, first_seq, cache):
+            sub.conn.push(frame, sub.channel, msg.position, ts)
+            self.delivered += 1
+            self.delivered_by_channel[sub.channel] = self.delivered_by_channel.get(sub.channel, 0) + 1
+
+    def _frames(
+        self, sub: Subscription, fresh: list[Message], first_seq: int, cache: dict
+    ) -> list[tuple[bytes, Message, float]]:
+        """The frames of `fresh` (oldest first) for `sub`'s mode: one per message unless coalesced, where
+        `event` keeps every message, `state` sends the latest state, `poke` one poke, and `diff` the composed
+        merge patch (more than one frame only where RFC 7386 cannot say two patches as one)."""
+        mode = sub.mode
+        if mode == "event" or (len(fresh) == 1 and first_seq == fresh[0].seq):
+            return [self._frame(sub, (m,), m.seq, cache) for m in fresh]
+        if mode != "diff":
+            return [self._frame(sub, fresh, first_seq, cache)]
+        groups = cache.get(("groups", fresh[0].key, fresh[-1].key))
+        if groups is None:
+            groups = cache[("groups", fresh[0].key, fresh[-1].key)] = _diff_groups(fresh)
+        return [self._frame(sub, group, group[0].seq, cache, change) for group, change in groups]
+
+    def _frame(
+        self, sub: Subscription, group: Sequence[Message], first_seq: int, cache: dict, change: Any = None
+    ) -> tuple[bytes, Message, float]:
+        last, transport = group[-1], sub.conn.transport
+        key = (sub.mode, transport, first_seq, last.key)
+        frame = cache.get(key)
         if frame is None:
-            record = self.channels[sub.channel]
-            state = record.state_json if sub.mode == "state" else None
-            frame = frames[(sub.mode, transport)] = self._encode(transport, message_body(msg, sub.mode, state))
-        sub.conn.push(frame, sub.channel, msg.position, msg.ts)
-        self.delivered += 1
-        self.delivered_by_channel[sub.channel] = self.delivered_by_channel.get(sub.channel, 0) + 1
+            state = self.channels[sub.channel].state_json if sub.mode == "state" else None
+            if len(group) == 1 or change is None:
+                body = message_body(last, sub.mode, state, seq_from=first_seq)
+            else:
+                body = message_body(last, "poke", seq_from=first_seq)  # the fields every mode has
+                if last.data is not None:
+                    body["data"] = orjson.Fragment(last.data)
+                if change[0] is not None:
+                    body[change[0]] = change[1]
+            frame = cache[key] = self._encode(transport, body)
+        return frame, last, group[0].ts
 
     def _advance_state(self, record: ChannelRecord, msg: Message) -> None:
         if record.state_key is not None and msg.key <= record.state_key:
@@ -298,6 +473,8 @@ class Hub:
 
     def _resync_channel(self, record: ChannelRecord, channel: str) -> None:
         record.state = record.state_json = record.state_key = None
+        if self.throttle is not None:
+            self.throttle.forget(channel)  # what it holds is from before the hole; the resync covers it
         for sub in list(record.subs.values()):
             self._resync_sub(sub)
 
@@ -306,14 +483,89 @@ class Hub:
         if sub.channel in conn.resync:
             return
         conn.resync.add(sub.channel)
-        sub.buffer = []
         conn.wake()
+
+    def hold(self, sub: Subscription) -> None:
+        """A resync's step 1 (see the module docstring): buffer live messages from now, then read, then start()."""
+        if sub.buffer is None:
+            sub.buffer = []
 
     def _encode(self, transport: str, body: dict) -> bytes:
         self.frames_encoded += 1
         payload = dumps(body)
         return sse_frame(body["type"], payload) if transport == SSE else ws_text_frame(payload)
 
+    # -- budgets and stuck connections ----------------------------------------------------------------------
+    def set_budget(self, max_frames: int, max_bytes: int) -> None:
+        """New per-connection queue bounds, for every connection (a queue over them is cut at its next push)."""
+        for conn in self.connections.values():
+            conn.max_frames, conn.max_bytes = max_frames, max_bytes
+
+    def stuck(self, now: float, timeout: float) -> list[Connection]:
+        """Connections in one socket write for longer than `timeout` seconds: the peer stopped reading."""
+        return [c for c in self.connections.values() if c.writing_since is not None and now - c.writing_since > timeout]
+
     # -- introspection --------------------------------------------------------------------------------------
     def subscriber_counts(self) -> dict[str, int]:
         return {channel: len(record.subs) for channel, record in self.channels.items()}
+
+    def take_counts(self) -> dict[tuple[str, str], int]:
+        """What the hub and its throttle counted since the last call: (counter, channel) -> n."""
+        counts = self.throttle.take_counts() if self.throttle is not None else {}
+        for conn in self.connections.values():
+            if conn.drops:
+                drops, conn.drops = conn.drops, {}
+                for channel, n in drops.items():
+                    counts[("dropped", channel)] = counts.get(("dropped", channel), 0) + n
+        return counts
+
+
+def _live(sub: Subscription) -> bool:
+    """Not in a handshake or resync read (those buffer), nor waiting for a resync (that drops)."""
+    return sub.buffer is None and sub.channel not in sub.conn.resync
+
+
+def _diff_groups(messages: list[Message]) -> list[tuple[list[Message], tuple[str | None, Any]]]:
+    """`messages` cut into runs whose changes compose into one: (run, (body key, change)) with key "diff" (a
+    merge patch), "state" (a full state: a state publish in the run replaces all before it) or None (no change)."""
+    groups: list[tuple[list[Message], tuple[str | None, Any]]] = []
+    run: list[Message] = []
+    kind: str | None = None
+    value: Any = None
+    for msg in messages:
+        if msg.change is not None and msg.kind in STATEFUL_MODES:
+            change = orjson.loads(msg.change)
+            if msg.kind == "state":
+                kind, value = "state", change
+            elif kind is None:
+                kind, value = "diff", change
+            elif kind == "state":
+                value = _apply(value, change)
+            else:
+                composed = _compose(value, change)
+                if composed is None:
+                    # No one patch says both (or `change` is the null patch, which compose() also reports
+                    # as None): this frame ends here and the next starts with `msg`.
+                    groups.append((run, (kind, value)))
+                    run, value = [], change
+                else:
+                    value = composed
+        run.append(msg)
+    groups.append((run, (kind, value)))
+    return groups
+
+
+def _compose(first: Any, second: Any) -> Any:
+    if second is None:
+        return None
+    try:
+        return merge.compose(first, second)
+    except merge.MergeError:
+        return None  # too deep to fold: sent as it came
+
+
+def _apply(state: Any, patch: Any) -> Any:
+    try:
+        return merge.apply(state, patch)
+    except merge.MergeError:
+        return state

@@ -223,7 +223,7 @@ def parse_client_frame(text: str | bytes, max_bytes: int) -> dict:
     """A WebSocket text frame from a client, checked for shape (not for meaning)."""
     if isinstance(text, bytes):
         raise ProtocolError("bad-frame", "binary frames are not part of this protocol; send JSON text")
-    if len(text) > max_bytes:
+    if len(text) > max_bytes // 4 and len(text.encode("utf-8", "surrogatepass")) > max_bytes:
         raise ProtocolError("frame-too-large", f"frames are limited to {max_bytes} bytes")
     try:
         frame = orjson.loads(text)

@@ -156,9 +156,7 @@ def test_composed_patch_applies_like_the_patches_in_turn(target: Any, first: Any
 
 @FAST
 @given(target=VALUES, patches=st.lists(PATCHES, min_size=1, max_size=6))
-def test_composing_a_run_of_patches_applies_like_applying_each_in_turn(
-    target: Any, patches: list[Any]
-) -> None:
+def test_composing_a_run_of_patches_applies_like_applying_each_in_turn(target: Any, patches: list[Any]) -> None:
     # Fold left to right; where compose() declines, apply what was folded so far and start again.
     result, pending = target, patches[0]
     for patch in patches[1:]:

@@ -1,0 +1,344 @@
+"""Who may listen and who may publish: bearer tokens (JWT), channel grants, publisher and admin keys, origins.
+
+docs/security.md is the user's guide. The rules in short:
+- A subscriber presents a JWT signed with the shared secret (HS256) or the key pair whose public half is
+  configured (RS256/ES256). It must carry `exp`; its `channels` claim lists channel patterns: `*` matches any run
+  of channel characters, `{claim}` is replaced by that claim's value (`user:{sub}`), taken literally.
+- `POST /publish` and `/admin/*` take a static key (several, comma-separated, to rotate without downtime),
+  compared in constant time.
+- A guard with nothing configured is open in dev mode and closed (disabled) otherwise; the sidecar refuses to
+  start in production mode without a token key (:func:`check_startup`).
+Nothing here logs a token or a key, nor puts one in an error message. No Flask import: app.py and ws.py adapt.
+
+Example::
+
+    auth = Auth(settings)
+    grant = auth.grant(bearer(request.headers.get("Authorization")) or request.args.get("token"))
+    auth.authorize(grant, ["user:42"])          # AuthError(403) if the token does not grant it
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+
+from sidecar.config import Settings
+from sidecar.core.protocol import CHANNEL_RE, MAX_CHANNEL_LEN
+
+log = logging.getLogger(__name__)
+
+MIN_KEY_CHARS = 16
+# RFC 7518 section 3.2: an HMAC key is at least the size of the hash output.
+MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+HMAC_ALGORITHMS = tuple(MIN_SECRET_BYTES)
+PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+# A placeholder names a claim; a pattern is otherwise channel characters and `*`.
+PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
+PATTERN_CHARS_RE = re.compile(r"[A-Za-z0-9_\-:.@*]*")
+MAX_PATTERNS = 1_000
+
+
+class AuthError(Exception):
+    """A refused request. `message` is safe to show to the client: it never echoes the token or key."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.status != 401:
+            return {}
+        # RFC 6750 section 3: no error code when the request carried no credentials at all.
+        if self.code == "unauthorized" and self.message == MISSING:
+            return {"WWW-Authenticate": 'Bearer realm="sidecar"'}
+        return {"WWW-Authenticate": 'Bearer realm="sidecar", error="invalid_token"'}
+
+
+class InsecureConfig(ValueError):
+    """Settings the sidecar refuses to start with."""
+
+
+MISSING = "a bearer token is required"
+INVALID = "the token is not valid"  # the same words for every reason: no oracle for forgers
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The channels one token may read, until `expires` (epoch seconds; None: no end)."""
+
+    patterns: tuple[re.Pattern[str], ...]
+    expires: float | None = None
+
+    def allows(self, channel: str) -> bool:
+        return any(p.fullmatch(channel) for p in self.patterns)
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
+
+    def wait(self, longest: float, now: float) -> float:
+        """How long a connection may sleep before it must look at the token's expiry again."""
+        return longest if self.expires is None else max(0.0, min(longest, self.expires - now))
+
+
+OPEN = Grant((re.compile(r".*", re.DOTALL),))
+
+
+def compile_pattern(pattern: object, claims: Mapping[str, Any]) -> re.Pattern[str] | None:
+    """One grant pattern as a regex, or None when it grants nothing (malformed, or a claim it names is missing).
+
+    A claim's value is inserted literally: a `sub` of ``*`` grants the channel named ``user:*``, not every user.
+    """
+    if not isinstance(pattern, str) or not 0 < len(pattern) <= MAX_CHANNEL_LEN:
+        return None
+    parts: list[str] = []
+    pos = 0
+    for match in PLACEHOLDER_RE.finditer(pattern):
+        literal = pattern[pos : match.start()]
+        if not PATTERN_CHARS_RE.fullmatch(literal):
+            return None
+        parts.append(_glob(literal))
+        value = claims.get(match[1])
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            return None
+        value = str(value)
+        if not CHANNEL_RE.fullmatch(value):
+            return None
+        parts.append(re.escape(value))
+        pos = match.end()
+    tail = pattern[pos:]
+    if not PATTERN_CHARS_RE.fullmatch(tail):
+        return None
+    parts.append(_glob(tail))
+    return re.compile("".join(parts))
+
+
+def _glob(literal: str) -> str:
+    return ".*".join(re.escape(piece) for piece in literal.split("*"))
+
+
+def grant_from_claims(claims: Mapping[str, Any], claim: str = "channels", leeway: float = 0.0) -> Grant:
+    """The grant of verified claims: patterns from `claim` (a list, or one space-separated string); it ends
+    at `exp` plus the clock-skew `leeway` the token was accepted with."""
+    raw = claims.get(claim)
+    if isinstance(raw, str):
+        raw = raw.split()
+    if not isinstance(raw, list):
+        raw = []
+    patterns = tuple(p for p in (compile_pattern(x, claims) for x in raw[:MAX_PATTERNS]) if p is not None)
+    exp = claims.get("exp")
+    expires = float(exp) + leeway if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+    return Grant(patterns, expires)
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The credentials of an `Authorization: Bearer <token>` header (RFC 6750 section 2.1), else None."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+def split_list(value: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+
+def keys_match(presented: str | None, configured: Iterable[str]) -> bool:
+    """Constant-time comparison against every configured key (their number is no secret)."""
+    given = (presented or "").encode("utf-8", "surrogatepass")
+    found = False
+    for key in configured:
+        found |= hmac.compare_digest(given, key.encode("utf-8", "surrogatepass"))
+    return found and bool(presented)
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...], dev: bool) -> bool:
+    """The WebSocket handshake's Origin check (cross-site WebSocket hijacking).
+
+    No Origin header: not a browser, so no ambient credentials to hijack. An allowlist, when set, is exact
+    (``*`` allows any). Without one: any origin in dev mode, the same origin (Origin host == Host) otherwise.
+    """
+    if origin is None:
+        return True
+    normalized = origin.strip().rstrip("/").lower()
+    if allowed:
+        return "*" in allowed or normalized in allowed
+    if dev:
+        return True
+    return host is not None and urlsplit(normalized).netloc == host.strip().lower()
+
+
+def cors_origin(origin: str | None, allowed: tuple[str, ...], dev: bool) -> str | None:
+    """The `Access-Control-Allow-Origin` value for a request from `origin`, or None for no CORS headers."""
+    if origin is None:
+        return None
+    if "*" in allowed or (dev and not allowed):
+        return "*"
+    normalized = origin.strip().rstrip("/").lower()
+    return origin if normalized in allowed else None
+
+
+class Auth:
+    """The configured guards of one sidecar process. Raises :class:`InsecureConfig` for unusable settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.dev = settings.dev
+        self.claim = settings.jwt_channels_claim
+        self.audience = settings.jwt_audience
+        self.issuer = settings.jwt_issuer
+        self.leeway = settings.jwt_leeway
+        self.secret = settings.jwt_secret or None
+        self.public_key = _load_public_key(settings.jwt_public_key) if settings.jwt_public_key else None
+        self.algorithms = self._algorithms(split_list(settings.jwt_algorithms))
+        self.publisher_keys = self._keys("SIDECAR_PUBLISHER_KEY", settings.publisher_key)
+        self.admin_keys = self._keys("SIDECAR_ADMIN_KEY", settings.admin_key)
+        self.allowed_origins = tuple(o.rstrip("/").lower() for o in split_list(settings.allowed_origins))
+        self.cors_origins = tuple(o.rstrip("/").lower() for o in split_list(settings.cors_origins))
+
+    def _algorithms(self, configured: tuple[str, ...]) -> tuple[str, ...]:
+        if not configured:
+            configured = (("HS256",) if self.secret else ()) + (("RS256", "ES256") if self.public_key else ())
+        for alg in configured:
+            if alg in HMAC_ALGORITHMS and self.secret is None:
+                raise InsecureConfig(f"SIDECAR_JWT_ALGORITHMS lists {alg} but no SIDECAR_JWT_SECRET is set")
+            if alg in HMAC_ALGORITHMS and len((self.secret or "").encode()) < MIN_SECRET_BYTES[alg]:
+                raise InsecureConfig(f"SIDECAR_JWT_SECRET must be at least {MIN_SECRET_BYTES[alg]} bytes for {alg}")
+            if alg in PUBLIC_KEY_ALGORITHMS and self.public_key is None:
+                raise InsecureConfig(f"SIDECAR_JWT_ALGORITHMS lists {alg} but no SIDECAR_JWT_PUBLIC_KEY is set")
+            if alg not in HMAC_ALGORITHMS + PUBLIC_KEY_ALGORITHMS:
+                raise InsecureConfig(f"SIDECAR_JWT_ALGORITHMS: {alg!r} is not a supported signing algorithm")
+        return configured
+
+    @staticmethod
+    def _keys(name: str, value: str | None) -> tuple[str, ...]:
+        keys = split_list(value)
+        if any(len(k) < MIN_KEY_CHARS for k in keys):
+            raise InsecureConfig(f"{name}: every key must be at least {MIN_KEY_CHARS} characters")
+        return keys
+
+    @property
+    def tokens_required(self) -> bool:
+        return bool(self.algorithms)
+
+    # -- subscribers ----------------------------------------------------------------------------------------
+    def grant(self, token: str | None) -> Grant:
+        """The grant of a presented token; AuthError(401) when it is missing, expired or not valid."""
+        if not self.tokens_required:
+            return OPEN
+        if not token:
+            raise AuthError(401, "unauthorized", MISSING)
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+            if alg not in self.algorithms:
+                raise jwt.InvalidAlgorithmError(alg)
+            key: Any = self.secret if alg in HMAC_ALGORITHMS else self.public_key
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp"], "verify_aud": self.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            # PyJWT checks `exp` only after the signature: saying "expired" tells nothing to a forger.
+            raise AuthError(401, "token-expired", "the token has expired") from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise AuthError(401, "unauthorized", INVALID) from None
+        return grant_from_claims(claims, self.claim, self.leeway)
+
+    @staticmethod
+    def authorize(grant: Grant, channels: Iterable[str]) -> None:
+        """AuthError(403) naming the first channel the grant does not cover (the client named it itself)."""
+        for channel in channels:
+            if not grant.allows(channel):
+                raise AuthError(403, "forbidden", f"the token does not grant channel {channel}")
+
+    # -- publishers and admins ------------------------------------------------------------------------------
+    def require_publisher(self, presented: str | None) -> None:
+        self._require(presented, self.publisher_keys, "publishing over HTTP", "SIDECAR_PUBLISHER_KEY")
+
+    def require_admin(self, presented: str | None) -> None:
+        self._require(presented, self.admin_keys, "the admin API", "SIDECAR_ADMIN_KEY")
+
+    def _require(self, presented: str | None, keys: tuple[str, ...], what: str, name: str) -> None:
+        if not keys:
+            if self.dev:
+                return
+            raise AuthError(403, "disabled", f"{what} is disabled: no {name} is configured")
+        if not presented:
+            raise AuthError(401, "unauthorized", "a bearer key is required")
+        if not keys_match(presented, keys):
+            raise AuthError(401, "unauthorized", "the key is not valid")
+
+    # -- browsers -------------------------------------------------------------------------------------------
+    def origin_allowed(self, origin: str | None, host: str | None) -> bool:
+        return origin_allowed(origin, host, self.allowed_origins, self.dev)
+
+    def cors_origin(self, origin: str | None) -> str | None:
+        return cors_origin(origin, self.cors_origins, self.dev)
+
+
+def _load_public_key(value: str) -> Any:
+    """A PEM public key, given inline or as a path to a PEM file."""
+    text = value if value.lstrip().startswith("-----BEGIN") else _read(value)
+    try:
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    except ImportError:
+        msg = "SIDECAR_JWT_PUBLIC_KEY needs the cryptography package (pip install 'pyjwt[crypto]')"
+        raise InsecureConfig(msg) from None
+    try:
+        return load_pem_public_key(text.encode())
+    except ValueError:
+        raise InsecureConfig("SIDECAR_JWT_PUBLIC_KEY is not a PEM public key") from None
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise InsecureConfig(f"SIDECAR_JWT_PUBLIC_KEY: cannot read {path}: {exc.strerror}") from None
+
+
+def check_startup(settings: Settings) -> Auth:
+    """Refuse production settings that would leave the relay open; in dev mode, say loudly what is open."""
+    auth = Auth(settings)
+    if not auth.tokens_required and not settings.dev:
+        raise InsecureConfig(
+            "no SIDECAR_JWT_SECRET or SIDECAR_JWT_PUBLIC_KEY: refusing to start with every channel open to "
+            "anyone. Configure one (docs/security.md), or run in dev mode (SIDECAR_DEV=1, `sidecar serve --dev`)."
+        )
+    open_parts = []
+    if not auth.tokens_required:
+        open_parts.append("anyone may subscribe to any channel (no SIDECAR_JWT_SECRET/SIDECAR_JWT_PUBLIC_KEY)")
+    if not auth.publisher_keys:
+        if settings.dev:
+            open_parts.append("anyone may POST /publish (no SIDECAR_PUBLISHER_KEY)")
+        else:
+            log.warning("POST /publish is disabled: no SIDECAR_PUBLISHER_KEY is configured")
+    if not auth.admin_keys:
+        if settings.dev:
+            open_parts.append("anyone may use /admin (no SIDECAR_ADMIN_KEY)")
+        else:
+            log.warning("the admin API is disabled: no SIDECAR_ADMIN_KEY is configured")
+    if settings.dev and not auth.allowed_origins:
+        open_parts.append("WebSockets are accepted from any Origin (no SIDECAR_ALLOWED_ORIGINS)")
+    if open_parts:
+        banner = "!" * 72
+        log.warning(
+            "%s\nDEV MODE, NOT FOR PRODUCTION:\n  - %s\n%s", banner, "\n  - ".join(open_parts), banner
+        )
+    return auth

@@ -1,0 +1,142 @@
+"""Direct writes: every connection's queued frames reach its socket in one pass per turn of the event loop.
+
+Waking one greenlet per connection and writing through the WSGI server costs about twice the send(2) itself,
+per connection and per batch (docs/performance.md). So once a stream is under way, its connection's `wake`
+marks it for the next pass instead: one loop callback drains every marked connection and writes its frames
+with a single non-blocking write each (for SSE, framed as one HTTP/1.1 chunk, exactly as the WSGI server
+frames what the stream yields). The connection's greenlet wakes only for what needs it: the rest of a write
+the socket could not take at once (a slow reader), a resync (it reads Redis), its keepalives and, for a
+WebSocket, its client's frames.
+
+Only for gevent sockets (non-blocking file descriptors); anything else keeps the greenlet path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import gevent
+from gevent.socket import wait_write
+
+from sidecar.core.hub import Connection
+
+
+class Direct:
+    """One connection's socket, written by the :class:`Writer` pass, or by the connection's greenlet when the
+    pass could not finish (`pending`). Whoever writes holds `conn.writing()`, so writes never interleave."""
+
+    __slots__ = ("writer", "conn", "fd", "chunked", "wake_owner", "on_write", "pending", "broken")
+
+    def __init__(
+        self, writer: Writer, conn: Connection, fd: int, chunked: bool, wake_owner: Callable[[], None],
+        on_write: Callable[[Connection], None],
+    ) -> None:  # fmt: skip
+        self.writer = writer
+        self.conn = conn
+        self.fd = fd
+        self.chunked = chunked
+        self.wake_owner = wake_owner  # wakes the connection's greenlet
+        self.on_write = on_write
+        self.pending = b""  # the rest of a write the socket did not take; goes out before anything else
+        self.broken = False  # a write failed: the peer is gone
+
+    def wake(self) -> None:
+        """The connection's `wake` (the hub calls it when frames are queued or it needs a resync)."""
+        self.writer.mark(self)
+
+    def frame(self, data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data) if self.chunked and data else data
+
+    def send_all(self, data: bytes) -> None:
+        """From the connection's greenlet: write what is pending, then `data`; yields while the socket is full.
+        Raises OSError when the peer is gone."""
+        if self.broken:
+            raise BrokenPipeError("the peer is gone")
+        view = memoryview(self.pending + data if self.pending else data)
+        self.pending = b""
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except BlockingIOError:
+                wait_write(self.fd)
+                continue
+            view = view[n:]
+
+
+class Writer:
+    """The per-process pass that writes every marked connection (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.marked: list[Direct] = []
+        self.scheduled = False
+
+    def attach(
+        self, conn: Connection, fd: int | None, chunked: bool, wake_owner: Callable[[], None],
+        on_write: Callable[[Connection], None],
+    ) -> Direct | None:  # fmt: skip
+        """Write `conn` from the pass from now on; None (nothing changed) unless `fd` is a non-blocking socket."""
+        if fd is None or fd < 0 or os.get_blocking(fd):
+            return None
+        direct = Direct(self, conn, fd, chunked, wake_owner, on_write)
+        conn.wake = direct.wake
+        return direct
+
+    def mark(self, direct: Direct) -> None:
+        self.marked.append(direct)
+        if not self.scheduled:
+            self.scheduled = True
+            gevent.get_hub().loop.run_callback(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        marked, self.marked = self.marked, []
+        for direct in marked:
+            conn = direct.conn
+            if direct.pending or direct.broken or conn.resync or conn.writing_since is not None:
+                direct.wake_owner()  # its greenlet is writing, or has to: it drains after that
+                continue
+            frames = conn.drain()
+            if not frames:
+                direct.wake_owner()  # woken for something else than frames: let the greenlet look
+                continue
+            data = direct.frame(b"".join(frames))
+            try:
+                n = os.write(direct.fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                direct.broken = True
+                direct.wake_owner()
+                continue
+            direct.on_write(conn)
+            if n < len(data):
+                direct.pending = data[n:]
+                direct.wake_owner()
+
+
+writer = Writer()  # one per process: the gevent hub's loop runs its pass
+
+
+def drop_read_buffer(environ: Mapping[str, Any]) -> None:
+    """Give back the 8 KB read buffer gevent.pywsgi keeps per connection for its next request: a stream never
+    reads through it again (a WebSocket reads its own socket) and its connection ends with it. pywsgi stops at
+    a closed rfile instead of reading a next request."""
+    if str(environ.get("SERVER_SOFTWARE", "")).startswith("gevent"):
+        stream = environ.get("wsgi.input")
+        with contextlib.suppress(AttributeError, OSError):
+            getattr(stream, "rfile", stream).close()
+
+
+def request_fd(environ: Mapping[str, Any]) -> int | None:
+    """The client socket's file descriptor of a WSGI request under gevent.pywsgi or gunicorn, else None."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        rfile = getattr(environ.get("wsgi.input"), "rfile", None)
+        sock = getattr(getattr(rfile, "raw", None), "_sock", None)
+    try:
+        return sock.fileno() if sock is not None else None
+    except OSError:
+        return None

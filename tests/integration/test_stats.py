@@ -1,0 +1,134 @@
+"""The stats record end to end: real sidecar processes write it to a real Redis; the dashboard's sources read it."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import requests
+
+from dashboard.feed import read_records
+from dashboard.sources import Record, Window
+from sidecar.publish import Publisher
+from sidecar.stats import LATENCY_BOUNDS_MS
+
+STATS_KEY = "rt:stats"
+
+
+class Subscriber:
+    """A plain streaming GET /sse in a thread, counting the `message` events it reads."""
+
+    def __init__(self, url: str, channel: str) -> None:
+        self.messages = 0
+        self.ready = threading.Event()
+        self._response = requests.get(f"{url}/sse?channel={channel}&mode=event", stream=True, timeout=10)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        assert self.ready.wait(5), "no ready event"
+
+    def _read(self) -> None:
+        try:
+            for line in self._response.iter_lines():
+                if line == b"event: ready":
+                    self.ready.set()
+                elif line == b"event: message":
+                    self.messages += 1
+        except (requests.RequestException, AttributeError):
+            pass  # closed by the test
+
+    def close(self) -> None:
+        self._response.close()
+
+
+@pytest.fixture
+def subscribers() -> Iterator[Callable[[str, str], Subscriber]]:
+    made: list[Subscriber] = []
+
+    def make(url: str, channel: str) -> Subscriber:
+        made.append(Subscriber(url, channel))
+        return made[-1]
+
+    yield make
+    for sub in made:
+        sub.close()
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 8.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def records(redis_client) -> list[Record]:
+    return read_records(redis_client, STATS_KEY)
+
+
+def test_two_replicas_write_records_that_add_up_to_the_traffic(
+    redis_server, redis_client, sidecar_process, subscribers
+):
+    # A short keepalive lets the sidecars see the test's subscribers leave, so they stop at once.
+    a = sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.5", SIDECAR_KEEPALIVE="0.5")
+    b = sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.5", SIDECAR_KEEPALIVE="0.5")
+    on_a = [subscribers(a.url, "stats:alpha"), subscribers(a.url, "stats:alpha")]
+    on_b = subscribers(b.url, "stats:alpha")
+    pub = Publisher.from_url(redis_server.url)
+    for i in range(30):
+        pub.event("stats:alpha", "tick", {"i": i})
+        pub.event(f"task:{i:04x}", "tick")
+    wait_for(lambda: all(s.messages == 30 for s in [*on_a, on_b]))
+    done = time.time()
+    window = Window(stale_after=5)
+
+    def settled_past_the_traffic() -> bool:
+        window.add(records(redis_client))
+        return window.settled(time.time()) >= math.ceil(done) + 1
+
+    # Every replica has reported past the last delivery, and past the end of the records that counted it.
+    wait_for(settled_past_the_traffic)
+    recs = [r for rows in window.records.values() for r in rows]
+    assert len(window.records) == 2
+    for mine in window.records.values():
+        assert sum(r.counts("stats:alpha")["pub"] for r in mine) == 30  # every replica reads every message
+        assert sum(r.counts("task:*")["pub"] for r in mine) == 30  # 30 task channels, one pattern
+    end = window.settled(time.time())
+    points = window.series(math.floor(window.oldest() or 0), end)
+    assert sum(p.published for p in points) == pytest.approx(60)  # the mean of the replicas, not the sum
+    assert sum(p.delivered for p in points) == pytest.approx(90)  # 3 subscribers, 30 each
+    (alpha,) = [c for c in window.top_channels(end, 10, time.time()) if c.pattern == "stats:alpha"]
+    assert alpha.subscribers == 3
+    latest = {r.replica: r for r in recs}
+    assert sorted(r.conn.get("sse", 0) for r in latest.values()) == [1, 2]
+    assert sum(sum(r.lat) for r in recs) >= 2  # at least one socket write per connection, each observed
+    assert all(len(r.lat) == len(LATENCY_BOUNDS_MS) and r.reader_ok for r in recs)
+    raw = redis_client.xrevrange(STATS_KEY, count=1)[0][1][b"r"]
+    assert len(raw) < 1000  # small: one record per second per replica
+    assert redis_client.xlen(STATS_KEY) <= 3_600 + 200  # MAXLEN ~ stats_len
+
+
+def test_the_stream_is_trimmed_to_stats_len(redis_server, redis_client, sidecar_process):
+    sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.05", SIDECAR_STATS_LEN="10")
+    wait_for(lambda: redis_client.xlen(STATS_KEY) >= 10)
+    time.sleep(1.5)  # ~30 more records
+    assert redis_client.xlen(STATS_KEY) < 30  # MAXLEN ~: Redis trims whole nodes (100 entries) at most
+
+
+def test_the_relay_outlives_redis_going_away_and_the_records_resume(
+    redis_server, redis_client, sidecar_process, subscribers
+):
+    sidecar = sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.5")
+    wait_for(lambda: len(records(redis_client)) >= 1)
+    redis_server.kill()
+    time.sleep(2.0)  # ~4 records cannot be written
+    assert requests.get(sidecar.url + "/healthz", timeout=5).status_code == 503
+    redis_server.restart()
+    wait_for(lambda: requests.get(sidecar.url + "/healthz", timeout=5).status_code == 200)
+    before = time.time()
+    wait_for(lambda: any(r.ts > before for r in records(redis_client)))
+    recs = records(redis_client)
+    assert max(r.dt for r in recs) >= 1.5  # the first record after the outage covers it: nothing is lost
+    assert "cannot write the stats record" in sidecar.log_text()
+    sidecar.allow_tracebacks = False  # the outage is logged as a warning, never as a traceback
