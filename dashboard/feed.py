@@ -1,0 +1,120 @@
+"""Reading the stats stream from Redis, and the dashboard's settings. The aggregation is in ``sources``.
+
+Example::
+
+    config = DashboardConfig.from_env()
+    feed = StatsFeed(redis.Redis.from_url(config.redis_url), config.stats_key)
+    feed.poll(time.time())          # then feed.window has the records of the last minutes
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from dashboard.sources import Record, Window, parse_record
+from sidecar.config import Settings
+
+
+def read_records(client: Any, key: str, after: str | None = None, since: float | None = None) -> list[Record]:
+    """Records of the stream ``key`` after stream id ``after`` (exclusive), or from unix time ``since``."""
+    if after is not None:
+        start = f"({after}"
+    elif since is not None:
+        start = f"{max(int(since * 1000), 0)}-0"
+    else:
+        start = "-"
+    records: list[Record] = []
+    while True:
+        entries = client.xrange(key, min=start, count=5000)
+        for stream_id, fields in entries:
+            record = parse_record(stream_id, fields)
+            if record is not None:
+                records.append(record)
+        if len(entries) < 5000:
+            return records
+        last = entries[-1][0]
+        start = "(" + (last.decode() if isinstance(last, bytes) else last)
+
+
+class StatsFeed:
+    """A :class:`Window` kept up to date from the stats stream: :meth:`poll` reads what is new.
+
+    Redis errors are kept in ``error`` (and the window keeps what it had), never raised.
+    """
+
+    def __init__(self, client: Any, key: str, span: float = 900.0, stale_after: float = 5.0) -> None:
+        self.client = client
+        self.key = key
+        self.window = Window(span, stale_after)
+        self.last_id: str | None = None
+        self.error: str | None = None
+        self.attempted_at = 0.0
+        self.retry_at = 0.0  # after an error, wait a little: every session polls through this feed
+
+    def poll(self, now: float) -> int:
+        """Read the new records into the window; returns how many were new."""
+        if now < self.retry_at:
+            return 0
+        self.attempted_at = now
+        try:
+            if self.last_id is None:
+                records = read_records(self.client, self.key, since=now - self.window.span - 60)
+            else:
+                records = read_records(self.client, self.key, after=self.last_id)
+        except Exception as exc:  # Redis down: show it, keep the window
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.retry_at = now + 2.0
+            return 0
+        self.error = None
+        if records:
+            self.last_id = records[-1].id
+        return self.window.add(records)
+
+
+# -- configuration ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DashboardConfig:
+    """What the dashboard needs: the sidecar's settings (``REDIS_URL``, ``SIDECAR_KEY_PREFIX``,
+    ``SIDECAR_STATS_INTERVAL``, ``SIDECAR_ADMIN_KEY``: enables the throttle controls), plus two of its own:
+    ``SIDECAR_URL`` (a sidecar, for the admin API) and ``SIDECAR_DASHBOARD_WINDOW`` (seconds shown)."""
+
+    redis_url: str
+    stats_key: str
+    throttle_key: str
+    interval: float = 1.0
+    window: float = 600.0
+    sidecar_url: str = "http://127.0.0.1:8000"
+    admin_key: str | None = None
+
+    @property
+    def stale_after(self) -> float:
+        return max(5.0, 3 * self.interval)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> DashboardConfig:
+        settings = Settings.from_env(environ)
+        window = float(environ.get("SIDECAR_DASHBOARD_WINDOW") or 600)
+        return cls(
+            redis_url=settings.redis_url or "redis://127.0.0.1:6379/0",
+            stats_key=f"{settings.key_prefix}:stats",
+            throttle_key=f"{settings.key_prefix}:throttle",
+            interval=settings.stats_interval,
+            window=min(max(window, 60.0), 3600.0),
+            sidecar_url=(environ.get("SIDECAR_URL") or f"http://{settings.host}:{settings.port}").rstrip("/"),
+            admin_key=(settings.admin_key or "").split(",")[0].strip() or None,
+        )
+
+
+def recent_records(config: DashboardConfig, seconds: float = 600.0) -> list[Record]:
+    """The records of the last ``seconds``, straight from Redis (for notebooks and scripts)."""
+    client = redis.Redis.from_url(config.redis_url, socket_timeout=5.0)
+    try:
+        return read_records(client, config.stats_key, since=time.time() - seconds)
+    finally:
+        client.close()

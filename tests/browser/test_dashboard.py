@@ -1,0 +1,198 @@
+"""The dashboard in Chromium: `sidecar dashboard` serves it while traffic flows through a real sidecar; the test
+reads the plotted data back from the page's Bokeh document and checks it against what was published.
+
+The notebook runs top to bottom (nbclient) against the same kind of Redis, with stats in it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import requests
+
+from sidecar.publish import Publisher
+from tests.processes import REPO_ROOT, ManagedProcess, child_env, free_port
+
+pytestmark = pytest.mark.browser
+
+ADMIN_KEY = "dashboard-test-admin-key-0123456789abcdef"
+ALPHA, NOISE = "dash:alpha", "noise:42"  # patterns "dash:alpha" and "noise:*"
+
+# The sum of a column of a named ColumnDataSource, and its length, as the page has them.
+SOURCE_SUMS = """([name, columns]) => {
+  const doc = window.Bokeh && Bokeh.documents[0];
+  const src = doc && doc.get_model_by_name(name);
+  if (!src) return null;
+  const out = {n: src.data.t.length};
+  for (const c of columns) out[c] = Array.from(src.data[c]).reduce((a, b) => a + (Number.isFinite(b) ? b : 0), 0);
+  return out;
+}"""
+
+
+class DashboardProcess(ManagedProcess):
+    """`sidecar dashboard` (it execs `panel serve dashboard/app.py`), ready when the page answers 200."""
+
+    def __init__(self, redis_url: str, log_dir: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/app"
+        argv = [sys.executable, "-m", "sidecar", "dashboard", "--host", "127.0.0.1", "--port", str(self.port)]
+        super().__init__("dashboard", argv, child_env(redis_url, env), log_dir / "dashboard.log", cwd=REPO_ROOT)
+        self.wait_until("GET /app 200", self._up, 30.0)
+
+    def _up(self) -> bool:
+        try:
+            return requests.get(self.url, timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+
+@pytest.fixture
+def dashboard_process(tmp_path: Path) -> Iterator[Callable[..., DashboardProcess]]:
+    started: list[DashboardProcess] = []
+
+    def start(redis_url: str, **env: str) -> DashboardProcess:
+        started.append(DashboardProcess(redis_url, tmp_path, env))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.stop()
+    for proc in started:  # no error in our code (tornado may log a socket the browser closed under it)
+        ours = [tb for tb in proc.log_text().split("Traceback")[1:] if "/dashboard/" in tb]
+        assert not ours, proc.log_tail(60)
+
+
+class Subscriber:
+    """A plain streaming GET /sse in a thread, counting `message` events."""
+
+    def __init__(self, url: str, channel: str) -> None:
+        self.messages = 0
+        self._ready = threading.Event()
+        self._response = requests.get(f"{url}/sse?channel={channel}&mode=event", stream=True, timeout=10)
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self._ready.wait(5)
+
+    def _read(self) -> None:
+        try:
+            for line in self._response.iter_lines():
+                if line == b"event: ready":
+                    self._ready.set()
+                elif line == b"event: message":
+                    self.messages += 1
+        except (requests.RequestException, AttributeError):
+            pass
+
+    def close(self) -> None:
+        self._response.close()
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def sums(page: Any, name: str, *columns: str) -> dict[str, float] | None:
+    return page.evaluate(SOURCE_SUMS, [name, list(columns)])
+
+
+def test_the_dashboard_plots_the_traffic_filters_by_channel_and_changes_the_throttle(
+    redis_server, sidecar_process, dashboard_process, browser, artifacts
+):
+    sidecar = sidecar_process(redis_server.url, SIDECAR_ADMIN_KEY=ADMIN_KEY, SIDECAR_KEEPALIVE="1")
+    dash = dashboard_process(redis_server.url, SIDECAR_URL=sidecar.url, SIDECAR_ADMIN_KEY=ADMIN_KEY)
+    subscriber = Subscriber(sidecar.url, ALPHA)
+    page = browser.new_page(viewport={"width": 1400, "height": 1900})
+    try:
+        page.goto(dash.url)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length && Bokeh.documents[0]"
+                               ".get_model_by_name('rates')", timeout=20_000)  # fmt: skip
+        page.get_by_text("1 sidecar replica reporting").wait_for(timeout=10_000)
+
+        # Traffic while the page is open: 40 messages on ALPHA (one subscriber) and 20 on NOISE (none), over 2 s.
+        pub = Publisher.from_url(redis_server.url)
+        first = sums(page, "rates", "published")
+        assert first is not None
+        for i in range(40):
+            pub.event(ALPHA, "tick", {"i": i})
+            if i % 2:
+                pub.event(NOISE, "tick")
+            time.sleep(0.05)
+        wait_for(lambda: subscriber.messages == 40, 5, "the deliveries")
+
+        # The plotted seconds add up to what was published and delivered, once they have settled.
+        def settled() -> dict[str, float] | None:
+            got = sums(page, "rates", "published", "delivered")
+            return got if got and abs(got["published"] - 60) < 1e-3 and abs(got["delivered"] - 40) < 1e-3 else None
+
+        last = wait_for(settled, 10, "the plotted rates to add up to 60 published, 40 delivered")
+        assert last["n"] > first["n"]  # the series grew while the page was open (stream(), one point a second)
+        latency = sums(page, "latency", "p50", "p99")
+        assert latency is not None and latency["p99"] >= latency["p50"] > 0
+        assert sums(page, "connections", "sse")["sse"] >= 1
+        page.get_by_text(ALPHA, exact=True).first.wait_for(timeout=5_000)  # the top channels table
+        page.get_by_text("noise:*", exact=True).first.wait_for(timeout=5_000)
+
+        # A click on a channel filters the plots to it.
+        page.get_by_text(ALPHA, exact=True).first.click()
+        filtered = wait_for(lambda: (s := sums(page, "rates", "published")) and abs(s["published"] - 40) < 1e-3 and s,
+                            5, "the filtered plot")  # fmt: skip
+        assert filtered["published"] == pytest.approx(40)
+
+        # The throttle: the admin key enables the controls; Apply goes through PUT /admin/throttle.
+        page.get_by_placeholder("sprint:*").fill("dash:*")
+        page.get_by_placeholder("sprint:*").press("Tab")
+        body = page.get_by_placeholder("poke_floor")
+        body.fill('{"window": 0.25}')
+        body.press("Tab")
+        time.sleep(0.3)  # let the widgets' values reach the server before the click
+        page.get_by_role("button", name="Apply").click()
+        page.get_by_text("Policy changed").wait_for(timeout=5_000)
+        page.get_by_text("dash:*", exact=True).first.wait_for(timeout=5_000)  # the policy table shows it
+        doc = orjson.loads(redis.Redis.from_url(redis_server.url).hget("rt:throttle", "doc"))
+        assert doc["channels"]["dash:*"]["window"] == 0.25
+        page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
+    finally:
+        page.close()
+        subscriber.close()
+
+
+def test_the_notebook_runs_top_to_bottom_against_redis_with_stats(redis_server, sidecar_process, monkeypatch):
+    import nbclient
+    import nbformat
+
+    # A short keepalive: the sidecar sees the subscriber leave (and lets go of it) at once.
+    sidecar = sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.2", SIDECAR_KEEPALIVE="0.5")
+    subscriber = Subscriber(sidecar.url, ALPHA)
+    pub = Publisher.from_url(redis_server.url)
+    for i in range(10):
+        pub.event(ALPHA, "tick", {"i": i})
+    wait_for(lambda: subscriber.messages == 10, 5, "the deliveries")
+    time.sleep(0.5)  # a couple of records after the traffic
+    subscriber.close()
+
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    notebook = nbformat.read(REPO_ROOT / "dashboard" / "notebook.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT / "dashboard")}}
+    )
+    client.execute()  # raises CellExecutionError on any failing cell
+
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    dashboard_html = [o for o in outputs if "application/vnd.holoviews_exec.v0+json" in o.get("data", {})]
+    assert dashboard_html, "the dashboard cell displayed nothing"
+    frame = notebook.cells[-1].outputs[-1]["data"]["text/plain"]
+    assert "published" in frame and "replica" in frame

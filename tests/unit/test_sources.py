@@ -1,0 +1,287 @@
+"""The dashboard's aggregation: stats records -> what the plots and tables show. Pure: records made by hand."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+
+from dashboard.policy import view_of, with_rule
+from dashboard.sources import (
+    N_BUCKETS,
+    Record,
+    Window,
+    bucket_labels,
+    parse_record,
+    percentile,
+    records_frame,
+)
+from sidecar.stats import LATENCY_BOUNDS_MS
+
+T0 = 1_800_000_000
+
+
+def lat(**buckets: int) -> tuple[int, ...]:
+    """A histogram with counts in the buckets named by their bound, e.g. lat(b2=10, b5=3)."""
+    counts = [0] * N_BUCKETS
+    for name, n in buckets.items():
+        bound = float(name[1:].replace("_", "."))
+        counts[LATENCY_BOUNDS_MS.index(bound)] = n
+    return tuple(counts)
+
+
+_seq = iter(range(1, 1_000_000))
+
+
+def rec(replica: str, ts: float, dt: float = 1.0, started: float = T0 - 100, **kw: object) -> Record:
+    return Record(id=f"{int(ts * 1000)}-{next(_seq)}", replica=replica, ts=ts, dt=dt, started=started, **kw)
+
+
+def ch(**patterns: dict[str, int]) -> dict[str, dict[str, int]]:
+    return {p.replace("_", ":"): entry for p, entry in patterns.items()}
+
+
+# -- percentiles --------------------------------------------------------------------------------------------
+def test_percentile_of_an_empty_histogram_is_none():
+    assert percentile([0] * N_BUCKETS, 50) is None
+
+
+def test_percentile_interpolates_inside_its_bucket():
+    counts = lat(b1=50, b2=50)  # 50 in (0.5, 1], 50 in (1, 2]
+    assert percentile(counts, 50) == pytest.approx(1.0)
+    assert percentile(counts, 75) == pytest.approx(1.5)
+    assert percentile(counts, 100) == pytest.approx(2.0)
+    assert percentile(lat(b0_5=10), 50) == pytest.approx(0.25)  # the first bucket starts at 0
+
+
+def test_percentiles_order_and_tail():
+    counts = lat(b2=90, b50=9, b1000=1)
+    p50, p95, p99 = (percentile(counts, q) for q in (50, 95, 99))
+    assert p50 is not None and p95 is not None and p99 is not None
+    assert 1 < p50 <= 2 < p95 < 50
+    assert p99 == pytest.approx(50)  # the 99th of 100 is the last one in (20, 50]
+    assert percentile(counts, 99.5) == pytest.approx(750.0)  # halfway into (500, 1000]
+
+
+def test_percentile_in_the_open_last_bucket_is_its_lower_bound():
+    counts = [0] * N_BUCKETS
+    counts[-1] = 5
+    assert percentile(counts, 99) == 5000
+    assert bucket_labels()[-1] == ">5000" and len(bucket_labels()) == N_BUCKETS
+
+
+# -- parsing ------------------------------------------------------------------------------------------------
+def test_parse_record_reads_the_schema_and_tolerates_missing_fields():
+    doc = {
+        "v": 1, "replica": "web-1:42", "host": "web-1", "pid": 42, "port": 8000, "ts": T0 + 0.5, "dt": 1.0,
+        "started": T0 - 10, "reader": 1, "conn": {"sse": 2, "ws": 1}, "slow": 3, "lat": [0, 4, 1],
+        "herd": {"pending": 7, "spread": 2.5}, "ch": {"task:*": {"pub": 5, "dlv": 10, "subs": 2}},
+    }  # fmt: skip
+    r = parse_record(b"1-0", {b"r": orjson.dumps(doc)})
+    assert r is not None
+    assert (r.id, r.replica, r.conn, r.slow, r.pending, r.spread) == ("1-0", "web-1:42", {"sse": 2, "ws": 1}, 3, 7, 2.5)
+    assert r.lat[:3] == (0, 4, 1) and len(r.lat) == N_BUCKETS
+    assert r.counts("task:*")["dlv"] == 10 and r.counts()["subs"] == 2
+    assert parse_record("2-0", {"r": orjson.dumps({"v": 1, "replica": "x", "ts": T0, "dt": 1})}) is not None
+
+
+@pytest.mark.parametrize(
+    "raw", [b"not json", orjson.dumps({"v": 2, "replica": "x", "ts": 1, "dt": 1}), orjson.dumps({"v": 1}),
+            orjson.dumps({"v": 1, "replica": "x", "ts": 1, "dt": 0}), orjson.dumps([1, 2])],
+)  # fmt: skip
+def test_parse_record_skips_what_it_cannot_read(raw):
+    assert parse_record("1-0", {b"r": raw}) is None
+
+
+# -- aggregation across replicas ----------------------------------------------------------------------------
+def two_replicas() -> Window:
+    w = Window(span=600, stale_after=5)
+    for i in range(1, 6):
+        t = T0 + i
+        w.add([
+            rec("a", t, conn={"sse": 2}, lat=lat(b1=4), channels=ch(orders_x={"pub": 10, "dlv": 20, "subs": 2})),
+            rec("b", t, conn={"ws": 3}, lat=lat(b10=1), channels=ch(orders_x={"pub": 10, "dlv": 30, "subs": 3},
+                                                                    task_x={"dlv": 1, "coal": 4, "subs": 1})),
+        ])  # fmt: skip
+    return w
+
+
+def test_published_is_one_replicas_count_and_delivered_the_sum():
+    # Every replica reads every message, so two replicas reading 10/s means 10 published/s, not 20.
+    points = two_replicas().series(T0 + 1, T0 + 5)
+    assert [p.published for p in points] == pytest.approx([10] * 4)
+    assert [p.delivered for p in points] == pytest.approx([51] * 4)
+    assert [p.coalesced for p in points] == pytest.approx([4] * 4)
+    assert [(p.sse, p.ws, p.subscribers, p.replicas) for p in points] == [(2, 3, 6, 2)] * 4
+    assert points[0].latency[LATENCY_BOUNDS_MS.index(1)] == pytest.approx(4)
+    assert points[0].p50 is not None and 0.5 < points[0].p50 <= 1 and points[0].p99 > 5
+
+
+def test_published_adds_up_when_replicas_sample_out_of_phase():
+    # A burst of 60 messages at T0+2.2 (read by both), seen through records that tick at .5 and at .9.
+    w = Window(stale_after=5)
+    w.add([rec("a", T0 + i + 0.5, channels=ch(c_x={"pub": 60 if i == 2 else 0})) for i in range(6)])
+    w.add([rec("b", T0 + i + 0.9, channels=ch(c_x={"pub": 60 if i == 2 else 0})) for i in range(6)])
+    points = w.series(T0, T0 + 6)
+    assert sum(p.published for p in points) == pytest.approx(60)  # a per-second max would say 84
+    assert max(p.published for p in points) <= 60
+
+
+def test_published_adds_up_when_a_replica_starts_during_a_burst():
+    w = Window(stale_after=5)
+    w.add([rec("a", T0 + 0.5, dt=0.4, started=T0 + 0.1, channels=ch(c_x={"pub": 50})),
+           rec("a", T0 + 1.1, dt=0.6, started=T0 + 0.1, channels=ch(c_x={"pub": 10}))])  # fmt: skip
+    w.add([rec("b", T0 + 1.2, dt=0.9, started=T0 + 0.3, channels=ch(c_x={"pub": 60}))])
+    assert sum(p.published for p in w.series(T0, T0 + 2)) == pytest.approx(60)
+
+
+def test_when_the_oldest_replica_stops_another_one_counts_published():
+    w = Window(stale_after=5)
+    w.add([rec("old", T0 + 0.5 + i, started=T0 - 50, channels=ch(c_x={"pub": 10})) for i in range(3)])  # to 2.5
+    w.add([rec("new", T0 + 0.8 + i, started=T0 - 10, channels=ch(c_x={"pub": 10})) for i in range(6)])
+    assert [p.published for p in w.series(T0, T0 + 5)] == pytest.approx([10] * 5)
+
+
+def test_a_replica_whose_reader_is_down_does_not_drag_published_down():
+    w = Window(stale_after=5)
+    w.add([rec("a", T0 + i, channels=ch(c_x={"pub": 10})) for i in range(1, 4)])
+    w.add([rec("b", T0 + i, reader_ok=False, channels=ch(c_x={"subs": 1})) for i in range(1, 4)])
+    assert [p.published for p in w.series(T0 + 1, T0 + 3)] == pytest.approx([10, 10])
+    assert w.top_channels(T0 + 3, 2, T0 + 3)[0].published == pytest.approx(10)
+
+
+def test_a_pattern_filter_shows_only_that_pattern():
+    points = two_replicas().series(T0 + 1, T0 + 5, "task:x")
+    assert [(p.published, p.delivered, p.subscribers) for p in points] == [(0, 1, 1)] * 4
+
+
+def test_counts_are_spread_over_the_seconds_their_record_covers():
+    w = Window(stale_after=5)
+    # Ticks half a second off the bin edges, and one record covering 3 s (two writes failed meanwhile).
+    w.add([rec("a", T0 + 1.5, channels=ch(c_x={"pub": 10, "dlv": 20}))])
+    w.add([rec("a", T0 + 4.5, dt=3.0, channels=ch(c_x={"pub": 30, "dlv": 60}))])
+    w.add([rec("a", T0 + 5.5, channels=ch(c_x={"pub": 10, "dlv": 20}))])
+    points = w.series(T0 + 1, T0 + 5)
+    assert [p.published for p in points] == pytest.approx([10, 10, 10, 10])
+    assert [p.delivered for p in points] == pytest.approx([20, 20, 20, 20])
+    everything = w.series(T0, T0 + 6)
+    assert sum(p.published for p in everything) == pytest.approx(50)  # nothing lost, nothing doubled
+    assert sum(p.delivered for p in everything) == pytest.approx(100)
+
+
+def test_top_channels_are_rates_over_the_window_busiest_first():
+    rows = two_replicas().top_channels(T0 + 5, seconds=4, now=T0 + 5)
+    assert [r.pattern for r in rows] == ["orders:x", "task:x"]
+    orders, task = rows
+    assert (orders.published, orders.delivered, orders.subscribers) == pytest.approx((10, 50, 5))
+    assert (task.published, task.delivered, task.coalesced, task.subscribers) == pytest.approx((0, 1, 4, 1))
+
+
+# -- stale replicas -----------------------------------------------------------------------------------------
+def test_a_replica_that_stops_reporting_is_marked_stale_and_not_waited_for():
+    w = two_replicas()
+    w.add([rec("a", T0 + 6 + i, conn={"sse": 2}, channels=ch(orders_x={"pub": 10})) for i in range(6)])  # b died
+    now = T0 + 11.2
+    rows = {r.replica: r for r in w.replicas(now)}
+    assert rows["b"].stale and not rows["a"].stale
+    assert rows["b"].age == pytest.approx(6.2)
+    assert w.live(now) == ["a"]
+    assert w.settled(now) == T0 + 11  # a's last record, not b's
+    last = w.series(T0 + 10, T0 + 11)[0]
+    assert (last.sse, last.ws, last.replicas) == (2, 0, 1)  # b's connections are gone from the totals
+    assert w.top_channels(T0 + 11, 4, now)[0].subscribers == 0  # subscribers only from live replicas
+
+
+def test_settled_waits_for_the_slowest_live_replica():
+    w = Window(stale_after=5)
+    w.add([rec("a", T0 + 10.2), rec("b", T0 + 8.7)])
+    assert w.settled(T0 + 10.5) == T0 + 8
+
+
+def test_with_no_replica_reporting_the_bins_still_advance():
+    w = Window(stale_after=5)
+    assert w.live(T0) == [] and w.settled(T0 + 0.5) == T0 - 5
+    assert w.replicas(T0) == [] and w.top_channels(T0, 10, T0) == []
+    assert [p.published for p in w.series(T0 - 3, T0)] == [0, 0, 0]
+
+
+# -- restarts -----------------------------------------------------------------------------------------------
+def test_a_replica_restart_never_shows_a_negative_rate():
+    w = Window(stale_after=5)
+    # The process ran for a while, died at T0+3, and came back (same replica id) at T0+5 with fresh counters.
+    before = ch(c_x={"pub": 100, "dlv": 400, "subs": 40})
+    w.add([rec("a", T0 + i, started=T0 - 100, conn={"sse": 40}, channels=before) for i in (1, 2, 3)])
+    after = [ch(c_x={"pub": 3, "dlv": 3, "subs": 1}), ch(c_x={"pub": 5, "dlv": 10, "subs": 2})]
+    w.add([
+        rec("a", T0 + 6, started=T0 + 5, conn={"sse": 1}, channels=after[0]),
+        rec("a", T0 + 7, started=T0 + 5, conn={"sse": 2}, channels=after[1]),
+    ])  # fmt: skip
+    points = w.series(T0 + 1, T0 + 7)
+    assert all(p.published >= 0 and p.delivered >= 0 for p in points)
+    assert [p.published for p in points] == pytest.approx([100, 100, 0, 0, 3, 5])
+    assert [p.delivered for p in points] == pytest.approx([400, 400, 0, 0, 3, 10])
+    (row,) = w.replicas(T0 + 7)
+    assert (row.restarts, row.sse, row.uptime, row.stale) == (1, 2, 2.0, False)
+
+
+def test_negative_counts_in_a_record_read_as_zero():
+    # Whatever a broken or old writer sends, counts below zero are read as zero.
+    doc = {"v": 1, "replica": "a", "ts": T0, "dt": 1, "slow": -5, "lat": [-1], "ch": {"c": {"pub": -7}}}
+    r = parse_record("1-0", {b"r": orjson.dumps(doc)})
+    assert r is not None and r.slow == 0 and r.lat[0] == 0 and r.counts("c")["pub"] == 0
+
+
+# -- the window ---------------------------------------------------------------------------------------------
+def test_window_ignores_duplicates_and_forgets_old_records():
+    w = Window(span=60, stale_after=5)
+    first = rec("a", T0)
+    assert w.add([first, first]) == 1
+    w.add([rec("a", T0 + 200)])
+    assert [r.ts for r in w.records["a"]] == [T0 + 200]
+    assert w.add([first]) == 1  # forgotten, so it counts as new (a reader never re-reads it anyway)
+
+
+def test_histogram_sums_replicas_over_the_last_seconds():
+    counts = two_replicas().histogram(T0 + 5, seconds=2)
+    assert counts[LATENCY_BOUNDS_MS.index(1)] == pytest.approx(8)
+    assert counts[LATENCY_BOUNDS_MS.index(10)] == pytest.approx(2)
+
+
+def test_records_frame_has_one_row_per_record_with_rates_and_percentiles():
+    w = two_replicas()
+    df = records_frame([r for rows in w.records.values() for r in rows])
+    assert len(df) == 10 and set(df.replica) == {"a", "b"}
+    assert df.loc[df.replica == "b", "delivered_per_s"].tolist() == [31.0] * 5
+    assert not math.isnan(df.loc[df.replica == "a", "p50_ms"].iloc[0])
+
+
+# -- the throttle policy as shown ---------------------------------------------------------------------------
+def test_the_policy_document_reads_as_rules_per_pattern_and_limits():
+    doc = {"channels": {"*": {"window": 0.0}, "sprint:*": {"poke_rate": 200, "poke_floor": 1}}, "admit_rate": 50}
+    view = view_of(doc, version=3)
+    assert [r.pattern for r in view.rules] == ["*", "sprint:*"]
+    assert view.rules[1].fields() == {"poke_rate": "200", "poke_floor": "1"}
+    assert view.limits == {"admit_rate": 50} and "version 3" in view.summary
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [{"task:*": {"window": 0.25}}, {"patterns": {"task:*": {"window": 0.25}}}, [{"pattern": "task:*", "window": 0.25}]],
+)
+def test_other_policy_shapes_read_the_same(doc):
+    (rule,) = view_of(doc).rules
+    assert rule.pattern == "task:*" and rule.fields() == {"window": "0.25"}
+
+
+def test_no_policy_document_means_the_settings_policy():
+    view = view_of(None)
+    assert view.rules == [] and "settings" in view.summary
+
+
+def test_changing_one_pattern_keeps_the_rest_of_the_document():
+    doc = {"channels": {"*": {"window": 0.0}, "a:*": {"window": 1}}, "admit_rate": 5}
+    new = with_rule(doc, "b:*", {"poke_rate": 10})
+    assert new == {"channels": {"*": {"window": 0.0}, "a:*": {"window": 1}, "b:*": {"poke_rate": 10}}, "admit_rate": 5}
+    assert doc["channels"].keys() == {"*", "a:*"}  # not modified in place
+    assert with_rule(None, "b:*", {"window": 1}) == {"channels": {"b:*": {"window": 1}}}
