@@ -131,3 +131,4 @@ class WSClient(Recorder):
         with contextlib.suppress(websocket.WebSocketException, OSError):
             self.ws.close()
         self.closed.wait(5)
+        self.ws.shutdown()  # the socket too, also when the server closed first

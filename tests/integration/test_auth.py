@@ -3,14 +3,11 @@ the state endpoint and POST /publish."""
 
 from __future__ import annotations
 
-import gc
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import jwt
 import pytest
 import requests
 import websocket
@@ -18,6 +15,8 @@ import websocket
 from sidecar.publish import Publisher
 from tests.clients import Recorder, SSEClient, WSClient
 from tests.processes import REPO_ROOT, EmbeddedRedis, ManagedProcess, SidecarProcess, child_env, free_port
+from tests.tokens import forget_earlier_garbage
+from tests.tokens import mint as mint_with
 
 SECRET = "test-secret-" + "x" * 40
 PUBLISHER_KEY = "publisher-key-0123456789"
@@ -26,17 +25,8 @@ APP_ORIGIN = "https://app.example"
 
 
 def mint(channels: list[str] | str, ttl: float = 3600, key: str = SECRET, **claims: object) -> str:
-    return jwt.encode({"exp": int(time.time() + ttl), "channels": channels, **claims}, key, algorithm="HS256")
+    return mint_with(key, channels, ttl, **claims)
 
-
-def forget_earlier_garbage() -> None:
-    """Collect what earlier test modules left unclosed now, so that its ResourceWarnings are not reported in the
-    middle of this module's tests (Hypothesis and long runs make the collector run at any moment)."""
-    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
 
 
 @pytest.fixture(scope="module")

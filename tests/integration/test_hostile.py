@@ -9,17 +9,14 @@ The module's teardown fails the run if the sidecar logged a traceback or died.
 from __future__ import annotations
 
 import contextlib
-import gc
 import http.client
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import jwt
 import pytest
 import requests
 import websocket
@@ -30,6 +27,8 @@ from sidecar.core.protocol import MODES
 from sidecar.publish import Publisher
 from tests.clients import Recorder, SSEClient, WSClient
 from tests.processes import EmbeddedRedis, SidecarProcess
+from tests.tokens import forget_earlier_garbage
+from tests.tokens import mint as mint_with
 
 SECRET = "hostile-secret-" + "h" * 40
 KEY = "publisher-key-hostile-000"
@@ -47,17 +46,8 @@ REPLY_TYPES = {"error", "pong", "subscribed", "unsubscribed", "authorized", "mes
 
 
 def mint(channels: list[str], ttl: float = 3600) -> str:
-    return jwt.encode({"exp": int(time.time() + ttl), "channels": channels}, SECRET, algorithm="HS256")
+    return mint_with(SECRET, channels, ttl)
 
-
-def forget_earlier_garbage() -> None:
-    """Collect what earlier test modules left unclosed now, so that its ResourceWarnings are not reported in the
-    middle of this module's tests (Hypothesis and long runs make the collector run at any moment)."""
-    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
 
 
 @pytest.fixture(scope="module")
