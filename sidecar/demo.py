@@ -35,6 +35,7 @@ from sidecar.auth import InsecureConfig, check_startup
 from sidecar.config import Settings
 from sidecar.embedded import EmbeddedRedis
 from sidecar.publish import Publisher
+from sidecar.serve import listen
 
 log = logging.getLogger("sidecar.demo")
 
@@ -193,9 +194,8 @@ def run_demo(settings: Settings, dashboard_port: int, with_dashboard: bool, *, w
         app.register_blueprint(demo)
         relay = app.extensions["relay"]
         jobs = app.extensions["demo"] = Jobs(app.extensions["publisher"])
-        server = WSGIServer((settings.host, settings.port), app, log=None, error_log=log)
         try:
-            server.init_socket()  # bind now: a busy port fails here, before any child starts
+            server = listen(app, settings)  # bound now: a busy port fails here, before any child starts
         except OSError as exc:
             print(f"sidecar demo: cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
             return 1

@@ -9,6 +9,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 
+from flask import Flask  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 from sidecar.app import create_app  # noqa: E402
@@ -17,6 +18,17 @@ from sidecar.config import Settings  # noqa: E402
 from sidecar.embedded import EmbeddedRedis  # noqa: E402
 
 log = logging.getLogger("sidecar")
+
+
+def listen(app: Flask, settings: Settings) -> WSGIServer:
+    """The relay's gevent.pywsgi server, bound (a busy port fails here) but not yet serving."""
+    # A deep accept queue: a reconnect storm is admitted at a controlled rate, not refused by the kernel.
+    server = WSGIServer((settings.host, settings.port), app, log=None, error_log=log, backlog=2048)
+    server.init_socket()
+    # Frames are small and already batched per wakeup: Nagle would hold one behind the client's delayed ACK
+    # (~40 ms). Accepted sockets inherit TCP_NODELAY from the listener (gunicorn sets it on its own).
+    server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return server
 
 
 def serve(settings: Settings) -> None:
@@ -38,12 +50,7 @@ def serve(settings: Settings) -> None:
     app = create_app(settings)
     relay = app.extensions["relay"]
     relay.start()
-    # A deep accept queue: a reconnect storm is admitted at a controlled rate, not refused by the kernel.
-    server = WSGIServer((settings.host, settings.port), app, log=None, error_log=log, backlog=2048)
-    server.init_socket()
-    # Frames are small and already batched per wakeup: Nagle would hold one behind the client's delayed ACK
-    # (~40 ms). Accepted sockets inherit TCP_NODELAY from the listener (gunicorn sets it on its own).
-    server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    server = listen(app, settings)
 
     def shutdown(*_: object) -> None:
         server.stop(timeout=1)
