@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ TOP_SECONDS = 10
 WINDOWS = {"5 min": 300, "10 min": 600, "15 min": 900}
 MAX_BINS = 3600  # points kept per series (rollover)
 POLICY_EVERY = 2.0  # seconds between reads of the throttle policy
+REPLICA_COLUMNS = ["replica", "status", "SSE", "WS", "connections", "subscribers", "delivered/s", "reader",
+                   "restarts", "uptime (s)"]  # fmt: skip
+CHANNEL_COLUMNS = ["pattern", "published/s", "delivered/s", "subscribers", "coalesced/s", "dropped/s",
+                   "pokes delayed/s", "pulls/s"]  # fmt: skip
 
 
 def shared_feed(config: DashboardConfig) -> StatsFeed:
@@ -102,6 +107,18 @@ def _mark_stale(row: pd.Series) -> list[str]:
     return ["background-color: #fde2e1; color: #8a1c13" if stale else "" for _ in row]
 
 
+def _table(columns: list[str], max_height: int, **options: Any) -> pn.widgets.Tabulator:
+    return pn.widgets.Tabulator(
+        pd.DataFrame(columns=columns),
+        show_index=False,
+        disabled=True,
+        max_height=max_height,
+        layout="fit_data_stretch",
+        sizing_mode="stretch_width",
+        **options,
+    )
+
+
 def _legend(fig: Any) -> None:
     fig.legend.location = "top_left"
     fig.legend.background_fill_alpha = 0.6
@@ -111,7 +128,7 @@ def _legend(fig: Any) -> None:
 class Dashboard:
     """One session's view. ``refresh()`` brings it up to date; ``panel()`` lays it out."""
 
-    def __init__(self, config: DashboardConfig, feed: StatsFeed, clock: Any = time.time) -> None:
+    def __init__(self, config: DashboardConfig, feed: StatsFeed, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.feed = feed
         self.clock = clock
@@ -119,7 +136,6 @@ class Dashboard:
         self.admin = AdminAPI(config.sidecar_url, config.admin_key)
         self._policy_at = 0.0
         self.policy = PolicyView()
-        self._channels = pd.DataFrame()
         self._build()
         now = clock()
         self._poll(now, force=True)
@@ -184,27 +200,10 @@ class Dashboard:
         self.window_choice = pn.widgets.RadioButtonGroup(name="window", options=list(WINDOWS), value=default)
         self.window_choice.param.watch(self._on_window, "value")
 
-        self.channels_table = pn.widgets.Tabulator(
-            pd.DataFrame(columns=["pattern"]),
-            show_index=False,
-            disabled=True,
-            sortable=True,
-            max_height=320,
-            layout="fit_data_stretch",
-            sizing_mode="stretch_width",
-            sorters=[{"field": "published/s", "dir": "desc"}],
-            name="channels",
-        )
+        sorters = [{"field": "published/s", "dir": "desc"}]
+        self.channels_table = _table(CHANNEL_COLUMNS, 320, sortable=True, sorters=sorters, name="channels")
         self.channels_table.on_click(self._on_channel_click)
-        self.replicas_table = pn.widgets.Tabulator(
-            pd.DataFrame(columns=["replica"]),
-            show_index=False,
-            disabled=True,
-            max_height=240,
-            layout="fit_data_stretch",
-            sizing_mode="stretch_width",
-            name="replicas",
-        )
+        self.replicas_table = _table(REPLICA_COLUMNS, 240, name="replicas")
         self.replicas_table.style.apply(_mark_stale, axis=1)
         self.transport_numbers = pn.pane.Markdown("", margin=(5, 10))
 
@@ -215,14 +214,7 @@ class Dashboard:
             pn.indicators.Number(name="coalesced/s", value=0.0, format="{value:.1f}", font_size="24pt"),
         )
 
-        self.policy_table = pn.widgets.Tabulator(
-            pd.DataFrame(columns=["pattern"]),
-            show_index=False,
-            disabled=True,
-            max_height=200,
-            layout="fit_data_stretch",
-            sizing_mode="stretch_width",
-        )
+        self.policy_table = _table(["pattern"], 200)
         self.policy_table.on_click(self._on_rule_click)
         self.policy_state = pn.pane.Markdown("", margin=(0, 10))
         self.policy_note = pn.pane.Alert("", alert_type="light", sizing_mode="stretch_width")
@@ -329,61 +321,21 @@ class Dashboard:
         self.transport_numbers.object = f"**SSE** {sse} &nbsp; **WebSocket** {ws} &nbsp; **total** {sse + ws}"
         self.replicas_table.value = pd.DataFrame(
             [
-                {
-                    "replica": r.replica,
-                    "status": f"STALE ({r.age:.0f} s)" if r.stale else "live",
-                    "SSE": r.sse,
-                    "WS": r.ws,
-                    "connections": r.connections,
-                    "subscribers": r.subscribers,
-                    "delivered/s": round(r.delivered, 1),
-                    "reader": "ok" if r.reader_ok else "DOWN",
-                    "restarts": r.restarts,
-                    "uptime (s)": round(r.uptime),
-                }
+                (r.replica, f"STALE ({r.age:.0f} s)" if r.stale else "live", r.sse, r.ws, r.connections,
+                 r.subscribers, round(r.delivered, 1), "ok" if r.reader_ok else "DOWN", r.restarts, round(r.uptime))
                 for r in replicas
             ],
-            columns=[
-                "replica",
-                "status",
-                "SSE",
-                "WS",
-                "connections",
-                "subscribers",
-                "delivered/s",
-                "reader",
-                "restarts",
-                "uptime (s)",
-            ],
-        )
+            columns=REPLICA_COLUMNS,
+        )  # fmt: skip
         rows = window.top_channels(self.end, TOP_SECONDS, now)[:100]
-        df = pd.DataFrame(
+        self.channels_table.value = pd.DataFrame(
             [
-                {
-                    "pattern": c.pattern,
-                    "published/s": round(c.published, 2),
-                    "delivered/s": round(c.delivered, 2),
-                    "subscribers": c.subscribers,
-                    "coalesced/s": round(c.coalesced, 2),
-                    "dropped/s": round(c.dropped, 2),
-                    "pokes delayed/s": round(c.poke_delayed, 2),
-                    "pulls/s": round(c.pulled, 2),
-                }
+                (c.pattern, round(c.published, 2), round(c.delivered, 2), c.subscribers, round(c.coalesced, 2),
+                 round(c.dropped, 2), round(c.poke_delayed, 2), round(c.pulled, 2))
                 for c in sorted(rows, key=lambda c: c.pattern)  # stable rows; the table sorts on screen
             ],
-            columns=[
-                "pattern",
-                "published/s",
-                "delivered/s",
-                "subscribers",
-                "coalesced/s",
-                "dropped/s",
-                "pokes delayed/s",
-                "pulls/s",
-            ],
-        )
-        self._channels = df
-        self.channels_table.value = df
+            columns=CHANNEL_COLUMNS,
+        )  # fmt: skip
 
     def _update_policy(self, now: float, force: bool = False) -> None:
         if not force and now - self._policy_at < POLICY_EVERY:

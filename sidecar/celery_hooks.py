@@ -238,19 +238,7 @@ def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     task_id = getattr(sender.request, "id", None) if binding is not None else None
     if binding is None or not task_id:
         return
-    run = _runs.get(task_id)
-    call = (run.args, run.kwargs) if run is not None else _request_args(sender)
-    encoded = _encode_result(result)
-    changes = {
-        "task_id": task_id,
-        "name": sender.name,
-        "status": "SUCCESS",
-        "result": encoded,
-        "runtime": _runtime(run),
-    }
-    job = {"task_id": task_id, "task": sender.name, "status": "SUCCESS", "result": encoded}
-    events = [(channel, "job-finished", job) for channel in _business_channels(sender, task_id, *call)]
-    _publish(binding, task_channel(task_id), "task-succeeded", changes, changes, events, _lifecycle(sender))
+    _finished(binding, sender, task_id, _request_args(sender), "SUCCESS", "result", _encode_result(result))
 
 
 def _on_failure(
@@ -260,20 +248,25 @@ def _on_failure(
     binding = _binding_of_task(sender)
     if binding is None or not task_id:
         return
-    run = _runs.get(task_id)
-    call = (run.args, run.kwargs) if run is not None else (tuple(args or ()), dict(kwargs or {}))
     # Type and message only: a traceback names files and locals, which browsers must never see.
     error = _describe_error(exception)
-    changes = {
-        "task_id": task_id,
-        "name": sender.name,
-        "status": "FAILURE",
-        "error": error,
-        "runtime": _runtime(run),
-    }
-    job = {"task_id": task_id, "task": sender.name, "status": "FAILURE", "error": error}
-    events = [(channel, "job-failed", job) for channel in _business_channels(sender, task_id, *call)]
-    _publish(binding, task_channel(task_id), "task-failed", changes, changes, events, _lifecycle(sender))
+    _finished(binding, sender, task_id, (tuple(args or ()), dict(kwargs or {})), "FAILURE", "error", error)
+
+
+def _finished(
+    binding: _Binding, task: Any, task_id: str, call: tuple[tuple[Any, ...], dict[str, Any]],
+    status: str, field: str, value: Any,
+) -> None:  # fmt: skip
+    """A run's end: the lifecycle diff, and the job event on the task's business channels. `call` is the
+    arguments to format those channels with when prerun did not record them."""
+    run = _runs.get(task_id)
+    if run is not None:
+        call = (run.args, run.kwargs)
+    changes = {"task_id": task_id, "name": task.name, "status": status, field: value, "runtime": _runtime(run)}
+    job = {"task_id": task_id, "task": task.name, "status": status, field: value}
+    name, job_event = ("task-succeeded", "job-finished") if status == "SUCCESS" else ("task-failed", "job-failed")
+    events = [(channel, job_event, job) for channel in _business_channels(task, task_id, *call)]
+    _publish(binding, task_channel(task_id), name, changes, changes, events, _lifecycle(task))
 
 
 def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:

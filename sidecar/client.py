@@ -34,18 +34,14 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult, quote, urlencode, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 import orjson
 
-from sidecar.core import merge
-from sidecar.core.protocol import Position, encode_cursor, stream_key, validate_channel, validate_mode
+from sidecar.core.stream import Events, Response, Tracker
 
 __all__ = ["AsyncClient", "Client", "ClientError"]
-
-MAX_HEAD = 65_536
 
 
 class ClientError(Exception):
@@ -71,196 +67,9 @@ class _Unavailable(OSError):
         self.retry_after = retry_after
 
 
-# -- sans-IO: HTTP/1.1 response, SSE events, channel tracking ---------------------------------------------
-class _Response:
-    """An HTTP/1.1 response fed in pieces: the head, then the body (chunked, Content-Length or until close)."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self.done = False
-        self._chunked = False
-        self._left: int | None = None  # body bytes still expected (Content-Length) or in the current chunk
-
-    def feed(self, data: bytes) -> bytes:
-        """Take bytes from the socket, return the body bytes they complete (OSError: not HTTP/1.1 as we know it)."""
-        try:
-            return self._feed(data)
-        except (ValueError, IndexError):
-            raise OSError("malformed HTTP response") from None
-
-    def _feed(self, data: bytes) -> bytes:
-        self.buf += data
-        if not self.status:
-            head, sep, self.buf = self.buf.partition(b"\r\n\r\n")
-            if not sep:
-                if len(head) > MAX_HEAD:
-                    raise OSError("HTTP response head too long")
-                self.buf = head
-                return b""
-            status_line, *lines = head.decode("latin-1").split("\r\n")
-            self.status = int(status_line.split()[1])
-            self.headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
-            self._chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
-            if not self._chunked and "content-length" in self.headers:
-                self._left = int(self.headers["content-length"])
-        if not self._chunked:
-            body, self.buf = self.buf, b""
-            if self._left is not None:
-                body = body[: self._left]
-                self._left -= len(body)
-                self.done = not self._left
-            return body
-        out = []
-        while not self.done:
-            if self._left is None:  # a chunk-size line (RFC 9112 section 7.1)
-                line, sep, rest = self.buf.partition(b"\r\n")
-                if not sep:
-                    break
-                self.buf, self._left = rest, int(line.split(b";")[0], 16)
-                self.done = not self._left
-            elif len(self.buf) >= self._left + 2:
-                out.append(self.buf[: self._left])
-                self.buf, self._left = self.buf[self._left + 2 :], None
-            else:
-                break
-        return b"".join(out)
-
-
-class _Events:
-    """Server-Sent Events parsing (the HTML spec's "event stream interpretation"): bytes in, (event, data) out.
-
-    `id:` lines are not needed: the client builds its cursor from its own positions (same format).
-    """
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.event = ""
-        self.data: list[str] = []
-        self.retry: int | None = None  # the last `retry:` (ms)
-
-    def feed(self, data: bytes) -> list[tuple[str, str]]:
-        *lines, self.buf = (self.buf + data).split(b"\n")
-        events = []
-        for raw in lines:
-            line = raw.rstrip(b"\r").decode(errors="replace")
-            if not line:
-                if self.data:
-                    events.append((self.event or "message", "\n".join(self.data)))
-                self.event, self.data = "", []
-            elif not line.startswith(":"):  # a comment is a keep-alive
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "event":
-                    self.event = value
-                elif name == "data":
-                    self.data.append(value)
-                elif name == "retry" and value.isdigit():
-                    self.retry = int(value)
-        return events
-
-
-@dataclass
-class _Channel:
-    id: str = "0-0"
-    epoch: str = ""
-    seq: int = 0
-    state: Any = None
-    stale: str = ""  # why the channel must be pulled again ("hole", "epoch"); "" when it is in sync
-
-    @property
-    def position(self) -> Position:
-        return Position(self.id, self.epoch)
-
-
-class _Tracker:
-    """Positions, dedupe and local state of a client's channels; frames in, frames for the user out."""
-
-    def __init__(self, channels: Iterable[str], mode: str) -> None:
-        self.mode = validate_mode(mode)
-        self.channels = {validate_channel(c): _Channel() for c in sorted(set(channels))}
-        if not self.channels:
-            raise ValueError("give at least one channel")
-        self.seeded = False
-        self.stateful = self.mode in ("diff", "state")
-
-    def cursor(self) -> str:
-        return encode_cursor([ch.position for ch in self.channels.values()])
-
-    def query(self) -> str:
-        return urlencode([("channel", c) for c in self.channels] + [("mode", self.mode)])
-
-    def stale(self) -> list[str]:
-        return [name for name, ch in self.channels.items() if ch.stale]
-
-    def reconnecting(self) -> None:
-        # The cursor holds each channel's last good position: the server's catch-up fills any hole.
-        for ch in self.channels.values():
-            ch.stale = ""
-
-    def feed(self, event: str, data: str) -> list[dict]:
-        """One SSE event; returns the frames to hand to the user."""
-        if event not in ("message", "snapshot", "reset"):
-            return []  # `ready`, and whatever a later server adds
-        body = orjson.loads(data)
-        ch = self.channels.get(body.get("channel"))
-        if ch is None:
-            return []
-        same_epoch = body["epoch"] == ch.epoch
-        if same_epoch and stream_key(body["id"]) < stream_key(ch.id):
-            return []  # older than what we hold
-        if event != "message":
-            self._place(ch, body)
-            return [body]
-        if ch.stale or (same_epoch and body["id"] == ch.id):
-            return []  # a duplicate, or covered by the pull that is due
-        if ch.epoch and not same_epoch:
-            ch.stale = "epoch"
-            return []
-        if body.get("seq_from", body["seq"]) != ch.seq + 1:
-            ch.stale = "hole"
-            return []
-        ch.id, ch.epoch, ch.seq = body["id"], body["epoch"], body["seq"]
-        return [body]
-
-    def apply(self, frame: dict) -> None:
-        """Bring the channel's local state up to `frame` as it is handed to the user (positions move on
-        reading, so that dedupe and the cursor cover frames still waiting to be handed over)."""
-        if not self.stateful:
-            return
-        ch = self.channels[frame["channel"]]
-        if frame["type"] != "message":
-            ch.state = frame.get("state")
-        elif "diff" in frame:
-            ch.state = merge.apply(ch.state, frame["diff"])
-        elif "state" in frame:
-            ch.state = frame["state"]
-
-    def pulled(self, channel: str, answer: dict | None, reason: str | None) -> dict | None:
-        """A `GET /channels/<c>/state` answer (None: 404): the channel restarts there.
-
-        Returns the `snapshot` or `reset` frame for the user (with `reason`), or None when `reason` is None
-        (the first pull of a channel) and there is nothing worth a frame.
-        """
-        ch = self.channels[channel]
-        answer = answer or {"id": "0-0", "seq": 0, "epoch": "", "state": None}
-        with_state = self.stateful and answer["state"] is not None
-        body = {"type": "snapshot" if with_state else "reset", "channel": channel}
-        body.update({k: answer[k] for k in ("id", "seq", "epoch")})
-        if with_state:
-            body["state"] = answer["state"]
-        if reason:
-            body["reason"] = reason
-        self._place(ch, body)
-        return body if reason or with_state else None
-
-    def _place(self, ch: _Channel, body: dict) -> None:
-        ch.id, ch.epoch, ch.seq, ch.stale = body["id"], body["epoch"], body["seq"], ""
-
-
-# -- the I/O shells ---------------------------------------------------------------------------------------
 class _Base:
+    """What the two clients share: positions (via the Tracker), requests, backoff and fail-over."""
+
     def __init__(
         self,
         url: str | Sequence[str],
@@ -279,14 +88,14 @@ class _Base:
         self.read_timeout = read_timeout  # longer than the server's keep-alive interval (15 s by default)
         self.max_delay = max_delay
         self.token = token  # a callable is asked again at every connect: a stream never outlives its token
-        self._tracker = _Tracker(channels, mode)
+        self._tracker = Tracker(channels, mode)
         self._pending: deque[dict] = deque()
         self._url = 0
         self._attempt = 0  # failures since the last `ready`
         self._retry_ms = 1000  # the server's last `retry:`
         self._retry_after = 0.0  # a 503's Retry-After, seconds
-        self._events = _Events()
-        self._response = _Response()
+        self._events = Events()
+        self._response = Response()
         self._backoff = False  # the next connect waits first
         self._closed = False
 
@@ -329,7 +138,7 @@ class _Base:
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
     def _sse_request(self, url: SplitResult) -> bytes:
-        self._events, self._response = _Events(), _Response()
+        self._events, self._response = Events(), Response()
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache", "Last-Event-ID": self.cursor}
         return self._request(url, f"/sse?{self._tracker.query()}", headers)
 
@@ -353,7 +162,7 @@ class _Base:
         else:
             raise _Unavailable(status, self._response.headers.get("retry-after"))
 
-    def _pulled(self, channel: str, response: _Response, body: bytes) -> None:
+    def _pulled(self, channel: str, response: Response, body: bytes) -> None:
         if response.status not in (200, 404):
             if 400 <= response.status < 500 and response.status != 429:
                 raise ClientError(response.status, body)
@@ -483,7 +292,7 @@ class Client(_Base):
         for channel in channels:
             with self._open(url) as sock:
                 sock.sendall(self._state_request(url, channel))
-                response, body = _Response(), b""
+                response, body = Response(), b""
                 while not response.done and (data := sock.recv(65536)):
                     body += response.feed(data)
             self._pulled(channel, response, body)
@@ -601,7 +410,7 @@ class AsyncClient(_Base):
             reader, writer = await self._open(url)
             try:
                 writer.write(self._state_request(url, channel))
-                response, body = _Response(), b""
+                response, body = Response(), b""
                 while not response.done and (data := await self._recv(reader)):
                     body += response.feed(data)
             finally:

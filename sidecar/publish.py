@@ -86,11 +86,11 @@ class Publisher:
 
         return [orjson.loads(dumps(message_body(m, "diff"))) for m in self.store.history(channel)]
 
-    def item(self, channel: str, kind: str, name: str, data: Any = None, change: Any = None) -> Item:
+    def item(self, channel: object, kind: str, name: object, data: Any = None, change: Any = None) -> Item:
         """Validate and encode one message; raises PublishError with a message fit for an HTTP 400."""
         try:
-            validate_channel(channel)
-            validate_event(name)
+            channel = validate_channel(channel)
+            name = validate_event(name)
         except ProtocolError as exc:
             raise PublishError(exc.code, exc.message) from None
         if kind in ("diff", "state") and not isinstance(change, Mapping):

@@ -1,4 +1,4 @@
-"""The pure core of the relay: protocol, merge patches, hub and throttle.
+"""The pure core of the relay: protocol, merge patches, hub and throttle; and the Python client's stream parsing.
 
 Rule: nothing in this package does I/O. No redis, flask, flask_sock, gevent, celery, panel or bokeh imports, no
 sockets, no threads, and no clock reads (`time.time()`, `time.monotonic()`): callers pass the time in. That is

@@ -53,7 +53,7 @@ def validate_event(name: object) -> str:
 def validate_mode(mode: object) -> str:
     if mode not in MODES:
         raise ProtocolError("bad-mode", f"mode must be one of {', '.join(MODES)}")
-    return mode  # type: ignore[return-value]
+    return mode
 
 
 def shard_of(channel: str, shards: int) -> int:

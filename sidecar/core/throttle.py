@@ -324,7 +324,7 @@ class Throttle:
         hint = None
         if policy.max_connections and connections >= policy.max_connections:
             hint = CAP_RETRY
-        elif self._bucket is not None and self._bucket.take(now):
+        elif self._bucket is not None and self._bucket.take(now) > 0:  # no token left: refused
             self._backlog = max(0.0, self._backlog - (now - self._backlog_at) * policy.admit_rate) + 1
             self._backlog_at = now
             hint = self._backlog / policy.admit_rate

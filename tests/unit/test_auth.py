@@ -21,7 +21,6 @@ from sidecar.auth import (
     origin_allowed,
 )
 from sidecar.config import Settings
-from sidecar.core.limits import TokenBucket
 
 SECRET = "s" * 32
 HOUR = 3600
@@ -278,13 +277,3 @@ def test_unusable_auth_settings_are_refused_even_in_dev_mode(settings, message):
 def test_secrets_stay_out_of_the_settings_repr():
     text = repr(Settings(jwt_secret=SECRET, publisher_key="p" * 20, admin_key="a" * 20))
     assert SECRET not in text and "p" * 20 not in text and "a" * 20 not in text
-
-
-# -- subscribe rate -----------------------------------------------------------------------------------------
-def test_token_bucket_allows_a_burst_then_the_rate():
-    bucket = TokenBucket(rate=2, burst=3, now=0.0)
-    assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert bucket.take(0.0) == pytest.approx(0.5)
-    assert bucket.take(0.5) == 0.0
-    assert bucket.take(0.5) == pytest.approx(0.5)
-    assert [bucket.take(100.0) for _ in range(4)] == [0.0, 0.0, 0.0, pytest.approx(0.5)]  # capped at burst

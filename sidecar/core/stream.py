@@ -1,0 +1,206 @@
+"""The Python client's sans-IO half: bytes in, frames out; `sidecar/client.py` owns the sockets and the clock.
+
+`Response` parses an HTTP/1.1 response fed in pieces, `Events` the Server-Sent Events in its body, and `Tracker`
+keeps each channel's position and local state: dedupe, holes, epoch changes (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+
+from sidecar.core import merge
+from sidecar.core.protocol import Position, encode_cursor, stream_key, validate_channel, validate_mode
+
+MAX_HEAD = 65_536
+
+
+class Response:
+    """An HTTP/1.1 response fed in pieces: the head, then the body (chunked, Content-Length or until close)."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.done = False
+        self._chunked = False
+        self._left: int | None = None  # body bytes still expected (Content-Length) or in the current chunk
+
+    def feed(self, data: bytes) -> bytes:
+        """Take bytes from the socket, return the body bytes they complete (OSError: not HTTP/1.1 as we know it)."""
+        try:
+            return self._feed(data)
+        except (ValueError, IndexError):
+            raise OSError("malformed HTTP response") from None
+
+    def _feed(self, data: bytes) -> bytes:
+        self.buf += data
+        if not self.status:
+            head, sep, self.buf = self.buf.partition(b"\r\n\r\n")
+            if not sep:
+                if len(head) > MAX_HEAD:
+                    raise OSError("HTTP response head too long")
+                self.buf = head
+                return b""
+            status_line, *lines = head.decode("latin-1").split("\r\n")
+            self.status = int(status_line.split()[1])
+            self.headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
+            self._chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+            if not self._chunked and "content-length" in self.headers:
+                self._left = int(self.headers["content-length"])
+        if not self._chunked:
+            body, self.buf = self.buf, b""
+            if self._left is not None:
+                body = body[: self._left]
+                self._left -= len(body)
+                self.done = not self._left
+            return body
+        out = []
+        while not self.done:
+            if self._left is None:  # a chunk-size line (RFC 9112 section 7.1)
+                line, sep, rest = self.buf.partition(b"\r\n")
+                if not sep:
+                    break
+                self.buf, self._left = rest, int(line.split(b";")[0], 16)
+                self.done = not self._left
+            elif len(self.buf) >= self._left + 2:
+                out.append(self.buf[: self._left])
+                self.buf, self._left = self.buf[self._left + 2 :], None
+            else:
+                break
+        return b"".join(out)
+
+
+class Events:
+    """Server-Sent Events parsing (the HTML spec's "event stream interpretation"): bytes in, (event, data) out.
+
+    `id:` lines are not needed: the client builds its cursor from its own positions (same format).
+    """
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.event = ""
+        self.data: list[str] = []
+        self.retry: int | None = None  # the last `retry:` (ms)
+
+    def feed(self, data: bytes) -> list[tuple[str, str]]:
+        *lines, self.buf = (self.buf + data).split(b"\n")
+        events = []
+        for raw in lines:
+            line = raw.rstrip(b"\r").decode(errors="replace")
+            if not line:
+                if self.data:
+                    events.append((self.event or "message", "\n".join(self.data)))
+                self.event, self.data = "", []
+            elif not line.startswith(":"):  # a comment is a keep-alive
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "event":
+                    self.event = value
+                elif name == "data":
+                    self.data.append(value)
+                elif name == "retry" and value.isdigit():
+                    self.retry = int(value)
+        return events
+
+
+@dataclass
+class _Channel:
+    id: str = "0-0"
+    epoch: str = ""
+    seq: int = 0
+    state: Any = None
+    stale: str = ""  # why the channel must be pulled again ("hole", "epoch"); "" when it is in sync
+
+    @property
+    def position(self) -> Position:
+        return Position(self.id, self.epoch)
+
+
+class Tracker:
+    """Positions, dedupe and local state of a client's channels; frames in, frames for the user out."""
+
+    def __init__(self, channels: Iterable[str], mode: str) -> None:
+        self.mode = validate_mode(mode)
+        self.channels = {validate_channel(c): _Channel() for c in sorted(set(channels))}
+        if not self.channels:
+            raise ValueError("give at least one channel")
+        self.seeded = False
+        self.stateful = self.mode in ("diff", "state")
+
+    def cursor(self) -> str:
+        return encode_cursor([ch.position for ch in self.channels.values()])
+
+    def query(self) -> str:
+        return urlencode([("channel", c) for c in self.channels] + [("mode", self.mode)])
+
+    def stale(self) -> list[str]:
+        return [name for name, ch in self.channels.items() if ch.stale]
+
+    def reconnecting(self) -> None:
+        # The cursor holds each channel's last good position: the server's catch-up fills any hole.
+        for ch in self.channels.values():
+            ch.stale = ""
+
+    def feed(self, event: str, data: str) -> list[dict]:
+        """One SSE event; returns the frames to hand to the user."""
+        if event not in ("message", "snapshot", "reset"):
+            return []  # `ready`, and whatever a later server adds
+        body = orjson.loads(data)
+        ch = self.channels.get(body.get("channel"))
+        if ch is None:
+            return []
+        same_epoch = body["epoch"] == ch.epoch
+        if same_epoch and stream_key(body["id"]) < stream_key(ch.id):
+            return []  # older than what we hold
+        if event != "message":
+            self._place(ch, body)
+            return [body]
+        if ch.stale or (same_epoch and body["id"] == ch.id):
+            return []  # a duplicate, or covered by the pull that is due
+        if ch.epoch and not same_epoch:
+            ch.stale = "epoch"
+            return []
+        if body.get("seq_from", body["seq"]) != ch.seq + 1:
+            ch.stale = "hole"
+            return []
+        ch.id, ch.epoch, ch.seq = body["id"], body["epoch"], body["seq"]
+        return [body]
+
+    def apply(self, frame: dict) -> None:
+        """Bring the channel's local state up to `frame` as it is handed to the user (positions move on
+        reading, so that dedupe and the cursor cover frames still waiting to be handed over)."""
+        if not self.stateful:
+            return
+        ch = self.channels[frame["channel"]]
+        if frame["type"] != "message":
+            ch.state = frame.get("state")
+        elif "diff" in frame:
+            ch.state = merge.apply(ch.state, frame["diff"])
+        elif "state" in frame:
+            ch.state = frame["state"]
+
+    def pulled(self, channel: str, answer: dict | None, reason: str | None) -> dict | None:
+        """A `GET /channels/<c>/state` answer (None: 404): the channel restarts there.
+
+        Returns the `snapshot` or `reset` frame for the user (with `reason`), or None when `reason` is None
+        (the first pull of a channel) and there is nothing worth a frame.
+        """
+        ch = self.channels[channel]
+        answer = answer or {"id": "0-0", "seq": 0, "epoch": "", "state": None}
+        with_state = self.stateful and answer["state"] is not None
+        body = {"type": "snapshot" if with_state else "reset", "channel": channel}
+        body.update({k: answer[k] for k in ("id", "seq", "epoch")})
+        if with_state:
+            body["state"] = answer["state"]
+        if reason:
+            body["reason"] = reason
+        self._place(ch, body)
+        return body if reason or with_state else None
+
+    def _place(self, ch: _Channel, body: dict) -> None:
+        ch.id, ch.epoch, ch.seq, ch.stale = body["id"], body["epoch"], body["seq"], ""
