@@ -38,7 +38,7 @@ from sidecar.core.protocol import (
 from sidecar.publish import Publisher, PublishError
 from sidecar.relay import Relay
 from sidecar.stats import PROMETHEUS_CONTENT_TYPE, prometheus_text
-from sidecar.writer import Direct, drop_read_buffer, request_fd, writer
+from sidecar.writer import Direct, drop_read_buffer, request_socket, writer
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -177,7 +177,7 @@ def sse() -> Response:
     conn.push(sse_id_line(conn.cursor()) + sse_frame("ready", ready))
     retry_ms = int(settings.sse_retry_ms * random.uniform(1.0, 2.0))  # jittered: no synchronized reconnects
 
-    fd = request_fd(request.environ) if request.method == "GET" else None
+    client = request_socket(request.environ) if request.method == "GET" else None
     drop_read_buffer(request.environ)  # 8 KB per stream, never read again
     chunked = request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"  # both gevent.pywsgi and gunicorn chunk then
 
@@ -186,7 +186,7 @@ def sse() -> Response:
         try:
             yield sse_retry(retry_ms)
             # The headers are out: from here on the writer's pass writes our frames (sidecar/writer.py).
-            direct = writer.attach(conn, fd, chunked, wakeup.set, relay.stats.observe_write)
+            direct = writer.attach(conn, client, chunked, wakeup.set, relay.stats.observe_write)
             while True:
                 if conn.resync:
                     relay.resync(conn)

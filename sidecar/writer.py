@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import gevent
-from gevent.socket import wait_write
 
 from sidecar.core.hub import Connection
 
@@ -28,15 +28,15 @@ class Direct:
     """One connection's socket, written by the :class:`Writer` pass, or by the connection's greenlet when the
     pass could not finish (`pending`). Whoever writes holds `conn.writing()`, so writes never interleave."""
 
-    __slots__ = ("writer", "conn", "fd", "chunked", "wake_owner", "on_write", "pending", "broken")
+    __slots__ = ("writer", "conn", "sock", "chunked", "wake_owner", "on_write", "pending", "broken")
 
     def __init__(
-        self, writer: Writer, conn: Connection, fd: int, chunked: bool, wake_owner: Callable[[], None],
+        self, writer: Writer, conn: Connection, sock: socket.socket, chunked: bool, wake_owner: Callable[[], None],
         on_write: Callable[[Connection], None],
     ) -> None:  # fmt: skip
         self.writer = writer
         self.conn = conn
-        self.fd = fd
+        self.sock = sock  # the socket object, not its number: a closed socket's number may be a new client's
         self.chunked = chunked
         self.wake_owner = wake_owner  # wakes the connection's greenlet
         self.on_write = on_write
@@ -48,22 +48,16 @@ class Direct:
         self.writer.mark(self)
 
     def frame(self, data: bytes) -> bytes:
-        return b"%x\r\n%s\r\n" % (len(data), data) if self.chunked and data else data
+        return self.writer.chunk(data) if self.chunked and data else data
 
     def send_all(self, data: bytes) -> None:
-        """From the connection's greenlet: write what is pending, then `data`; yields while the socket is full.
-        Raises OSError when the peer is gone."""
+        """From the connection's greenlet: write what is pending, then `data`, waiting (cooperatively) while the
+        socket is full. Raises OSError when the peer is gone or the socket was closed meanwhile."""
         if self.broken:
             raise BrokenPipeError("the peer is gone")
-        view = memoryview(self.pending + data if self.pending else data)
+        data = self.pending + data if self.pending else data
         self.pending = b""
-        while view:
-            try:
-                n = os.write(self.fd, view)
-            except BlockingIOError:
-                wait_write(self.fd)
-                continue
-            view = view[n:]
+        self.sock.sendall(data)
 
 
 class Writer:
@@ -72,15 +66,24 @@ class Writer:
     def __init__(self) -> None:
         self.marked: list[Direct] = []
         self.scheduled = False
+        self._chunk_in = b""  # the last frame framed as a chunk, and its chunk: a frame shared by many
+        self._chunk_out = b""  # connections is framed once, like the frame itself (sidecar/core/hub.py)
+
+    def chunk(self, data: bytes) -> bytes:
+        """`data` as one HTTP/1.1 chunk (RFC 9112 section 7.1)."""
+        if data is not self._chunk_in:
+            self._chunk_in, self._chunk_out = data, b"%x\r\n%s\r\n" % (len(data), data)
+        return self._chunk_out
 
     def attach(
-        self, conn: Connection, fd: int | None, chunked: bool, wake_owner: Callable[[], None],
+        self, conn: Connection, sock: socket.socket | None, chunked: bool, wake_owner: Callable[[], None],
         on_write: Callable[[Connection], None],
     ) -> Direct | None:  # fmt: skip
-        """Write `conn` from the pass from now on; None (nothing changed) unless `fd` is a non-blocking socket."""
-        if fd is None or fd < 0 or os.get_blocking(fd):
+        """Write `conn` from the pass from now on; None (nothing changed) unless `sock` is a gevent socket (its
+        descriptor non-blocking)."""
+        if sock is None or sock.fileno() < 0 or os.get_blocking(sock.fileno()):
             return None
-        direct = Direct(self, conn, fd, chunked, wake_owner, on_write)
+        direct = Direct(self, conn, sock, chunked, wake_owner, on_write)
         conn.wake = direct.wake
         return direct
 
@@ -102,9 +105,9 @@ class Writer:
             if not frames:
                 direct.wake_owner()  # woken for something else than frames: let the greenlet look
                 continue
-            data = direct.frame(b"".join(frames))
+            data = direct.frame(frames[0] if len(frames) == 1 else b"".join(frames))
             try:
-                n = os.write(direct.fd, data)
+                n = os.write(direct.sock.fileno(), data)  # fileno() is -1 once the socket is closed: EBADF
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -125,18 +128,16 @@ def drop_read_buffer(environ: Mapping[str, Any]) -> None:
     reads through it again (a WebSocket reads its own socket) and its connection ends with it. pywsgi stops at
     a closed rfile instead of reading a next request."""
     if str(environ.get("SERVER_SOFTWARE", "")).startswith("gevent"):
-        stream = environ.get("wsgi.input")
+        stream: Any = environ.get("wsgi.input")
         with contextlib.suppress(AttributeError, OSError):
             getattr(stream, "rfile", stream).close()
 
 
-def request_fd(environ: Mapping[str, Any]) -> int | None:
-    """The client socket's file descriptor of a WSGI request under gevent.pywsgi or gunicorn, else None."""
+def request_socket(environ: Mapping[str, Any]) -> socket.socket | None:
+    """The client socket of a WSGI request under gevent.pywsgi or gunicorn, else None (take it before
+    :func:`drop_read_buffer`, which lets go of pywsgi's reference)."""
     sock = environ.get("gunicorn.socket")
     if sock is None:
         rfile = getattr(environ.get("wsgi.input"), "rfile", None)
         sock = getattr(getattr(rfile, "raw", None), "_sock", None)
-    try:
-        return sock.fileno() if sock is not None else None
-    except OSError:
-        return None
+    return sock if isinstance(sock, socket.socket) else None

@@ -69,7 +69,7 @@ def websocket(ws: Any) -> None:
     conn.abort = socket_aborter(ws.sock)
     session = Session(relay, settings, conn, current_app.extensions["auth"], g.get("grant"))
     # Queued frames are written by the writer's pass (sidecar/writer.py); we write what it could not finish.
-    direct = writer.attach(conn, ws.sock.fileno(), False, ws.event.set, relay.stats.observe_write)
+    direct = writer.attach(conn, ws.sock, False, ws.event.set, relay.stats.observe_write)
     drop_read_buffer(request.environ)  # simple-websocket reads the socket itself
     send = ws.sock.sendall if direct is None else direct.send_all
     try:
