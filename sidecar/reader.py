@@ -9,12 +9,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import cast
 
 import redis
 
 from sidecar.config import Settings
 from sidecar.core.protocol import Message
-from sidecar.store import Store, connect
+from sidecar.store import Store, connect, decode_entries
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,11 @@ class Reader:
         backoff = 0.05
         while self.running:
             try:
-                replies = self.redis.xread(
-                    self.last_ids, count=self.settings.read_count, block=self.settings.read_block_ms
-                )
+                streams = cast("dict[bytes | str | memoryview, int | bytes | str | memoryview]", self.last_ids)
+                replies = cast(
+                    "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
+                    self.redis.xread(streams, count=self.settings.read_count, block=self.settings.read_block_ms),
+                )  # bytes replies: connect() leaves decode_responses off
                 self.healthy = True
                 backoff = 0.05
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -78,7 +81,7 @@ class Reader:
             for stream, entries in replies or ():
                 if not entries:
                     continue
-                messages = [Message.from_fields(i.decode(), fields) for i, fields in entries]
+                messages = decode_entries(entries)
                 self.last_ids[stream.decode()] = messages[-1].id
                 self.messages_read += len(messages)
                 counts = self.read_by_channel

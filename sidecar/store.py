@@ -284,7 +284,7 @@ class Store:
         """History entries strictly after stream id `after`, oldest first."""
         k = self.keys(channel)
         entries = self.redis.xrange(k.history, min=f"({after}" if after != "0-0" else "-", count=count)
-        return _messages(entries)
+        return decode_entries(entries)
 
     def catch_up(self, channel: str, since: Position) -> CatchUp:
         """What a client at `since` missed, or a gap when history no longer covers it (trimmed, expired,
@@ -302,7 +302,7 @@ class Store:
             return CatchUp([], True, snap)  # a position from the future: another epoch in disguise
         k = self.keys(channel)
         entries = self.redis.xrange(k.history, min=since.id, count=self.settings.history_len + 1)
-        messages = _messages(entries)
+        messages = decode_entries(entries)
         if since.id == "0-0":
             complete = bool(messages) and messages[0].seq == 1
         else:
@@ -314,7 +314,7 @@ class Store:
         return CatchUp(messages, False, snap)
 
 
-def _messages(entries: object) -> list[Message]:
+def decode_entries(entries: object) -> list[Message]:
     # connect() leaves decode_responses off, so ids and fields are bytes; redis-py's types also allow str
     # (for decoding clients) and None, which this client never gets.
     rows = cast("list[tuple[bytes, dict[bytes, bytes]]]", entries or [])
