@@ -98,9 +98,14 @@ class SSEClient(Recorder):
 
 
 class WSClient(Recorder):
-    def __init__(self, ws_url: str, **headers: str) -> None:
+    """`query` is appended to /ws; `token` goes in an Authorization header; `options` (origin, header, ...) go to
+    websocket-client's create_connection."""
+
+    def __init__(self, ws_url: str, query: str = "", token: str | None = None, **options: Any) -> None:
         super().__init__()
-        self.ws = websocket.create_connection(f"{ws_url}/ws", timeout=30, header=headers)
+        if token:
+            options["header"] = [*options.get("header", []), f"Authorization: Bearer {token}"]
+        self.ws = websocket.create_connection(f"{ws_url}/ws{query}", timeout=30, **options)
         self.close_code: int | None = None
         self.close_reason = ""
         threading.Thread(target=self._read, daemon=True).start()

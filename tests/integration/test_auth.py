@@ -4,7 +4,6 @@ the state endpoint and POST /publish."""
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import requests
 import websocket
 
 from sidecar.publish import Publisher
-from tests.clients import Recorder, SSEClient, WSClient
+from tests.clients import SSEClient, WSClient
 from tests.processes import REPO_ROOT, EmbeddedRedis, ManagedProcess, SidecarProcess, child_env, free_port
 from tests.tokens import forget_earlier_garbage
 from tests.tokens import mint as mint_with
@@ -72,19 +71,11 @@ def pub(stack) -> Iterator[Publisher]:
 
 
 class WS(WSClient):
-    """WSClient with a query string and websocket-client options (origin, header)."""
+    """A WSClient from the app's origin unless told otherwise."""
 
     def __init__(self, ws_url: str, query: str = "", **options: object) -> None:
-        Recorder.__init__(self)
         options.setdefault("origin", APP_ORIGIN)
-        self.ws = websocket.create_connection(f"{ws_url}/ws{query}", timeout=30, **options)
-        self.close_code = None
-        self.close_reason = ""
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def close(self) -> None:
-        super().close()
-        self.ws.shutdown()  # after a close from the server, websocket-client's close() raises before it
+        super().__init__(ws_url, query, **options)
 
 
 def handshake_status(ws_url: str, query: str = "", **options: object) -> int:

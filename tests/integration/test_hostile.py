@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from sidecar.core.protocol import MODES
 from sidecar.publish import Publisher
-from tests.clients import Recorder, SSEClient, WSClient
+from tests.clients import SSEClient, WSClient
 from tests.processes import EmbeddedRedis, SidecarProcess
 from tests.tokens import forget_earlier_garbage
 from tests.tokens import mint as mint_with
@@ -82,18 +82,8 @@ def pub(stack) -> Iterator[Publisher]:
         yield publisher
 
 
-class WS(WSClient):
-    def __init__(self, ws_url: str, token: str | None = None) -> None:
-        Recorder.__init__(self)
-        header = [f"Authorization: Bearer {token}"] if token else []
-        self.ws = websocket.create_connection(f"{ws_url}/ws", timeout=30, header=header)
-        self.close_code = None
-        self.close_reason = ""
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def close(self) -> None:
-        super().close()
-        self.ws.shutdown()
+def WS(ws_url: str, token: str | None = None) -> WSClient:  # noqa: N802 (reads as the class it makes)
+    return WSClient(ws_url, token=token)
 
 
 def publish(sidecar: SidecarProcess, body: Any, key: str = KEY) -> requests.Response:
