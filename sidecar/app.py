@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 from sidecar.auth import Auth, AuthError, Grant, bearer
 from sidecar.config import Settings
 from sidecar.control import aborter, busy
-from sidecar.core.hub import SSE
+from sidecar.core.connection import SSE
 from sidecar.core.protocol import (
     SSE_KEEPALIVE,
     ProtocolError,

@@ -10,7 +10,8 @@ import time
 
 from sidecar.config import Settings
 from sidecar.control import Control, policy_from_settings
-from sidecar.core.hub import Connection, Hub, Subscription, Sync
+from sidecar.core.connection import Connection, Subscription
+from sidecar.core.hub import Hub, Sync
 from sidecar.core.protocol import Position
 from sidecar.core.throttle import Throttle
 from sidecar.reader import Reader

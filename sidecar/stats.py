@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.core.hub import Connection
+from sidecar.core.connection import Connection
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import gevent
 
-from sidecar.core.hub import Connection
+from sidecar.core.connection import Connection
 
 
 class Direct:

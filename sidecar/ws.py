@@ -20,7 +20,7 @@ from flask_sock import Sock
 
 from sidecar.auth import AuthError, Grant, bearer
 from sidecar.control import busy, socket_aborter
-from sidecar.core.hub import WS, Connection
+from sidecar.core.connection import WS, Connection
 from sidecar.core.limits import TokenBucket
 from sidecar.core.protocol import (
     WS_PING,

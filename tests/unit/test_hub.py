@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.core import merge
-from sidecar.core.hub import SSE, WS, Connection, Hub, Sync
+from sidecar.core.connection import SSE, WS, Connection
+from sidecar.core.hub import Hub, Sync
 from sidecar.core.protocol import Message, Position, stream_key
 from sidecar.core.throttle import ChannelPolicy, Policy, Throttle
 

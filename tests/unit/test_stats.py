@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from sidecar.config import Settings
-from sidecar.core.hub import SSE, WS, Connection, Hub, Sync
+from sidecar.core.connection import SSE, WS, Connection
+from sidecar.core.hub import Hub, Sync
 from sidecar.core.protocol import Message, Position
 from sidecar.stats import LATENCY_BOUNDS_MS, MAX_PATTERNS, OTHER, RECORD_PATTERNS, Stats, pattern_of, prometheus_text
 

@@ -1,0 +1,159 @@
+"""One client connection: its subscriptions, its bounded outgoing queue, and the SSE cursor. Pure.
+
+The hub (hub.py) fills the queue; the caller's writer drains it. A connection that falls behind its budget has
+its backlog dropped and its channels marked for a resync (snapshot/reset), so it never grows memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+from sidecar.core.protocol import ZERO_KEY, Message, Position, StreamKey, encode_cursor, sse_id_line
+
+SSE, WS = "sse", "ws"
+
+
+@dataclass
+class Subscription:
+    conn: Connection
+    channel: str
+    mode: str
+    last: StreamKey = ZERO_KEY  # newest id queued for this subscription: older ones are duplicates
+    epoch: str = ""
+    seq: int = 0
+    buffer: list[Message] | None = field(default_factory=list)  # live messages held until start()
+
+
+class Connection:
+    """One client connection's subscriptions and its bounded outgoing queue.
+
+    `wake` is called (from the dispatching side) when the queue goes from empty to non-empty or the
+    connection needs the caller's attention (a resync); the caller's writer then calls :meth:`drain`.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self, transport: str, wake: Callable[[], None], max_frames: int = 1000, max_bytes: int = 1 << 20
+    ) -> None:
+        self.id = next(self._ids)
+        self.transport = transport
+        self.wake = wake
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.subs: dict[str, Subscription] = {}
+        # Frames only, and what the drop of a backlog needs beside them: the hot path allocates no tuples
+        # (every container it makes is work for the cyclic GC, whose full passes stall every socket).
+        self.queue: list[bytes] = []
+        self.queued_channels: dict[str, int] = {}  # channel -> frames of it in the queue
+        self.queue_ts = 0.0  # publish time (ms) of the oldest message queued; 0: none
+        self.batch_ts = 0.0  # publish time (ms) of the oldest message in the last drained batch; 0: none
+        self.queued_bytes = 0
+        self.positions: dict[str, Position] = {}  # SSE cursor: position of the newest queued frame
+        self.sent: dict[str, Position] = {}  # position of the newest frame handed to the socket
+        self.resync: set[str] = set()  # channels whose backlog was dropped: snapshot/reset them
+        self.dropped = 0  # frames dropped for slowness, ever
+        self.drops: dict[str, int] = {}  # the same per channel, read and reset by the hub's owner
+        self.writing_since: float | None = None  # when the socket write in progress began (see writing())
+        self.abort: Callable[[], None] | None = None  # set by the caller: ends a socket stuck in a write
+        self._writing = _Writing(self)
+
+    def cursor(self) -> str:
+        return encode_cursor([self.positions.get(c, Position()) for c in sorted(self.subs)])
+
+    def push(self, frame: bytes, channel: str | None = None, position: Position | None = None, ts: float = 0.0) -> None:
+        if channel is not None and channel in self.resync:
+            return  # its backlog was dropped; the resync will bring it up to date
+        if position is not None and channel is not None:
+            self.positions[channel] = position
+            if self.transport == SSE:
+                if len(self.subs) == 1 and channel in self.subs:
+                    frame = _single_channel_frame(frame, position)
+                else:
+                    frame = sse_id_line(self.cursor()) + frame
+        queue = self.queue
+        was_empty = not queue
+        queue.append(frame)
+        if channel is not None:
+            self.queued_channels[channel] = self.queued_channels.get(channel, 0) + 1
+        if ts and not self.queue_ts:
+            self.queue_ts = ts
+        self.queued_bytes += len(frame)
+        if len(self.queue) > self.max_frames or self.queued_bytes > self.max_bytes:
+            self._drop_backlog()
+        elif was_empty:
+            self.wake()
+
+    def drain(self) -> list[bytes]:
+        """Everything queued, to be written in one go."""
+        frames = self.queue
+        self.batch_ts = self.queue_ts
+        if not frames:
+            return []
+        self.queue = []
+        self.queue_ts = 0.0
+        self.queued_channels.clear()
+        # Whatever was queued is handed over now, so the newest queued position of each channel is sent.
+        self.sent.update(self.positions)
+        self.queued_bytes = 0
+        return frames
+
+    def writing(self, now: float) -> AbstractContextManager[None]:
+        """Wrap each socket write: a write that lasts (the peer stopped reading) makes the connection stuck."""
+        self.writing_since = now
+        return self._writing
+
+    def _drop_backlog(self) -> None:
+        # A slow consumer must not grow memory: drop what it has not read and resynchronise it instead.
+        for channel, n in self.queued_channels.items():
+            self.resync.add(channel)
+            self.drops[channel] = self.drops.get(channel, 0) + n
+        self.dropped += len(self.queue)
+        self.queue.clear()
+        self.queued_channels.clear()
+        self.queue_ts = 0.0
+        self.queued_bytes = 0
+        self.positions = dict(self.sent)
+        # Nothing is held for these channels until the resync's read begins (Hub.hold): a peer that stopped
+        # reading may keep its writer blocked for long, and holding live messages meanwhile grows without bound.
+        self.wake()
+
+
+class _Writing:
+    """The context of :meth:`Connection.writing`, one per connection (no allocation per write)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        self.conn.writing_since = None
+
+
+class _SingleChannelFrames:
+    """The SSE frame with its `id:` line for a connection with one channel: its cursor is the message's
+    position alone, so all such connections share the same bytes. One entry is enough: the deliveries of one
+    frame come one after the other."""
+
+    __slots__ = ("frame", "position", "out")
+
+    def __init__(self) -> None:
+        self.frame: bytes | None = None
+        self.position = Position()
+        self.out = b""
+
+    def __call__(self, frame: bytes, position: Position) -> bytes:
+        if frame is not self.frame or (position is not self.position and position != self.position):
+            self.frame, self.position = frame, position
+            self.out = sse_id_line(position.encode()) + frame
+        return self.out
+
+
+_single_channel_frame = _SingleChannelFrames()
