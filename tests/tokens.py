@@ -1,12 +1,17 @@
-"""Helpers shared by the tests that run a sidecar with auth on."""
+"""Helpers shared by the tests that run a sidecar with auth on (tokens, and the guarded sidecar itself)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import jwt
+
+from tests.processes import EmbeddedRedis, SidecarProcess
 
 
 def mint(key: str, channels: list[str] | str, ttl: float = 3600, **claims: object) -> str:
@@ -22,3 +27,27 @@ def forget_earlier_garbage() -> None:
         gc.collect()
     finally:
         sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def guarded_sidecar(
+    tmp: Path, env: dict[str, object], secrets: tuple[str, ...], errors_allowed: bool = True
+) -> Iterator[tuple[SidecarProcess, EmbeddedRedis]]:
+    """A redis-server and a sidecar with auth configured by `env`. Afterwards: it never died, never logged a
+    traceback (nor an ERROR line, unless `errors_allowed`), and no secret reached its log."""
+    server = EmbeddedRedis(tmp / "redis").start()
+    try:
+        proc = SidecarProcess(server.url, tmp, env)
+        try:
+            yield proc, server
+        finally:
+            alive = proc.running
+            proc.stop()
+        log = proc.log_text()
+        assert alive, f"the sidecar died:\n{proc.log_tail(60)}"
+        assert "Traceback" not in log, proc.log_tail(80)
+        assert errors_allowed or " ERROR " not in log, proc.log_tail(20)  # client input is no server error
+        for secret in secrets:
+            assert secret not in log
+    finally:
+        server.stop()

@@ -14,7 +14,7 @@ import websocket
 from sidecar.publish import Publisher
 from tests.clients import SSEClient, WSClient
 from tests.processes import REPO_ROOT, EmbeddedRedis, ManagedProcess, SidecarProcess, child_env, free_port
-from tests.tokens import forget_earlier_garbage
+from tests.tokens import forget_earlier_garbage, guarded_sidecar
 from tests.tokens import mint as mint_with
 
 SECRET = "test-secret-" + "x" * 40
@@ -33,7 +33,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SidecarPro
     """One redis-server and one production-mode sidecar with every guard configured, for the whole module."""
     forget_earlier_garbage()
     tmp = tmp_path_factory.mktemp("auth")
-    server = EmbeddedRedis(tmp / "redis").start()
     env = {
         "SIDECAR_DEV": "0",
         "SIDECAR_JWT_SECRET": SECRET,
@@ -44,18 +43,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SidecarPro
         "SIDECAR_CORS_ORIGINS": APP_ORIGIN,
         "SIDECAR_AUTH_TIMEOUT": "1.5",
     }
-    try:
-        proc = SidecarProcess(server.url, tmp, env)
-        try:
-            yield proc, server
-        finally:
-            proc.stop()
-        log = proc.log_text()
-        assert "Traceback" not in log, proc.log_tail(60)
-        for secret in (SECRET, PUBLISHER_KEY, ADMIN_KEY):
-            assert secret not in log
-    finally:
-        server.stop()
+    with guarded_sidecar(tmp, env, (SECRET, PUBLISHER_KEY, ADMIN_KEY)) as stack:
+        yield stack
 
 
 @pytest.fixture

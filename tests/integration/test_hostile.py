@@ -27,7 +27,7 @@ from sidecar.core.protocol import MODES
 from sidecar.publish import Publisher
 from tests.clients import SSEClient, WSClient
 from tests.processes import EmbeddedRedis, SidecarProcess
-from tests.tokens import forget_earlier_garbage
+from tests.tokens import forget_earlier_garbage, guarded_sidecar
 from tests.tokens import mint as mint_with
 
 SECRET = "hostile-secret-" + "h" * 40
@@ -54,21 +54,9 @@ def mint(channels: list[str], ttl: float = 3600) -> str:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SidecarProcess, EmbeddedRedis]]:
     forget_earlier_garbage()
     tmp = tmp_path_factory.mktemp("hostile")
-    server = EmbeddedRedis(tmp / "redis").start()
     env = {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_PUBLISHER_KEY": KEY, "SIDECAR_AUTH_TIMEOUT": 5, **LIMITS}
-    try:
-        proc = SidecarProcess(server.url, tmp, env)
-        try:
-            yield proc, server
-        finally:
-            alive = proc.running
-            proc.stop()
-        assert alive, f"the sidecar died:\n{proc.log_tail(60)}"
-        assert "Traceback" not in proc.log_text(), proc.log_tail(80)
-        assert " ERROR " not in proc.log_text(), proc.log_tail(20)  # client input is no server error
-        assert SECRET not in proc.log_text() and KEY not in proc.log_text()
-    finally:
-        server.stop()
+    with guarded_sidecar(tmp, env, (SECRET, KEY), errors_allowed=False) as stack:
+        yield stack
 
 
 @pytest.fixture
