@@ -53,10 +53,13 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """One redis-server child bound to 127.0.0.1, its data (AOF) and log in ``data_dir``."""
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self, data_dir: str | Path, port: int | None = None, appendonly: bool = True, extra_conf: str = ""
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.appendonly = appendonly
+        self.extra_conf = extra_conf  # more redis.conf lines (a cluster node's, say)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,7 +97,7 @@ class EmbeddedRedis:
             "appendfsync everysec\n"
             'save ""\n'
             "daemonize no\n"
-            f'logfile "{self.log_path}"\n'
+            f'logfile "{self.log_path}"\n' + self.extra_conf
         )
         self._proc = subprocess.Popen([redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL)
         atexit.register(self.stop)
@@ -108,6 +111,7 @@ class EmbeddedRedis:
             return
         assert self._proc is not None
         self._proc.send_signal(signal.SIGTERM)
+        self._proc.send_signal(signal.SIGCONT)  # a paused server handles its SIGTERM once it runs
         try:
             self._proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -117,8 +121,21 @@ class EmbeddedRedis:
         """SIGKILL, as a crash would: only what reached the AOF survives."""
         if self.running:
             assert self._proc is not None
+            self._proc.send_signal(signal.SIGCONT)  # a paused server dies as well
             self._proc.kill()
             self._proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs with its sockets open (a stuck node, not a refused one)."""
+        if self.running:
+            assert self._proc is not None
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.running:
+            assert self._proc is not None
+            self._proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> EmbeddedRedis:
         """Stop if running, then start again on the same port and data dir, so the AOF is reloaded."""
