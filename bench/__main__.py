@@ -20,7 +20,7 @@ from bench import report
 from bench.context import Context, cores
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("redis", "fanout", "spread", "connections", "celery", "polling", "herd")
+SCENARIOS = ("redis", "fanout", "spread", "connections", "celery", "polling", "herd", "readers")
 
 
 def run_herd(ctx: Context) -> list[dict]:
@@ -66,6 +66,10 @@ def run_scenario(name: str, ctx: Context) -> list[dict]:
         from bench import polling
 
         return polling.run(ctx)
+    if name == "readers":
+        from bench import readers
+
+        return readers.run(ctx)
     return run_herd(ctx)
 
 

@@ -1,0 +1,113 @@
+"""readers: what "every replica reads every shard" costs Redis, with 0, 1, 2 and 4 replicas on one publish stream.
+
+A publisher sends P messages/s (pipelined, over all shards) for a fixed time while R real sidecar processes,
+with no clients at all, read every shard; Redis' own CPU (INFO cpu: user + sys of the server) and each
+sidecar's CPU are sampled over the same window. Two publish rates separate the cost that grows with entries
+read from the fixed cost of a replica (its blocking reads, stats records and policy polls):
+
+    redis_cpu(R, P) ~= a + b*P + R*(c*P + d)      (CPU seconds per second)
+
+`c` is Redis CPU per entry read by one replica, `d` a replica's fixed cost, `b` the cost of a publish itself.
+The scaling model in docs/scaling.md is built from these figures. Run: `python -m bench readers`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import redis
+
+from bench.context import Context
+from sidecar.publish import Publisher
+from tests.processes import SidecarProcess
+
+BATCH = 100  # messages per pipelined round trip of the publisher
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def publish_at(url: str, rate: float, seconds: float, stop: threading.Event) -> int:
+    """Publish `rate` small events/s over 64 channels (all 16 shards) until `seconds` pass; returns the count."""
+    sent = 0
+    with Publisher.from_url(url) as pub:
+        t0 = time.monotonic()
+        while not stop.is_set():
+            elapsed = time.monotonic() - t0
+            if elapsed >= seconds:
+                break
+            due = int(rate * elapsed) - sent
+            if due <= 0:
+                time.sleep(0.002)
+                continue
+            with pub.batch() as batch:
+                for i in range(min(due, BATCH)):
+                    batch.event(f"readers:{(sent + i) % 64}", "tick", {"n": sent + i})
+            sent += min(due, BATCH)
+    return sent
+
+
+def measure(ctx: Context, replicas: int, rate: float, seconds: float) -> dict:
+    with ctx.redis(f"readers-{replicas}-{int(rate)}") as server:
+        sidecars = [SidecarProcess(server.url, ctx.log_dir) for _ in range(replicas)]
+        try:
+            client = redis.Redis.from_url(server.url)
+            time.sleep(1.0)  # readers settled in their blocking reads
+            procs = [psutil.Process(s.pid) for s in sidecars]
+            side0 = [p.cpu_times() for p in procs]
+            cpu0, t0 = redis_cpu(client), time.monotonic()
+            sent = publish_at(server.url, rate, seconds, threading.Event())
+            time.sleep(0.5)  # the readers drain what is left
+            wall = time.monotonic() - t0
+            used = redis_cpu(client) - cpu0
+            side = [
+                (p.cpu_times().user + p.cpu_times().system) - (c.user + c.system)
+                for p, c in zip(procs, side0, strict=True)
+            ]
+            client.close()
+        finally:
+            for sidecar in sidecars:
+                sidecar.stop()
+    return {
+        "scenario": "readers",
+        "replicas": replicas,
+        "rate": rate,
+        "achieved": round(sent / seconds),  # the model uses what was published, not what was asked for
+        "published": sent,
+        "redis_cpu": round(used / wall, 4),  # CPU seconds per second (1.0 = one core)
+        "sidecar_cpu": round(sum(side) / wall / replicas, 4) if replicas else 0.0,
+    }
+
+
+def fit(records: list[dict]) -> dict:
+    """a, b, c, d of the model in the module docstring, by least squares over the measured points."""
+    import numpy as np
+
+    rows = [[1.0, r["achieved"], r["replicas"] * r["achieved"], r["replicas"]] for r in records]
+    cpu = [r["redis_cpu"] for r in records]
+    (a, b, c, d), *_ = np.linalg.lstsq(np.array(rows), np.array(cpu), rcond=None)
+    sidecar = [r["sidecar_cpu"] / r["achieved"] for r in records if r["replicas"]]
+    return {
+        "scenario": "readers-model",
+        "idle_cpu": round(float(a), 5),
+        "cpu_per_publish_us": round(float(b) * 1e6, 3),
+        "cpu_per_entry_read_us": round(float(c) * 1e6, 3),
+        "cpu_per_replica": round(float(d), 5),
+        "sidecar_cpu_per_entry_us": round(1e6 * sum(sidecar) / len(sidecar), 3),
+    }
+
+
+def run(ctx: Context) -> list[dict]:
+    seconds = ctx.seconds(10, 4)
+    records = []
+    for rate in (2000.0, 8000.0):
+        for replicas in (0, 1, 2, 4):
+            record = measure(ctx, replicas, rate, seconds)
+            print(f"  {replicas} replicas at {rate:.0f}/s: Redis {record['redis_cpu']:.3f} core, "
+                  f"each sidecar {record['sidecar_cpu']:.3f} core", flush=True)  # fmt: skip
+            records.append(record)
+    return [*records, fit(records)]
