@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import jwt
 
 from sidecar.config import Settings
+from sidecar.core.patterns import glob_match
 from sidecar.core.protocol import CHANNEL_RE, MAX_CHANNEL_LEN
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,11 @@ INVALID = "the token is not valid"  # the same words for every reason: no oracle
 class Grant:
     """The channels one token may read, until `expires` (epoch seconds; None: no end)."""
 
-    patterns: tuple[re.Pattern[str], ...]
+    patterns: tuple[str, ...]  # globs (sidecar/core/patterns.py), placeholders filled in
     expires: float | None = None
 
     def allows(self, channel: str) -> bool:
-        return any(p.fullmatch(channel) for p in self.patterns)
+        return any(glob_match(p, channel) for p in self.patterns)
 
     def expired(self, now: float) -> bool:
         return self.expires is not None and now >= self.expires
@@ -91,13 +92,14 @@ class Grant:
         return longest if self.expires is None else max(0.0, min(longest, self.expires - now))
 
 
-OPEN = Grant((re.compile(r".*", re.DOTALL),))
+OPEN = Grant(("*",))
 
 
-def compile_pattern(pattern: object, claims: Mapping[str, Any]) -> re.Pattern[str] | None:
-    """One grant pattern as a regex, or None when it grants nothing (malformed, or a claim it names is missing).
+def compile_pattern(pattern: object, claims: Mapping[str, Any]) -> str | None:
+    """One grant pattern as a glob, or None when it grants nothing (malformed, or a claim it names is missing).
 
-    A claim's value is inserted literally: a `sub` of ``*`` grants the channel named ``user:*``, not every user.
+    A claim's value is inserted literally: it must be channel characters, which have no ``*``, so a `sub` of
+    ``*`` grants nothing rather than every user.
     """
     if not isinstance(pattern, str) or not 0 < len(pattern) <= MAX_CHANNEL_LEN:
         return None
@@ -107,24 +109,20 @@ def compile_pattern(pattern: object, claims: Mapping[str, Any]) -> re.Pattern[st
         literal = pattern[pos : match.start()]
         if not PATTERN_CHARS_RE.fullmatch(literal):
             return None
-        parts.append(_glob(literal))
+        parts.append(literal)
         value = claims.get(match[1])
         if isinstance(value, bool) or not isinstance(value, str | int):
             return None
         value = str(value)
         if not CHANNEL_RE.fullmatch(value):
             return None
-        parts.append(re.escape(value))
+        parts.append(value)
         pos = match.end()
     tail = pattern[pos:]
     if not PATTERN_CHARS_RE.fullmatch(tail):
         return None
-    parts.append(_glob(tail))
-    return re.compile("".join(parts))
-
-
-def _glob(literal: str) -> str:
-    return ".*".join(re.escape(piece) for piece in literal.split("*"))
+    parts.append(tail)
+    return "".join(parts)
 
 
 def grant_from_claims(claims: Mapping[str, Any], claim: str = "channels", leeway: float = 0.0) -> Grant:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sidecar.core.limits import TokenBucket
+from sidecar.core.patterns import glob_match
 from sidecar.core.protocol import MAX_CHANNEL_LEN, Message
 
 PATTERN_RE = re.compile(rf"[A-Za-z0-9_\-:.@*]{{1,{MAX_CHANNEL_LEN}}}")  # channel characters plus `*`
@@ -75,7 +76,7 @@ class Policy:
     def match(self, channel: str) -> tuple[str, ChannelPolicy]:
         """The most specific pattern matching ``channel`` (most literal characters, then fewest ``*``)."""
         for pattern, policy in self._ordered():
-            if _glob(pattern).fullmatch(channel):
+            if glob_match(pattern, channel):
                 return pattern, policy
         return "*", self.channels.get("*", ChannelPolicy())
 
@@ -141,18 +142,6 @@ def _number(value: object, name: str, limits: tuple[type, float, float]) -> floa
     if not low <= value <= high:
         raise PolicyError(f"{name} must be between {low:g} and {high:g}")
     return kind(value)
-
-
-_GLOBS: dict[str, re.Pattern[str]] = {}
-
-
-def _glob(pattern: str) -> re.Pattern[str]:
-    compiled = _GLOBS.get(pattern)
-    if compiled is None:
-        if len(_GLOBS) > 4 * MAX_PATTERNS:
-            _GLOBS.clear()
-        compiled = _GLOBS[pattern] = re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
-    return compiled
 
 
 @dataclass(frozen=True, slots=True)
