@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "
 PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
 PATTERN_CHARS_RE = re.compile(r"[A-Za-z0-9_\-:.@*]*")
 MAX_PATTERNS = 1_000
+TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
 class AuthError(Exception):
@@ -134,9 +136,19 @@ def grant_from_claims(claims: Mapping[str, Any], claim: str = "channels", leeway
     if not isinstance(raw, list):
         raw = []
     patterns = tuple(p for p in (compile_pattern(x, claims) for x in raw[:MAX_PATTERNS]) if p is not None)
-    exp = claims.get("exp")
-    expires = float(exp) + leeway if isinstance(exp, int | float) and not isinstance(exp, bool) else None
-    return Grant(patterns, expires)
+    exp = numeric_date(claims.get("exp"))
+    return Grant(patterns, None if exp is None else exp + leeway)
+
+
+def numeric_date(value: object) -> float | None:
+    """A time claim's seconds when it is a NumericDate (RFC 7519 section 2: a JSON number), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer past any float
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -251,6 +263,10 @@ class Auth:
                 leeway=self.leeway,
                 options={"require": ["exp"], "verify_aud": self.audience is not None},
             )
+            # PyJWT checks these with int(), which also takes "1700000000" and true. The grant would then miss
+            # the expiry the door checked, and the connection outlive its token: only numbers are times.
+            if any(name in claims and numeric_date(claims[name]) is None for name in TIME_CLAIMS):
+                raise jwt.InvalidTokenError("a time claim is not a number")
         except jwt.ExpiredSignatureError:
             # PyJWT checks `exp` only after the signature: saying "expired" tells nothing to a forger.
             raise AuthError(401, "token-expired", "the token has expired") from None
