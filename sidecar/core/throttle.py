@@ -32,6 +32,7 @@ MAX_PENDING = 10_000  # messages one window may hold; past that it is flushed ea
 MIN_RETRY = 0.25  # seconds: the shortest retry hint
 MAX_RETRY = 60.0  # seconds: the longest retry hint
 CAP_RETRY = 5.0  # seconds: the retry hint when the connection cap is full (no telling when a slot frees)
+WAITING_RETRY = 1.0  # seconds: the retry hint when too many sockets wait for their auth frame (each frees soon)
 
 
 class PolicyError(ValueError):
@@ -322,6 +323,16 @@ class Throttle:
         if hint is None:
             return None
         return min(MAX_RETRY, max(MIN_RETRY, hint) * self.rng.uniform(0.8, 1.25))
+
+    def admit_unauthenticated(self, waiting: int, limit: int) -> float | None:
+        """None: let in a WebSocket that has no token yet, to wait for its auth frame (:meth:`admit` comes with
+        that frame). ``waiting``: such sockets open now; ``limit``: their own small budget, apart from
+        ``max_connections``, so that sockets that proved nothing cannot lock out the clients that did.
+        Otherwise the seconds it should wait (jittered)."""
+        if waiting < limit:
+            return None
+        self._count("rejected", "*")
+        return WAITING_RETRY * self.rng.uniform(0.8, 1.25)
 
     # -- counters -------------------------------------------------------------------------------------------
     def _count(self, name: str, channel: str, n: int = 1) -> None:
