@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from urllib.parse import urlsplit
 import jwt
 
 from sidecar.config import Settings
+from sidecar.core.patterns import glob_match
 from sidecar.core.protocol import CHANNEL_RE, MAX_CHANNEL_LEN
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "
 PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
 PATTERN_CHARS_RE = re.compile(r"[A-Za-z0-9_\-:.@*]*")
 MAX_PATTERNS = 1_000
+TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
 class AuthError(Exception):
@@ -77,11 +80,11 @@ INVALID = "the token is not valid"  # the same words for every reason: no oracle
 class Grant:
     """The channels one token may read, until `expires` (epoch seconds; None: no end)."""
 
-    patterns: tuple[re.Pattern[str], ...]
+    patterns: tuple[str, ...]  # globs (sidecar/core/patterns.py), placeholders filled in
     expires: float | None = None
 
     def allows(self, channel: str) -> bool:
-        return any(p.fullmatch(channel) for p in self.patterns)
+        return any(glob_match(p, channel) for p in self.patterns)
 
     def expired(self, now: float) -> bool:
         return self.expires is not None and now >= self.expires
@@ -91,13 +94,14 @@ class Grant:
         return longest if self.expires is None else max(0.0, min(longest, self.expires - now))
 
 
-OPEN = Grant((re.compile(r".*", re.DOTALL),))
+OPEN = Grant(("*",))
 
 
-def compile_pattern(pattern: object, claims: Mapping[str, Any]) -> re.Pattern[str] | None:
-    """One grant pattern as a regex, or None when it grants nothing (malformed, or a claim it names is missing).
+def compile_pattern(pattern: object, claims: Mapping[str, Any]) -> str | None:
+    """One grant pattern as a glob, or None when it grants nothing (malformed, or a claim it names is missing).
 
-    A claim's value is inserted literally: a `sub` of ``*`` grants the channel named ``user:*``, not every user.
+    A claim's value is inserted literally: it must be channel characters, which have no ``*``, so a `sub` of
+    ``*`` grants nothing rather than every user.
     """
     if not isinstance(pattern, str) or not 0 < len(pattern) <= MAX_CHANNEL_LEN:
         return None
@@ -107,24 +111,20 @@ def compile_pattern(pattern: object, claims: Mapping[str, Any]) -> re.Pattern[st
         literal = pattern[pos : match.start()]
         if not PATTERN_CHARS_RE.fullmatch(literal):
             return None
-        parts.append(_glob(literal))
+        parts.append(literal)
         value = claims.get(match[1])
         if isinstance(value, bool) or not isinstance(value, str | int):
             return None
         value = str(value)
         if not CHANNEL_RE.fullmatch(value):
             return None
-        parts.append(re.escape(value))
+        parts.append(value)
         pos = match.end()
     tail = pattern[pos:]
     if not PATTERN_CHARS_RE.fullmatch(tail):
         return None
-    parts.append(_glob(tail))
-    return re.compile("".join(parts))
-
-
-def _glob(literal: str) -> str:
-    return ".*".join(re.escape(piece) for piece in literal.split("*"))
+    parts.append(tail)
+    return "".join(parts)
 
 
 def grant_from_claims(claims: Mapping[str, Any], claim: str = "channels", leeway: float = 0.0) -> Grant:
@@ -136,9 +136,19 @@ def grant_from_claims(claims: Mapping[str, Any], claim: str = "channels", leeway
     if not isinstance(raw, list):
         raw = []
     patterns = tuple(p for p in (compile_pattern(x, claims) for x in raw[:MAX_PATTERNS]) if p is not None)
-    exp = claims.get("exp")
-    expires = float(exp) + leeway if isinstance(exp, int | float) and not isinstance(exp, bool) else None
-    return Grant(patterns, expires)
+    exp = numeric_date(claims.get("exp"))
+    return Grant(patterns, None if exp is None else exp + leeway)
+
+
+def numeric_date(value: object) -> float | None:
+    """A time claim's seconds when it is a NumericDate (RFC 7519 section 2: a JSON number), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer past any float
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -253,6 +263,10 @@ class Auth:
                 leeway=self.leeway,
                 options={"require": ["exp"], "verify_aud": self.audience is not None},
             )
+            # PyJWT checks these with int(), which also takes "1700000000" and true. The grant would then miss
+            # the expiry the door checked, and the connection outlive its token: only numbers are times.
+            if any(name in claims and numeric_date(claims[name]) is None for name in TIME_CLAIMS):
+                raise jwt.InvalidTokenError("a time claim is not a number")
         except jwt.ExpiredSignatureError:
             # PyJWT checks `exp` only after the signature: saying "expired" tells nothing to a forger.
             raise AuthError(401, "token-expired", "the token has expired") from None

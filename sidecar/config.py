@@ -62,6 +62,7 @@ class Settings:
     allowed_origins: str = ""  # WebSocket Origin allowlist (comma); empty: same origin only (dev: any)
     cors_origins: str = ""  # CORS for /sse and the state endpoint (comma, or *); empty: none (dev: *)
     auth_timeout: float = 10.0  # seconds a WebSocket without a token may take to send {"op": "auth"}
+    max_unauthenticated: int = 100  # WebSockets waiting for that frame, per replica (apart from max_connections)
 
     # Herd control (docs/operations.md): the policy's defaults until ops PUT /admin/throttle. Off or gentle.
     coalesce_window: float = 0.0  # seconds: at most one frame per channel per window per connection; 0: off

@@ -3,7 +3,9 @@
 - Timers: the hub tells us when the throttle next has something due; one scheduler timer flushes it then.
 - Policy: the settings give the defaults; ops' document (PUT /admin/throttle) is kept in Redis and every replica
   polls it every `policy_poll` seconds, so a change reaches all of them within a second.
-- Admission: `admit()` before a connection is made; the refused get a jittered retry hint (`busy()`).
+- Admission: `admit()` before a connection is made; the refused get a jittered retry hint (`busy()`). A WebSocket
+  without a token counts only once its auth frame brings one; until then it holds a place of the small
+  `max_unauthenticated` budget (`admit_unauthenticated()`), so a flood of them cannot lock out real clients.
 - Stuck sockets: a connection sitting in one socket write past `stuck_timeout` is aborted; its peer reconnects
   and resumes from its cursor.
 - Counters: what the hub and throttle counted goes to `stats.count` once a second.
@@ -93,6 +95,7 @@ class Control:
         self.version = 0
         self.updated = 0.0  # epoch seconds of the policy's last change by ops
         self.stuck_closed = 0
+        self.unauthenticated: set[int] = set()  # WebSockets let in without a token, until their auth frame
         self.pulls = StateCache(self.store, self.hub, wait=self.settings.redis_socket_timeout)
         self._seen: tuple[int, bytes | None] = (0, None)
         self._bad_seen: tuple[int, bytes | None] | None = None
@@ -176,7 +179,21 @@ class Control:
     # -- admission ------------------------------------------------------------------------------------------
     def admit(self, channels: Collection[str] = ()) -> float | None:
         """None: open the connection. Otherwise refuse it with :func:`busy` of the returned seconds."""
-        return self.throttle.admit(len(self.hub.connections), channels)
+        return self.throttle.admit(len(self.hub.connections) - len(self.unauthenticated), channels)
+
+    def admit_unauthenticated(self) -> float | None:
+        """Like :meth:`admit`, for a WebSocket that has no token yet: add its id to ``unauthenticated`` once
+        connected, and call :meth:`authorised` when a token comes."""
+        return self.throttle.admit_unauthenticated(len(self.unauthenticated), self.settings.max_unauthenticated)
+
+    def authorised(self, conn_id: int) -> float | None:
+        """A socket's auth frame brought a valid token: :meth:`admit` it now (None) or refuse it. Its place among
+        the unauthenticated is freed either way. None too for a socket that was authorised already."""
+        if conn_id not in self.unauthenticated:
+            return None
+        retry = self.admit()  # still in `unauthenticated`, so not counted against itself
+        self.unauthenticated.discard(conn_id)
+        return retry
 
     # -- the pull endpoint ----------------------------------------------------------------------------------
     def pull(self, channel: str) -> tuple[str, bytes] | None:

@@ -60,14 +60,19 @@ class Closed(Exception):
 def websocket(ws: Any) -> None:
     relay = current_app.extensions["relay"]
     settings = current_app.config["SETTINGS"]
-    retry = relay.control.admit()  # admission control: 1013 is "try again later" (RFC 6455 section 7.4.1)
+    grant = g.get("grant")
+    # Admission control: 1013 is "try again later" (RFC 6455 section 7.4.1). A socket without a token yet is
+    # admitted as a connection only when its auth frame brings one (Session.authenticate).
+    retry = relay.control.admit() if grant is not None else relay.control.admit_unauthenticated()
     if retry is not None:
         ws.close(reason=CLOSE_TRY_AGAIN, message=busy(retry)[1])
         _no_keepalive()
         return
     conn = relay.connection(WS, ws.event.set)
+    if grant is None:
+        relay.control.unauthenticated.add(conn.id)
     conn.abort = socket_aborter(ws.sock)
-    session = Session(relay, settings, conn, current_app.extensions["auth"], g.get("grant"))
+    session = Session(relay, settings, conn, current_app.extensions["auth"], grant)
     # Queued frames are written by the writer's pass (sidecar/writer.py); we write what it could not finish.
     direct = writer.attach(conn, ws.sock, False, ws.event.set, relay.stats.observe_write)
     drop_read_buffer(request.environ)  # simple-websocket reads the socket itself
@@ -100,6 +105,7 @@ def websocket(ws: Any) -> None:
     except OSError:
         pass  # the client went away
     finally:
+        relay.control.unauthenticated.discard(conn.id)
         relay.hub.disconnect(conn)
         _no_keepalive()
 
@@ -159,6 +165,9 @@ class Session:
             grant = self.auth.grant(token if isinstance(token, str) else None)
         except AuthError as exc:
             raise Closed(CLOSE_UNAUTHORIZED, exc.message) from None
+        retry = self.relay.control.authorised(self.conn.id)  # its first token: now it counts as a connection
+        if retry is not None:
+            raise Closed(CLOSE_TRY_AGAIN, busy(retry)[1])
         self.grant = grant
         for channel in [c for c in self.conn.subs if not grant.allows(c)]:  # a fresh token may grant less
             self.relay.hub.unsubscribe(self.conn, channel)

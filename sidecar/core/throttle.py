@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sidecar.core.limits import TokenBucket
+from sidecar.core.patterns import glob_match
 from sidecar.core.protocol import MAX_CHANNEL_LEN, Message
 
 PATTERN_RE = re.compile(rf"[A-Za-z0-9_\-:.@*]{{1,{MAX_CHANNEL_LEN}}}")  # channel characters plus `*`
@@ -31,6 +32,7 @@ MAX_PENDING = 10_000  # messages one window may hold; past that it is flushed ea
 MIN_RETRY = 0.25  # seconds: the shortest retry hint
 MAX_RETRY = 60.0  # seconds: the longest retry hint
 CAP_RETRY = 5.0  # seconds: the retry hint when the connection cap is full (no telling when a slot frees)
+WAITING_RETRY = 1.0  # seconds: the retry hint when too many sockets wait for their auth frame (each frees soon)
 
 
 class PolicyError(ValueError):
@@ -75,7 +77,7 @@ class Policy:
     def match(self, channel: str) -> tuple[str, ChannelPolicy]:
         """The most specific pattern matching ``channel`` (most literal characters, then fewest ``*``)."""
         for pattern, policy in self._ordered():
-            if _glob(pattern).fullmatch(channel):
+            if glob_match(pattern, channel):
                 return pattern, policy
         return "*", self.channels.get("*", ChannelPolicy())
 
@@ -141,18 +143,6 @@ def _number(value: object, name: str, limits: tuple[type, float, float]) -> floa
     if not low <= value <= high:
         raise PolicyError(f"{name} must be between {low:g} and {high:g}")
     return kind(value)
-
-
-_GLOBS: dict[str, re.Pattern[str]] = {}
-
-
-def _glob(pattern: str) -> re.Pattern[str]:
-    compiled = _GLOBS.get(pattern)
-    if compiled is None:
-        if len(_GLOBS) > 4 * MAX_PATTERNS:
-            _GLOBS.clear()
-        compiled = _GLOBS[pattern] = re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
-    return compiled
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +323,16 @@ class Throttle:
         if hint is None:
             return None
         return min(MAX_RETRY, max(MIN_RETRY, hint) * self.rng.uniform(0.8, 1.25))
+
+    def admit_unauthenticated(self, waiting: int, limit: int) -> float | None:
+        """None: let in a WebSocket that has no token yet, to wait for its auth frame (:meth:`admit` comes with
+        that frame). ``waiting``: such sockets open now; ``limit``: their own small budget, apart from
+        ``max_connections``, so that sockets that proved nothing cannot lock out the clients that did.
+        Otherwise the seconds it should wait (jittered)."""
+        if waiting < limit:
+            return None
+        self._count("rejected", "*")
+        return WAITING_RETRY * self.rng.uniform(0.8, 1.25)
 
     # -- counters -------------------------------------------------------------------------------------------
     def _count(self, name: str, channel: str, n: int = 1) -> None:

@@ -4,6 +4,7 @@ the state endpoint and POST /publish."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +129,23 @@ def test_sse_stream_ends_when_its_token_expires(sidecar):
     client.wait(lambda f: any(x.get("code") == "token-expired" for x in f), timeout=10)
     assert client.closed.wait(5)
     client.close()
+
+
+def test_a_token_whose_times_are_not_numbers_is_refused_on_sse_and_websocket(sidecar):
+    # PyJWT reads `exp` with int(), so "exp": "<now+2>" passed the door; the grant saw no number, and the stream
+    # and the socket were still open long after. An integer past any float was a 500.
+    now = int(time.time())
+    for claims in ({"exp": str(now + 2)}, {"exp": 10**400}, {"nbf": str(now - 60)}):
+        token = mint(["*"], **claims)
+        response = sse_get(sidecar, "feed:9", token=token)
+        assert (response.status_code, response.json()["error"]) == (401, "unauthorized"), claims
+        assert token not in response.text
+        response.close()
+        assert handshake_status(sidecar.ws_url, "?token=" + token) == 401, claims
+        ws = WS(sidecar.ws_url)
+        ws.send(op="auth", token=token)
+        assert ws.closed.wait(5) and ws.close_code == 3000, claims
+        ws.close()
 
 
 # -- WebSocket ----------------------------------------------------------------------------------------------

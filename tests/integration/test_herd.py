@@ -22,9 +22,11 @@ from sidecar.core import merge
 from sidecar.publish import Publisher
 from tests.clients import SSEClient, WSClient
 from tests.swarm import SSEParser, Swarm, busiest, per_window
+from tests.tokens import mint
 
 ADMIN_KEY = "test-admin-key-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+SECRET = "herd-secret-" + "x" * 40
 
 
 @pytest.fixture
@@ -341,6 +343,55 @@ def test_refused_connections_get_503_or_1013_with_a_jittered_retry_hint(redis_se
     ws.close()
     ws.ws.shutdown()  # websocket-client's close() leaves the socket open once the server has closed
     holder.close()
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_flood_of_sockets_without_a_token_is_bounded_and_locks_no_token_holder_out(
+    redis_server, sidecar_process, pub
+):
+    # The report: 20 WebSockets without a token filled max_connections; SSE then got 503, WS 1013, for everyone.
+    sidecar = sidecar_process(redis_server.url, SIDECAR_DEV="0", SIDECAR_JWT_SECRET=SECRET, SIDECAR_AUTH_TIMEOUT="3",
+                              SIDECAR_MAX_CONNECTIONS="5", SIDECAR_MAX_UNAUTHENTICATED="4")  # fmt: skip
+    token = mint(SECRET, ["flood:*"])
+    held = [SSEClient(sidecar.url, ["flood:1"], token=token) for _ in range(2)]
+    assert [c.status for c in held] == [200, 200]
+    flood = [WSClient(sidecar.ws_url) for _ in range(20)]
+    wait_for(lambda: sum(ws.closed.is_set() for ws in flood) >= 16)
+    time.sleep(0.5)
+    waiting = [ws for ws in flood if not ws.closed.is_set()]
+    turned_away = [ws for ws in flood if ws.closed.is_set()]
+    assert len(waiting) == 4  # the budget of those yet to authenticate, not a place among the connections
+    assert all(ws.close_code == 1013 and re.search(r"retry in \d+ ms", ws.close_reason) for ws in turned_away)
+    # Token holders are let in during the flood, on both transports.
+    sse = SSEClient(sidecar.url, ["flood:1"], token=token)
+    ws = WSClient(sidecar.ws_url, token=token)
+    ws.subscribe("flood:1")
+    ws.wait(lambda f: ws.of_type("subscribed"))
+    assert sse.status == 200
+    # A waiting socket counts once its token comes: the fifth connection gets in, the sixth waits its turn.
+    first, second = waiting[0], waiting[1]
+    first.send(op="auth", token=token)
+    first.wait(lambda f: first.of_type("authorized"))
+    second.send(op="auth", token=token)
+    assert second.closed.wait(5) and second.close_code == 1013
+    full = requests.get(f"{sidecar.url}/sse", params={"channel": "flood:1", "token": token}, timeout=5)
+    assert full.status_code == 503  # the cap holds for the authorised
+    pub.event("flood:1", "went", {"n": 1})
+    for client in (*held, sse, ws):
+        client.wait(lambda f, client=client: client.messages())
+    # The rest are closed at the auth deadline, and their places are free again.
+    for squatter in waiting[2:]:
+        assert squatter.closed.wait(10) and squatter.close_code == 3000
+    late = WSClient(sidecar.ws_url)
+    assert not late.closed.wait(1)
+    for client in (*held, sse, ws, late, *flood):
+        client.close()
 
 
 # -- ops ----------------------------------------------------------------------------------------------------

@@ -139,6 +139,16 @@ def test_a_token_without_exp_is_refused():
     assert refused(auth(), jwt.encode({"channels": ["*"]}, SECRET)).code == "unauthorized"
 
 
+def test_time_claims_that_are_not_json_numbers_are_refused():
+    # PyJWT reads them with int(): a string `exp` passed the door, and the grant, finding no number, never ended.
+    now, a = int(time.time()), auth(jwt_leeway=5)
+    for claims in ({"exp": str(now + HOUR)}, {"exp": f" {now + 2} "}, {"exp": 10**400}, {"nbf": str(now - 60)},
+                   {"iat": str(now)}, {"iat": True}, {"nbf": False}):  # fmt: skip
+        assert refused(a, token({"channels": ["*"], **claims})).code == "unauthorized", claims
+    grant = a.grant(token({"channels": ["*"], "exp": now + 2.5, "nbf": now - 60, "iat": now - 60.5}))
+    assert grant.expires == now + 2.5 + 5
+
+
 def test_alg_none_and_unlisted_algorithms_are_refused():
     unsigned = jwt.encode({"exp": int(time.time()) + HOUR, "channels": ["*"]}, None, algorithm="none")
     assert refused(auth(), unsigned).code == "unauthorized"

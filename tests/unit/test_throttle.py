@@ -250,3 +250,13 @@ def test_the_connection_cap_refuses_with_a_hint() -> None:
 def test_admission_is_open_by_default() -> None:
     throttle, _ = make(Policy())
     assert all(throttle.admit(n) is None for n in range(10_000))
+
+
+def test_sockets_without_a_token_have_a_budget_of_their_own_and_take_no_admission_token() -> None:
+    throttle, clock = make(Policy(admit_rate=1, admit_burst=1, max_connections=1))
+    assert all(throttle.admit_unauthenticated(n, limit=4) is None for n in range(4))
+    hints = [throttle.admit_unauthenticated(4, limit=4) for _ in range(20)]
+    assert all(h is not None and 0.8 <= h <= 1.25 for h in hints) and len(set(hints)) > 1  # soon, jittered
+    assert throttle.admit_unauthenticated(0, limit=0) is not None  # 0: the token comes with the handshake
+    assert throttle.take_counts() == {("rejected", "*"): 21}
+    assert throttle.admit(0) is None  # the waiting took neither the rate's one token nor the cap's one place
