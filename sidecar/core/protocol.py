@@ -22,7 +22,9 @@ MAX_EVENT_LEN = 100
 # No braces (Redis Cluster hash tags), no spaces or commas (cursor separators), no `~` (position separator).
 CHANNEL_RE = re.compile(rf"[A-Za-z0-9_\-:.@]{{1,{MAX_CHANNEL_LEN}}}")
 EVENT_RE = re.compile(rf"[A-Za-z0-9_\-:.]{{1,{MAX_EVENT_LEN}}}")
-STREAM_ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
+# ASCII digits only: `\d` would match any Unicode digit (`١`, `１`), which int() reads and Redis refuses.
+STREAM_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+MAX_ID_PART = 2**64 - 1  # both parts of a Redis stream id are unsigned 64-bit integers
 EPOCH_RE = re.compile(r"[0-9a-f]{0,32}")
 
 
@@ -68,9 +70,10 @@ ZERO_KEY: StreamKey = (0, 0)
 def stream_key(stream_id: str) -> StreamKey:
     """A Redis stream id ("<ms>-<n>") as a comparable tuple."""
     match = STREAM_ID_RE.fullmatch(stream_id)
-    if not match:
-        raise ProtocolError("bad-id", "stream ids look like 1700000000000-0")
-    return int(match[1]), int(match[2])
+    key = (int(match[1]), int(match[2])) if match else None
+    if key is None or key[0] > MAX_ID_PART or key[1] > MAX_ID_PART:
+        raise ProtocolError("bad-id", "stream ids look like 1700000000000-0 (two unsigned 64-bit integers)")
+    return key
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,6 +159,39 @@ def test_a_channels_state_is_capped(sidecar, pub):
     assert publish(sidecar, {"channel": "fat:1", "event": "reset", "state": {"small": True}}).ok
 
 
+BAD_IDS = ["1-18446744073709551616", "18446744073709551616-0", "\uff11-0", "\u0661-0", "1-\u0660"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_ids_beyond_64_bits_or_of_unicode_digits_are_refused_not_retried(sidecar, bad):
+    """Redis refuses such ids: passed on, they made a 503 that the client retried forever (WS: close 1013)."""
+    token = mint(["*"])
+    header = requests.get(f"{sidecar.url}/sse", params={"channel": "id:1", "token": token},
+                          headers={"Last-Event-ID": (bad + "~").encode()}, timeout=5)  # fmt: skip
+    query = requests.get(f"{sidecar.url}/sse", params={"channel": "id:1", "token": token, "last_event_id": bad + "~"},
+                         timeout=5)  # fmt: skip
+    for response in (header, query):
+        assert response.status_code == 400 and response.json()["error"] == "bad-id", response.text
+    ws = WS(sidecar.ws_url, token)
+    ws.subscribe("id:1", since=bad, epoch="")
+    ws.wait(lambda f: ws.of_type("error"))
+    assert [(e["code"], e["channel"]) for e in ws.of_type("error")] == [("bad-id", "id:1")]
+    ws.send(op="ping")
+    ws.wait(lambda f: ws.of_type("pong"))
+    assert not ws.closed.is_set() and not ws.of_type("subscribed")
+    ws.close()
+
+
+def test_the_largest_stream_id_is_a_position_from_the_future(sidecar, pub):
+    pub.event("id:2", "e")
+    top = "18446744073709551615-18446744073709551615"
+    ws = WS(sidecar.ws_url, mint(["*"]))
+    ws.subscribe("id:2", mode="event", since=top)
+    ws.wait(lambda f: ws.of_type("reset"))
+    assert ws.of_type("reset")[0]["reason"] == "gap" and not ws.of_type("error")
+    ws.close()
+
+
 # -- the generated barrage ----------------------------------------------------------------------------------
 def frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, masked: bool = True) -> bytes:
     """A client WebSocket frame with any opcode, flags and payload (RFC 6455 section 5.2), right or wrong."""

@@ -85,6 +85,31 @@ def test_stream_key_orders_ids_numerically() -> None:
             stream_key(bad)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "1-18446744073709551616",  # 2**64: past Redis' unsigned 64-bit range
+        "18446744073709551616-0",
+        "99999999999999999999-0",
+        "\uff11-0",  # FULLWIDTH DIGIT ONE: int() reads it, Redis does not
+        "\u0661-0",  # ARABIC-INDIC DIGIT ONE
+        "1-\u0660",
+        "\U0001d7cf-0",  # MATHEMATICAL BOLD DIGIT ONE
+    ],
+)
+def test_stream_ids_are_two_ascii_unsigned_64_bit_integers(bad: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        stream_key(bad)
+    assert info.value.code == "bad-id"
+    with pytest.raises(ProtocolError):
+        Position.parse(bad + "~")
+
+
+def test_the_largest_stream_id_redis_accepts_is_valid() -> None:
+    assert stream_key("18446744073709551615-18446744073709551615") == (2**64 - 1, 2**64 - 1)
+    assert parse_cursor("18446744073709551615-0~ab", ["a"]) == {"a": Position("18446744073709551615-0", "ab")}
+
+
 def test_position_encodes_as_id_tilde_epoch_and_parses_back() -> None:
     position = Position("1700000000000-3", "16d3b31c")
     assert position.encode() == "1700000000000-3~16d3b31c"
