@@ -6,6 +6,7 @@ docs/protocol.md is the public contract; this module is its executable form. Fra
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from dataclasses import dataclass
@@ -181,6 +182,35 @@ def control_body(kind: str, channel: str, position: Position, seq: int, **extra:
     body = {"type": kind, "channel": channel, "id": position.id, "seq": seq, "epoch": position.epoch}
     body.update({k: (orjson.Fragment(v) if isinstance(v, bytes) else v) for k, v in extra.items()})
     return body
+
+
+# orjson keeps integers in [-2**63, 2**64 - 1] exact and silently reads larger ones as floats; only a literal of
+# 19 or more digits can lie outside that range.
+MIN_INT, MAX_INT = -(2**63), 2**64 - 1
+LONG_DIGITS_RE = re.compile(rb"[0-9]{19}")
+
+
+def loads_exact(data: bytes) -> Any:
+    """A client's JSON document; ProtocolError `bad-json`, or `bad-number` for an integer beyond 64 bits (it
+    would be stored as a float)."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("bad-json", "the body must be JSON") from None
+    if LONG_DIGITS_RE.search(data):
+        try:
+            json.loads(data, parse_int=_int64)  # exact, and only for bodies with a long digit run
+        except (ValueError, RecursionError):
+            message = f"integers must lie in {MIN_INT}..{MAX_INT} (64 bits); send larger ones as strings"
+            raise ProtocolError("bad-number", message) from None
+    return value
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not MIN_INT <= value <= MAX_INT:
+        raise ValueError(text)
+    return value
 
 
 def dumps(body: dict) -> bytes:

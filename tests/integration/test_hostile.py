@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.core.protocol import MODES
-from sidecar.publish import Publisher
+from sidecar.publish import Publisher, PublishError
 from tests.clients import SSEClient, WSClient
 from tests.processes import EmbeddedRedis, SidecarProcess
 from tests.tokens import forget_earlier_garbage, guarded_sidecar
@@ -144,6 +145,97 @@ def test_published_message_and_body_sizes_are_capped(sidecar):
     huge = requests.post(f"{sidecar.url}/publish", data=b"x" * 10_000, headers={"Authorization": f"Bearer {KEY}"},
                          timeout=5)  # fmt: skip
     assert huge.status_code == 413 and huge.json()["error"]
+
+
+def post_chunked(sidecar: SidecarProcess, body: bytes, size: int = 1000) -> tuple[int, dict]:
+    """POST /publish over a raw socket with `Transfer-Encoding: chunked` (no Content-Length at all)."""
+    with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as sock:
+        sock.sendall(f"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())  # fmt: skip
+        for start in range(0, len(body), size):
+            piece = body[start : start + size]
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        sock.sendall(b"0\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def test_a_chunked_body_over_the_limit_is_refused_not_cut_at_the_limit(sidecar, pub):
+    limit = 2 * LIMITS["SIDECAR_MAX_PUBLISH_BYTES"]
+
+    def padded(channel: str, size: int) -> bytes:  # valid JSON, then blanks up to `size` bytes
+        return json.dumps({"channel": channel, "event": "e"}).encode().ljust(size)
+
+    assert post_chunked(sidecar, padded("chunk:ok", limit))[0] == 200  # at the limit: fine
+    status, body = post_chunked(sidecar, padded("chunk:1", limit) + b"x" * 1000)  # the first `limit` bytes parse
+    assert (status, body["error"]) == (413, "too-large") and body["message"]
+    status, body = post_chunked(sidecar, b"[" * 100_000, size=8192)
+    assert (status, body["error"]) == (413, "too-large")
+    assert pub.snapshot("chunk:1") is None and pub.snapshot("chunk:ok") is not None
+
+
+def test_every_field_of_a_publish_has_its_type_checked(sidecar):
+    cases = [
+        ("kind", [], "bad-kind"), ("kind", {}, "bad-kind"), ("kind", 1, "bad-kind"), ("kind", None, "bad-kind"),
+        ("channel", ["a"], "bad-channel"), ("channel", {"a": 1}, "bad-channel"), ("channel", 7, "bad-channel"),
+        ("event", [], "bad-event"), ("event", None, "bad-event"), ("event", True, "bad-event"),
+        ("changes", [], "bad-change"), ("changes", "x", "bad-change"), ("state", [1], "bad-change"),
+        ("state", None, "bad-change"),
+    ]  # fmt: skip
+    for field, value, code in cases:
+        response = publish(sidecar, {"channel": "types:1", "event": "e", field: value})
+        assert response.status_code == 400 and response.json()["error"] == code, (field, value, response.text)
+        assert response.json()["message"]
+    for body in ({"messages": {}}, {"messages": "a"}, {"messages": None}, {"messages": []}, {"messages": [[]]},
+                 {"messages": [{"channel": "types:1", "event": "e"}], "channel": "types:2"}, [], "x", 1, False):
+        response = publish(sidecar, body)
+        assert response.status_code == 400 and response.json()["error"] == "bad-request", (body, response.text)
+
+
+publish_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=10), st.sampled_from(["a:1", "e", "diff", "state", "event", "poke", "{0}"]),
+    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+publish_items = st.dictionaries(
+    st.sampled_from(["channel", "event", "kind", "data", "changes", "state", "messages", "other"]), publish_values,
+    max_size=4,
+).map(lambda fields: {"channel": "fuzz:1", "event": "e", **fields})  # from a valid message, some fields changed
+
+
+def test_publish_bodies_of_any_shape_get_a_200_or_a_clear_400(sidecar):
+    session = requests.Session()
+    statuses: dict[int, int] = {}
+
+    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(body=publish_items | st.builds(lambda items: {"messages": items}, st.lists(publish_items, max_size=3)))
+    def check(body: dict) -> None:
+        response = session.post(f"{sidecar.url}/publish", data=json.dumps(body),
+                                headers={"Authorization": f"Bearer {KEY}"}, timeout=5)  # fmt: skip
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert response.status_code in (200, 400), (body, response.status_code, response.text[:300])
+        if response.status_code == 400:
+            assert response.json()["error"] and response.json()["message"], response.text
+
+    check()
+    session.close()
+    assert statuses.get(400) and statuses.get(200), statuses
+
+
+def test_integers_beyond_64_bits_are_refused_not_stored_as_floats(sidecar, pub):
+    for n in (2**64, -(2**63) - 1, 10**30):
+        raw = f'{{"channel": "big:1", "event": "e", "data": {{"n": {n}}}}}'
+        response = requests.post(f"{sidecar.url}/publish", data=raw, headers={"Authorization": f"Bearer {KEY}"},
+                                 timeout=5)  # fmt: skip
+        assert response.status_code == 400 and response.json()["error"] == "bad-number", (n, response.text)
+    assert pub.snapshot("big:1") is None
+    edges = {"top": 2**64 - 1, "bottom": -(2**63), "id": "123456789012345678901234", "float": 1e300}
+    assert publish(sidecar, {"channel": "big:2", "event": "e", "changes": edges}).ok
+    assert pub.snapshot("big:2").state == edges  # exact
+    with pytest.raises(PublishError) as info:
+        pub.event("big:3", "e", {"n": 2**64})
+    assert info.value.code == "bad-json" and "64-bit" in info.value.message
 
 
 def test_a_channels_state_is_capped(sidecar, pub):

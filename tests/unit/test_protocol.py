@@ -14,6 +14,7 @@ from sidecar.core.protocol import (
     control_body,
     dumps,
     encode_cursor,
+    loads_exact,
     message_body,
     parse_client_frame,
     parse_cursor,
@@ -153,6 +154,19 @@ def test_cursor_with_another_count_of_positions_is_refused(cursor: str, count: i
 def test_empty_cursor_for_no_channels_is_empty() -> None:
     assert encode_cursor([]) == ""
     assert parse_cursor("", []) == {}
+
+
+# -- client JSON ------------------------------------------------------------------------------------------------
+def test_client_json_keeps_64_bit_integers_exact_and_refuses_larger_ones() -> None:
+    edges = [2**64 - 1, -(2**63), 1e300, "123456789012345678901234567890", 12345678901234567890.5]
+    assert loads_exact(orjson.dumps(edges)) == edges
+    for big in (b"18446744073709551616", b'{"a": [-9223372036854775809]}', b'{"n": 1' + b"0" * 40 + b"}"):
+        with pytest.raises(ProtocolError) as info:
+            loads_exact(big)
+        assert info.value.code == "bad-number"
+    with pytest.raises(ProtocolError) as info:
+        loads_exact(b'{"a": ')
+    assert info.value.code == "bad-json"
 
 
 # -- message bodies -------------------------------------------------------------------------------------------
