@@ -238,6 +238,23 @@ def test_integers_beyond_64_bits_are_refused_not_stored_as_floats(sidecar, pub):
     assert info.value.code == "bad-json" and "64-bit" in info.value.message
 
 
+def test_a_refused_throttle_document_changes_nothing(sidecar):
+    url = f"{sidecar.url}/admin/throttle"
+    custom = {"channels": {"adm:*": {"window": 0.5}}}
+    assert requests.put(url, json=custom, timeout=5).ok
+    before = requests.get(url, timeout=5).json()
+    assert before["source"] == "redis" and before["policy"]["channels"]["adm:*"]["window"] == 0.5
+    try:
+        for body in (b"null", b"[]", b"3", b'"x"', b"{", b'{"channels": {"adm:*": {"window": -1}}}'):
+            refused = requests.put(url, data=body, timeout=5)
+            assert refused.status_code == 400 and refused.json()["error"] in ("bad-policy", "bad-json"), body
+        assert requests.put(url, data=b" " * 10_000, timeout=5).status_code == 413
+        assert requests.get(url, timeout=5).json() == before
+    finally:
+        reset = requests.delete(url, timeout=5)
+    assert reset.ok and reset.json()["source"] == "settings" and "adm:*" not in reset.json()["policy"]["channels"]
+
+
 def test_a_channels_state_is_capped(sidecar, pub):
     def grow(key: str) -> requests.Response:  # each patch is ~1.5 KB of the 8 KB cap
         return publish(sidecar, {"channel": "fat:1", "event": "grew", "changes": {key: "y" * 1500}})
