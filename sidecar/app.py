@@ -21,7 +21,7 @@ from flask import Blueprint, Flask, Response, current_app, request, send_from_di
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_input_stream
 
-from sidecar.auth import Auth, AuthError, Grant, bearer
+from sidecar.auth import Auth, AuthError, Grant, bearer, presented_token
 from sidecar.config import Settings
 from sidecar.control import aborter, busy
 from sidecar.core.connection import SSE
@@ -133,7 +133,7 @@ def _cors(response: Response) -> Response:
 
 def request_grant() -> Grant:
     """The grant of the request's token: `Authorization: Bearer`, or `?token=` (EventSource sets no headers)."""
-    token = bearer(request.headers.get("Authorization")) or request.args.get("token")
+    token = presented_token(request.headers.get("Authorization"), request.args.getlist("token"))
     return current_app.extensions["auth"].grant(token)
 
 

@@ -268,6 +268,29 @@ def test_a_channels_state_is_capped(sidecar, pub):
     assert publish(sidecar, {"channel": "fat:1", "event": "reset", "state": {"small": True}}).ok
 
 
+def test_two_different_tokens_are_refused_whichever_is_valid(sidecar, pub):
+    pub.event("amb:1", "e")
+    good, bad = mint(["amb:*"]), mint(["amb:*"], ttl=-60)
+    ws_headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+    barrage = Barrage(sidecar)
+    for header, query in ((bad, [good]), (good, [bad]), (None, [good, bad]), ("garbage", [good])):
+        auth = {"Authorization": f"Bearer {header}"} if header else {}
+        tokens = "".join(f"&token={t}" for t in query)
+        for path, extra in ((f"/sse?channel=amb:1{tokens}", {}), (f"/channels/amb:1/state?{tokens}", {}),
+                            (f"/ws?{tokens}", ws_headers)):  # fmt: skip
+            status, body = barrage.http_json("GET", path, {**auth, **extra})
+            assert (status, body["error"]) == (400, "ambiguous-token"), (header, query, path, body)
+            assert good not in body["message"] and bad not in body["message"]
+    # The same token twice is one token; one wrong token stays a plain 401.
+    same = barrage.http_json("GET", f"/channels/amb:1/state?token={good}", {"Authorization": f"Bearer {good}"})
+    assert same[0] == 200
+    wrong = barrage.http_json("GET", f"/channels/amb:1/state?token={bad}", {})
+    assert wrong[0] == 401 and wrong[1]["error"] == "token-expired"
+    garbage = barrage.http_json("GET", "/channels/amb:1/state", {"Authorization": "Bearer x"})
+    assert garbage[0] == 401 and garbage[1]["error"] == "unauthorized"
+
+
 BAD_IDS = ["1-18446744073709551616", "18446744073709551616-0", "\uff11-0", "\u0661-0", "1-\u0660"]
 
 
@@ -524,7 +547,13 @@ class Barrage:
             assert status == 401, status
 
     def http(self, method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> int:
-        """A raw request (no client-side cleanup of the URL); 5xx fails, 4xx must be a JSON error."""
+        return self.http_json(method, path, headers, body)[0]
+
+    def http_json(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None = None
+    ) -> tuple[int, Any]:
+        """A raw request (no client-side cleanup of the URL); 5xx fails, 4xx must be a JSON error. Returns the
+        status and the JSON body (None for a stream or an upgrade)."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
         try:
             conn.putrequest(method, path, skip_accept_encoding=True)
@@ -536,16 +565,16 @@ class Barrage:
             response = conn.getresponse()
             status = response.status
             if status == 200 and response.getheader("Content-Type", "").startswith("text/event-stream"):
-                return status  # a valid subscription: hang up
+                return status, None  # a valid subscription: hang up
             if status == 101:
-                return status
+                return status, None
             data = response.read()
         finally:
             conn.close()
         assert status < 500, (method, path, status, data[:300])
         if status >= 400 and status != 405:
             assert json.loads(data)["error"], data
-        return status
+        return status, json.loads(data) if data.startswith(b"{") else None
 
     def close(self) -> None:
         if self.conn is not None:
