@@ -6,7 +6,6 @@ docs/protocol.md is the public contract; this module is its executable form. Fra
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
 from dataclasses import dataclass
@@ -185,9 +184,12 @@ def control_body(kind: str, channel: str, position: Position, seq: int, **extra:
 
 
 # orjson keeps integers in [-2**63, 2**64 - 1] exact and silently reads larger ones as floats; only a literal of
-# 19 or more digits can lie outside that range.
+# 19 or more digits can lie outside that range. On JSON that parsed, an integer literal is a digit run outside
+# strings with no `.`, `e`, sign or digit before it (a fraction or an exponent) and no `.` or `e` after it.
 MIN_INT, MAX_INT = -(2**63), 2**64 - 1
 LONG_DIGITS_RE = re.compile(rb"[0-9]{19}")
+STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+LONG_INT_RE = re.compile(rb"(?<![0-9.eE+-])(?:-?[0-9]{20,}|-[0-9]{19})(?![0-9.eE])")  # may be out of range
 
 
 def loads_exact(data: bytes) -> Any:
@@ -198,18 +200,10 @@ def loads_exact(data: bytes) -> Any:
     except orjson.JSONDecodeError:
         raise ProtocolError("bad-json", "the body must be JSON") from None
     if LONG_DIGITS_RE.search(data):
-        try:
-            json.loads(data, parse_int=_int64)  # exact, and only for bodies with a long digit run
-        except (ValueError, RecursionError):
-            message = f"integers must lie in {MIN_INT}..{MAX_INT} (64 bits); send larger ones as strings"
-            raise ProtocolError("bad-number", message) from None
-    return value
-
-
-def _int64(text: str) -> int:
-    value = int(text)
-    if not MIN_INT <= value <= MAX_INT:
-        raise ValueError(text)
+        for literal in LONG_INT_RE.findall(STRING_RE.sub(b'""', data)):
+            if len(literal.lstrip(b"-")) > 20 or not MIN_INT <= int(literal) <= MAX_INT:
+                message = f"integers must lie in {MIN_INT}..{MAX_INT} (64 bits); send larger ones as strings"
+                raise ProtocolError("bad-number", message)
     return value
 
 

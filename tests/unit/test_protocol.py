@@ -158,9 +158,16 @@ def test_empty_cursor_for_no_channels_is_empty() -> None:
 
 # -- client JSON ------------------------------------------------------------------------------------------------
 def test_client_json_keeps_64_bit_integers_exact_and_refuses_larger_ones() -> None:
-    edges = [2**64 - 1, -(2**63), 1e300, "123456789012345678901234567890", 12345678901234567890.5]
+    edges = [2**64 - 1, -(2**63), 1e300, "123456789012345678901234567890", 12345678901234567890.5, '"1' + "0" * 30]
     assert loads_exact(orjson.dumps(edges)) == edges
-    for big in (b"18446744073709551616", b'{"a": [-9223372036854775809]}', b'{"n": 1' + b"0" * 40 + b"}"):
+    # Long digit runs that are no integer literal: a fraction, exponents, an escaped quote then digits, a key.
+    literals = b'[1.0000000000000000000000001, 1e-0000000000000000000001, 2E+00000000000000000000001, '
+    literals += b'"\\"' + b"1" * 30 + b'", {"' + b"0" * 20 + b'": 0}]'
+    assert loads_exact(literals) == [1.0, 1e-1, 20.0, '"' + "1" * 30, {"0" * 20: 0}]
+    assert loads_exact(b"[" * 1000 + b'"1234567890123456789012"' + b"]" * 1000)  # no recursion of our own
+    bigs = [b"18446744073709551616", b'{"a": [-9223372036854775809]}', b'{"n": 1' + b"0" * 40 + b"}",
+            b'["x\\"", 99999999999999999999]', b"[" * 900 + b"-1" + b"0" * 25 + b"]" * 900]  # fmt: skip
+    for big in bigs:
         with pytest.raises(ProtocolError) as info:
             loads_exact(big)
         assert info.value.code == "bad-number"
