@@ -13,7 +13,7 @@ from __future__ import annotations
 import orjson
 from flask import Blueprint, Response, current_app, request
 
-from sidecar.app import error
+from sidecar.app import error, read_body, too_large
 from sidecar.auth import bearer
 from sidecar.core.throttle import PolicyError
 
@@ -40,10 +40,15 @@ def get_throttle() -> Response:
 def put_throttle() -> Response:
     """Replace the policy: what the document leaves out takes the settings' value. Every replica applies it
     within a second."""
+    data = read_body()
+    if data is None:
+        return too_large()
     try:
-        doc = orjson.loads(request.get_data())
+        doc = orjson.loads(data)
     except orjson.JSONDecodeError:
         return error(400, "bad-json", "the body must be a JSON policy document")
+    if not isinstance(doc, dict):  # None would mean "back to the settings": that is DELETE, never a refusal
+        return error(400, "bad-policy", "the policy is a JSON object (DELETE /admin/throttle restores the settings')")
     try:
         current_app.extensions["relay"].control.put_policy(doc)
     except PolicyError as exc:

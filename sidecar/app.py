@@ -19,8 +19,9 @@ import orjson
 import redis
 from flask import Blueprint, Flask, Response, current_app, request, send_from_directory
 from werkzeug.exceptions import HTTPException
+from werkzeug.wsgi import get_input_stream
 
-from sidecar.auth import Auth, AuthError, Grant, bearer
+from sidecar.auth import Auth, AuthError, Grant, bearer, presented_token
 from sidecar.config import Settings
 from sidecar.control import aborter, busy
 from sidecar.core.connection import SSE
@@ -28,6 +29,7 @@ from sidecar.core.protocol import (
     SSE_KEEPALIVE,
     ProtocolError,
     dumps,
+    loads_exact,
     parse_cursor,
     sse_frame,
     sse_id_line,
@@ -54,7 +56,7 @@ def create_app(settings: Settings, relay: Relay | None = None) -> Flask:
     app.extensions["publisher"] = Publisher(relay.store)
     app.extensions["auth"] = Auth(settings)
     app.config["SETTINGS"] = settings
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_publish_bytes * 2  # bounds chunked bodies too
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_publish_bytes * 2  # every body: see read_body()
     app.register_blueprint(api)
     from sidecar.admin import admin
 
@@ -84,6 +86,27 @@ def error(status: int, code: str, message: str, **headers: str) -> Response:
     return Response(body, status=status, mimetype="application/json", headers=headers)
 
 
+def read_body() -> bytes | None:
+    """The request body, or None when it is over MAX_CONTENT_LENGTH (413). Werkzeug's own limit cuts a chunked
+    body at the limit without a word, so this reads one byte past it to know."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    stream = get_input_stream(request.environ, max_content_length=None)  # both our servers end chunked input
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = stream.read(min(65_536, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return None if size > limit else b"".join(chunks)
+
+
+def too_large() -> Response:
+    return error(413, "too-large", f"request bodies are limited to {current_app.config['MAX_CONTENT_LENGTH']} bytes")
+
+
 def _http_error(exc: HTTPException) -> Response:
     headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
     return error(exc.code or 500, (exc.name or "error").lower().replace(" ", "-"), exc.description or "", **headers)
@@ -110,7 +133,7 @@ def _cors(response: Response) -> Response:
 
 def request_grant() -> Grant:
     """The grant of the request's token: `Authorization: Bearer`, or `?token=` (EventSource sets no headers)."""
-    token = bearer(request.headers.get("Authorization")) or request.args.get("token")
+    token = presented_token(request.headers.get("Authorization"), request.args.getlist("token"))
     return current_app.extensions["auth"].grant(token)
 
 
@@ -243,13 +266,16 @@ def publish() -> Response:
     """The publisher API over HTTP: one message object, or {"messages": [...]} for a batch."""
     publisher: Publisher = current_app.extensions["publisher"]
     current_app.extensions["auth"].require_publisher(bearer(request.headers.get("Authorization")))
-    if request.content_length is not None and request.content_length > settings_of().max_publish_bytes * 2:
-        return error(413, "too-large", "request body too large")
-    try:
-        body = orjson.loads(request.get_data())
-    except orjson.JSONDecodeError:
-        return error(400, "bad-json", "the body must be JSON")
-    items = body.get("messages") if isinstance(body, dict) and "messages" in body else [body]
+    data = read_body()
+    if data is None:
+        return too_large()
+    body = loads_exact(data)
+    if isinstance(body, dict) and "messages" in body:
+        if len(body) > 1:
+            return error(400, "bad-request", 'a batch is {"messages": [...]} and nothing else')
+        items = body["messages"]
+    else:
+        items = [body]
     if not isinstance(items, list) or not items:
         return error(400, "bad-request", '"messages" must be a non-empty list')
     try:
@@ -265,7 +291,7 @@ def _publish_item(publisher: Publisher, index: int, item: Any) -> Any:
     if not isinstance(item, dict):
         raise PublishError("bad-request", f"{where}each message is a JSON object")
     kind = item.get("kind", "diff" if "changes" in item else "state" if "state" in item else "event")
-    if kind not in PUBLISH_KINDS:
+    if not isinstance(kind, str) or kind not in PUBLISH_KINDS:
         raise PublishError("bad-kind", f"{where}kind must be one of {', '.join(PUBLISH_KINDS)}")
     field = PUBLISH_KINDS[kind]
     if field and field not in item:

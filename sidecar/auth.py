@@ -13,7 +13,7 @@ Nothing here logs a token or a key, nor puts one in an error message. No Flask i
 Example::
 
     auth = Auth(settings)
-    grant = auth.grant(bearer(request.headers.get("Authorization")) or request.args.get("token"))
+    grant = auth.grant(presented_token(request.headers.get("Authorization"), request.args.getlist("token")))
     auth.authorize(grant, ["user:42"])          # AuthError(403) if the token does not grant it
 """
 
@@ -159,6 +159,15 @@ def bearer(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return value.strip() or None
+
+
+def presented_token(authorization: str | None, query: Iterable[str] = ()) -> str | None:
+    """The one token of a request: `Authorization: Bearer`, or `?token=` (EventSource and browsers' WebSocket
+    cannot set headers). Two different tokens are refused (400) rather than one of them winning in silence."""
+    tokens = {token for token in (bearer(authorization), *query) if token}
+    if len(tokens) > 1:
+        raise AuthError(400, "ambiguous-token", "send one token, in Authorization or in ?token=, not two different")
+    return tokens.pop() if tokens else None
 
 
 def split_list(value: str | None) -> tuple[str, ...]:

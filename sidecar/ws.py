@@ -18,7 +18,7 @@ import redis
 from flask import current_app, g, request
 from flask_sock import Sock
 
-from sidecar.auth import AuthError, Grant, bearer
+from sidecar.auth import AuthError, Grant, presented_token
 from sidecar.control import busy, socket_aborter
 from sidecar.core.connection import WS, Connection
 from sidecar.core.limits import TokenBucket
@@ -130,7 +130,7 @@ def handshake() -> None:
     auth = current_app.extensions["auth"]
     if not auth.origin_allowed(request.headers.get("Origin"), request.host):
         raise AuthError(403, "forbidden-origin", "WebSockets from this origin are not allowed")
-    token = bearer(request.headers.get("Authorization")) or request.args.get("token")
+    token = presented_token(request.headers.get("Authorization"), request.args.getlist("token"))
     g.grant = auth.grant(token) if token or not auth.tokens_required else None
 
 

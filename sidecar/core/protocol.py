@@ -22,7 +22,9 @@ MAX_EVENT_LEN = 100
 # No braces (Redis Cluster hash tags), no spaces or commas (cursor separators), no `~` (position separator).
 CHANNEL_RE = re.compile(rf"[A-Za-z0-9_\-:.@]{{1,{MAX_CHANNEL_LEN}}}")
 EVENT_RE = re.compile(rf"[A-Za-z0-9_\-:.]{{1,{MAX_EVENT_LEN}}}")
-STREAM_ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
+# ASCII digits only: `\d` would match any Unicode digit (`١`, `１`), which int() reads and Redis refuses.
+STREAM_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+MAX_ID_PART = 2**64 - 1  # both parts of a Redis stream id are unsigned 64-bit integers
 EPOCH_RE = re.compile(r"[0-9a-f]{0,32}")
 
 
@@ -68,9 +70,10 @@ ZERO_KEY: StreamKey = (0, 0)
 def stream_key(stream_id: str) -> StreamKey:
     """A Redis stream id ("<ms>-<n>") as a comparable tuple."""
     match = STREAM_ID_RE.fullmatch(stream_id)
-    if not match:
-        raise ProtocolError("bad-id", "stream ids look like 1700000000000-0")
-    return int(match[1]), int(match[2])
+    key = (int(match[1]), int(match[2])) if match else None
+    if key is None or key[0] > MAX_ID_PART or key[1] > MAX_ID_PART:
+        raise ProtocolError("bad-id", "stream ids look like 1700000000000-0 (two unsigned 64-bit integers)")
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +181,30 @@ def control_body(kind: str, channel: str, position: Position, seq: int, **extra:
     body = {"type": kind, "channel": channel, "id": position.id, "seq": seq, "epoch": position.epoch}
     body.update({k: (orjson.Fragment(v) if isinstance(v, bytes) else v) for k, v in extra.items()})
     return body
+
+
+# orjson keeps integers in [-2**63, 2**64 - 1] exact and silently reads larger ones as floats; only a literal of
+# 19 or more digits can lie outside that range. On JSON that parsed, an integer literal is a digit run outside
+# strings with no `.`, `e`, sign or digit before it (a fraction or an exponent) and no `.` or `e` after it.
+MIN_INT, MAX_INT = -(2**63), 2**64 - 1
+LONG_DIGITS_RE = re.compile(rb"[0-9]{19}")
+STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+LONG_INT_RE = re.compile(rb"(?<![0-9.eE+-])(?:-?[0-9]{20,}|-[0-9]{19})(?![0-9.eE])")  # may be out of range
+
+
+def loads_exact(data: bytes) -> Any:
+    """A client's JSON document; ProtocolError `bad-json`, or `bad-number` for an integer beyond 64 bits (it
+    would be stored as a float)."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("bad-json", "the body must be JSON") from None
+    if LONG_DIGITS_RE.search(data):
+        for literal in LONG_INT_RE.findall(STRING_RE.sub(b'""', data)):
+            if len(literal.lstrip(b"-")) > 20 or not MIN_INT <= int(literal) <= MAX_INT:
+                message = f"integers must lie in {MIN_INT}..{MAX_INT} (64 bits); send larger ones as strings"
+                raise ProtocolError("bad-number", message)
+    return value
 
 
 def dumps(body: dict) -> bytes:

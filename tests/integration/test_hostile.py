@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.core.protocol import MODES
-from sidecar.publish import Publisher
+from sidecar.publish import Publisher, PublishError
 from tests.clients import SSEClient, WSClient
 from tests.processes import EmbeddedRedis, SidecarProcess
 from tests.tokens import forget_earlier_garbage, guarded_sidecar
@@ -146,6 +147,114 @@ def test_published_message_and_body_sizes_are_capped(sidecar):
     assert huge.status_code == 413 and huge.json()["error"]
 
 
+def post_chunked(sidecar: SidecarProcess, body: bytes, size: int = 1000) -> tuple[int, dict]:
+    """POST /publish over a raw socket with `Transfer-Encoding: chunked` (no Content-Length at all)."""
+    with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as sock:
+        sock.sendall(f"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())  # fmt: skip
+        for start in range(0, len(body), size):
+            piece = body[start : start + size]
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        sock.sendall(b"0\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def test_a_chunked_body_over_the_limit_is_refused_not_cut_at_the_limit(sidecar, pub):
+    limit = 2 * LIMITS["SIDECAR_MAX_PUBLISH_BYTES"]
+
+    def padded(channel: str, size: int) -> bytes:  # valid JSON, then blanks up to `size` bytes
+        return json.dumps({"channel": channel, "event": "e"}).encode().ljust(size)
+
+    assert post_chunked(sidecar, padded("chunk:ok", limit))[0] == 200  # at the limit: fine
+    status, body = post_chunked(sidecar, padded("chunk:1", limit) + b"x" * 1000)  # the first `limit` bytes parse
+    assert (status, body["error"]) == (413, "too-large") and body["message"]
+    status, body = post_chunked(sidecar, b"[" * 100_000, size=8192)
+    assert (status, body["error"]) == (413, "too-large")
+    assert pub.snapshot("chunk:1") is None and pub.snapshot("chunk:ok") is not None
+
+
+def test_every_field_of_a_publish_has_its_type_checked(sidecar):
+    cases = [
+        ("kind", [], "bad-kind"), ("kind", {}, "bad-kind"), ("kind", 1, "bad-kind"), ("kind", None, "bad-kind"),
+        ("channel", ["a"], "bad-channel"), ("channel", {"a": 1}, "bad-channel"), ("channel", 7, "bad-channel"),
+        ("event", [], "bad-event"), ("event", None, "bad-event"), ("event", True, "bad-event"),
+        ("changes", [], "bad-change"), ("changes", "x", "bad-change"), ("state", [1], "bad-change"),
+        ("state", None, "bad-change"),
+    ]  # fmt: skip
+    for field, value, code in cases:
+        response = publish(sidecar, {"channel": "types:1", "event": "e", field: value})
+        assert response.status_code == 400 and response.json()["error"] == code, (field, value, response.text)
+        assert response.json()["message"]
+    for body in ({"messages": {}}, {"messages": "a"}, {"messages": None}, {"messages": []}, {"messages": [[]]},
+                 {"messages": [{"channel": "types:1", "event": "e"}], "channel": "types:2"}, [], "x", 1, False):
+        response = publish(sidecar, body)
+        assert response.status_code == 400 and response.json()["error"] == "bad-request", (body, response.text)
+
+
+publish_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=10), st.sampled_from(["a:1", "e", "diff", "state", "event", "poke", "{0}"]),
+    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+publish_items = st.dictionaries(
+    st.sampled_from(["channel", "event", "kind", "data", "changes", "state", "messages", "other"]), publish_values,
+    max_size=4,
+).map(lambda fields: {"channel": "fuzz:1", "event": "e", **fields})  # from a valid message, some fields changed
+
+
+def test_publish_bodies_of_any_shape_get_a_200_or_a_clear_400(sidecar):
+    session = requests.Session()
+    statuses: dict[int, int] = {}
+
+    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(body=publish_items | st.builds(lambda items: {"messages": items}, st.lists(publish_items, max_size=3)))
+    def check(body: dict) -> None:
+        response = session.post(f"{sidecar.url}/publish", data=json.dumps(body),
+                                headers={"Authorization": f"Bearer {KEY}"}, timeout=5)  # fmt: skip
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert response.status_code in (200, 400), (body, response.status_code, response.text[:300])
+        if response.status_code == 400:
+            assert response.json()["error"] and response.json()["message"], response.text
+
+    check()
+    session.close()
+    assert statuses.get(400) and statuses.get(200), statuses
+
+
+def test_integers_beyond_64_bits_are_refused_not_stored_as_floats(sidecar, pub):
+    for n in (2**64, -(2**63) - 1, 10**30):
+        raw = f'{{"channel": "big:1", "event": "e", "data": {{"n": {n}}}}}'
+        response = requests.post(f"{sidecar.url}/publish", data=raw, headers={"Authorization": f"Bearer {KEY}"},
+                                 timeout=5)  # fmt: skip
+        assert response.status_code == 400 and response.json()["error"] == "bad-number", (n, response.text)
+    assert pub.snapshot("big:1") is None
+    edges = {"top": 2**64 - 1, "bottom": -(2**63), "id": "123456789012345678901234", "float": 1e300}
+    assert publish(sidecar, {"channel": "big:2", "event": "e", "changes": edges}).ok
+    assert pub.snapshot("big:2").state == edges  # exact
+    with pytest.raises(PublishError) as info:
+        pub.event("big:3", "e", {"n": 2**64})
+    assert info.value.code == "bad-json" and "64-bit" in info.value.message
+
+
+def test_a_refused_throttle_document_changes_nothing(sidecar):
+    url = f"{sidecar.url}/admin/throttle"
+    custom = {"channels": {"adm:*": {"window": 0.5}}}
+    assert requests.put(url, json=custom, timeout=5).ok
+    before = requests.get(url, timeout=5).json()
+    assert before["source"] == "redis" and before["policy"]["channels"]["adm:*"]["window"] == 0.5
+    try:
+        for body in (b"null", b"[]", b"3", b'"x"', b"{", b'{"channels": {"adm:*": {"window": -1}}}'):
+            refused = requests.put(url, data=body, timeout=5)
+            assert refused.status_code == 400 and refused.json()["error"] in ("bad-policy", "bad-json"), body
+        assert requests.put(url, data=b" " * 10_000, timeout=5).status_code == 413
+        assert requests.get(url, timeout=5).json() == before
+    finally:
+        reset = requests.delete(url, timeout=5)
+    assert reset.ok and reset.json()["source"] == "settings" and "adm:*" not in reset.json()["policy"]["channels"]
+
+
 def test_a_channels_state_is_capped(sidecar, pub):
     def grow(key: str) -> requests.Response:  # each patch is ~1.5 KB of the 8 KB cap
         return publish(sidecar, {"channel": "fat:1", "event": "grew", "changes": {key: "y" * 1500}})
@@ -157,6 +266,62 @@ def test_a_channels_state_is_capped(sidecar, pub):
     assert refused.status_code == 400 and refused.json()["error"] == "state-too-large"
     assert "k5" not in pub.snapshot("fat:1").state and pub.snapshot("fat:1").seq == 15
     assert publish(sidecar, {"channel": "fat:1", "event": "reset", "state": {"small": True}}).ok
+
+
+def test_two_different_tokens_are_refused_whichever_is_valid(sidecar, pub):
+    pub.event("amb:1", "e")
+    good, bad = mint(["amb:*"]), mint(["amb:*"], ttl=-60)
+    ws_headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+    barrage = Barrage(sidecar)
+    for header, query in ((bad, [good]), (good, [bad]), (None, [good, bad]), ("garbage", [good])):
+        auth = {"Authorization": f"Bearer {header}"} if header else {}
+        tokens = "".join(f"&token={t}" for t in query)
+        for path, extra in ((f"/sse?channel=amb:1{tokens}", {}), (f"/channels/amb:1/state?{tokens}", {}),
+                            (f"/ws?{tokens}", ws_headers)):  # fmt: skip
+            status, body = barrage.http_json("GET", path, {**auth, **extra})
+            assert (status, body["error"]) == (400, "ambiguous-token"), (header, query, path, body)
+            assert good not in body["message"] and bad not in body["message"]
+    # The same token twice is one token; one wrong token stays a plain 401.
+    same = barrage.http_json("GET", f"/channels/amb:1/state?token={good}", {"Authorization": f"Bearer {good}"})
+    assert same[0] == 200
+    wrong = barrage.http_json("GET", f"/channels/amb:1/state?token={bad}", {})
+    assert wrong[0] == 401 and wrong[1]["error"] == "token-expired"
+    garbage = barrage.http_json("GET", "/channels/amb:1/state", {"Authorization": "Bearer x"})
+    assert garbage[0] == 401 and garbage[1]["error"] == "unauthorized"
+
+
+BAD_IDS = ["1-18446744073709551616", "18446744073709551616-0", "\uff11-0", "\u0661-0", "1-\u0660"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_ids_beyond_64_bits_or_of_unicode_digits_are_refused_not_retried(sidecar, bad):
+    """Redis refuses such ids: passed on, they made a 503 that the client retried forever (WS: close 1013)."""
+    token = mint(["*"])
+    header = requests.get(f"{sidecar.url}/sse", params={"channel": "id:1", "token": token},
+                          headers={"Last-Event-ID": (bad + "~").encode()}, timeout=5)  # fmt: skip
+    query = requests.get(f"{sidecar.url}/sse", params={"channel": "id:1", "token": token, "last_event_id": bad + "~"},
+                         timeout=5)  # fmt: skip
+    for response in (header, query):
+        assert response.status_code == 400 and response.json()["error"] == "bad-id", response.text
+    ws = WS(sidecar.ws_url, token)
+    ws.subscribe("id:1", since=bad, epoch="")
+    ws.wait(lambda f: ws.of_type("error"))
+    assert [(e["code"], e["channel"]) for e in ws.of_type("error")] == [("bad-id", "id:1")]
+    ws.send(op="ping")
+    ws.wait(lambda f: ws.of_type("pong"))
+    assert not ws.closed.is_set() and not ws.of_type("subscribed")
+    ws.close()
+
+
+def test_the_largest_stream_id_is_a_position_from_the_future(sidecar, pub):
+    pub.event("id:2", "e")
+    top = "18446744073709551615-18446744073709551615"
+    ws = WS(sidecar.ws_url, mint(["*"]))
+    ws.subscribe("id:2", mode="event", since=top)
+    ws.wait(lambda f: ws.of_type("reset"))
+    assert ws.of_type("reset")[0]["reason"] == "gap" and not ws.of_type("error")
+    ws.close()
 
 
 # -- the generated barrage ----------------------------------------------------------------------------------
@@ -382,7 +547,13 @@ class Barrage:
             assert status == 401, status
 
     def http(self, method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> int:
-        """A raw request (no client-side cleanup of the URL); 5xx fails, 4xx must be a JSON error."""
+        return self.http_json(method, path, headers, body)[0]
+
+    def http_json(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None = None
+    ) -> tuple[int, Any]:
+        """A raw request (no client-side cleanup of the URL); 5xx fails, 4xx must be a JSON error. Returns the
+        status and the JSON body (None for a stream or an upgrade)."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
         try:
             conn.putrequest(method, path, skip_accept_encoding=True)
@@ -394,16 +565,16 @@ class Barrage:
             response = conn.getresponse()
             status = response.status
             if status == 200 and response.getheader("Content-Type", "").startswith("text/event-stream"):
-                return status  # a valid subscription: hang up
+                return status, None  # a valid subscription: hang up
             if status == 101:
-                return status
+                return status, None
             data = response.read()
         finally:
             conn.close()
         assert status < 500, (method, path, status, data[:300])
         if status >= 400 and status != 405:
             assert json.loads(data)["error"], data
-        return status
+        return status, json.loads(data) if data.startswith(b"{") else None
 
     def close(self) -> None:
         if self.conn is not None:

@@ -14,6 +14,7 @@ from sidecar.core.protocol import (
     control_body,
     dumps,
     encode_cursor,
+    loads_exact,
     message_body,
     parse_client_frame,
     parse_cursor,
@@ -85,6 +86,31 @@ def test_stream_key_orders_ids_numerically() -> None:
             stream_key(bad)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "1-18446744073709551616",  # 2**64: past Redis' unsigned 64-bit range
+        "18446744073709551616-0",
+        "99999999999999999999-0",
+        "\uff11-0",  # FULLWIDTH DIGIT ONE: int() reads it, Redis does not
+        "\u0661-0",  # ARABIC-INDIC DIGIT ONE
+        "1-\u0660",
+        "\U0001d7cf-0",  # MATHEMATICAL BOLD DIGIT ONE
+    ],
+)
+def test_stream_ids_are_two_ascii_unsigned_64_bit_integers(bad: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        stream_key(bad)
+    assert info.value.code == "bad-id"
+    with pytest.raises(ProtocolError):
+        Position.parse(bad + "~")
+
+
+def test_the_largest_stream_id_redis_accepts_is_valid() -> None:
+    assert stream_key("18446744073709551615-18446744073709551615") == (2**64 - 1, 2**64 - 1)
+    assert parse_cursor("18446744073709551615-0~ab", ["a"]) == {"a": Position("18446744073709551615-0", "ab")}
+
+
 def test_position_encodes_as_id_tilde_epoch_and_parses_back() -> None:
     position = Position("1700000000000-3", "16d3b31c")
     assert position.encode() == "1700000000000-3~16d3b31c"
@@ -128,6 +154,26 @@ def test_cursor_with_another_count_of_positions_is_refused(cursor: str, count: i
 def test_empty_cursor_for_no_channels_is_empty() -> None:
     assert encode_cursor([]) == ""
     assert parse_cursor("", []) == {}
+
+
+# -- client JSON ------------------------------------------------------------------------------------------------
+def test_client_json_keeps_64_bit_integers_exact_and_refuses_larger_ones() -> None:
+    edges = [2**64 - 1, -(2**63), 1e300, "123456789012345678901234567890", 12345678901234567890.5, '"1' + "0" * 30]
+    assert loads_exact(orjson.dumps(edges)) == edges
+    # Long digit runs that are no integer literal: a fraction, exponents, an escaped quote then digits, a key.
+    literals = b'[1.0000000000000000000000001, 1e-0000000000000000000001, 2E+00000000000000000000001, '
+    literals += b'"\\"' + b"1" * 30 + b'", {"' + b"0" * 20 + b'": 0}]'
+    assert loads_exact(literals) == [1.0, 1e-1, 20.0, '"' + "1" * 30, {"0" * 20: 0}]
+    assert loads_exact(b"[" * 1000 + b'"1234567890123456789012"' + b"]" * 1000)  # no recursion of our own
+    bigs = [b"18446744073709551616", b'{"a": [-9223372036854775809]}', b'{"n": 1' + b"0" * 40 + b"}",
+            b'["x\\"", 99999999999999999999]', b"[" * 900 + b"-1" + b"0" * 25 + b"]" * 900]  # fmt: skip
+    for big in bigs:
+        with pytest.raises(ProtocolError) as info:
+            loads_exact(big)
+        assert info.value.code == "bad-number"
+    with pytest.raises(ProtocolError) as info:
+        loads_exact(b'{"a": ')
+    assert info.value.code == "bad-json"
 
 
 # -- message bodies -------------------------------------------------------------------------------------------
