@@ -37,7 +37,7 @@ from sidecar.core.protocol import (
 )
 from sidecar.publish import Publisher, PublishError
 from sidecar.relay import Relay
-from sidecar.stats import PROMETHEUS_CONTENT_TYPE, prometheus_text
+from sidecar.stats import CONTENT_TYPE_LATEST, exposition
 from sidecar.writer import Direct, drop_read_buffer, request_socket, writer
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,10 @@ def demo_page() -> Response:
 
 @api.get("/metrics")
 def metrics() -> Response:
-    """Prometheus text exposition of this process's counters (per channel pattern, so cardinality is bounded)."""
-    return Response(prometheus_text(relay_of().stats), mimetype=None, content_type=PROMETHEUS_CONTENT_TYPE)
+    """Prometheus exposition of this process's counters (labelled by configured pattern: bounded, no ids).
+    Needs the metrics or admin key, like every endpoint that is not public (docs/security.md)."""
+    current_app.extensions["auth"].require_metrics(bearer(request.headers.get("Authorization")))
+    return Response(exposition(relay_of().stats), content_type=CONTENT_TYPE_LATEST)
 
 
 @api.get("/healthz")

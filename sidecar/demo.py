@@ -53,6 +53,8 @@ STOP_TIMEOUT = 10.0  # a Celery warm shutdown waits for the running tasks
 
 demo = Blueprint("demo", __name__, url_prefix="/demo")
 KINDS = ("report", "sprint", "import")
+# The patterns the demo's stats count by (docs/dashboard.md), unless SIDECAR_STATS_PATTERNS names others.
+STATS_PATTERNS = f"{BOARD},task:*,sprint:*,import:*,user:*"
 
 
 @demo.post("/jobs/<kind>")
@@ -175,6 +177,7 @@ def run_demo(settings: Settings, dashboard_port: int, with_dashboard: bool, *, w
     except InsecureConfig as exc:
         print(f"sidecar demo: {exc}")
         return 2
+    settings = settings.replace(stats_patterns=settings.stats_patterns or STATS_PATTERNS)
     data_dir = Path(settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     embedded: EmbeddedRedis | None = None
