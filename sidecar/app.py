@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 import redis
-from flask import Blueprint, Flask, Response, current_app, request, send_from_directory
+from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from sidecar.auth import Auth, AuthError, Grant, bearer
@@ -120,12 +120,6 @@ TOKEN_EXPIRED = orjson.dumps({"type": "error", "code": "token-expired", "message
 def _redis_down(exc: redis.RedisError) -> Response:
     log.warning("Redis unavailable: %s", type(exc).__name__)
     return error(503, "unavailable", "the relay cannot reach its store; retry shortly", **{"Retry-After": "1"})
-
-
-@api.get("/demo")
-def demo_page() -> Response:
-    """The demo job board (static; its buttons need `sidecar demo`, which adds the demo blueprint)."""
-    return send_from_directory(STATIC, "demo.html")
 
 
 @api.get("/metrics")

@@ -1,4 +1,5 @@
-"""GET /metrics of a real sidecar: who may read it, and what the Prometheus parser reads in it."""
+"""GET /metrics of a real sidecar: who may read it, and what the Prometheus parser reads in it. Also: a served
+sidecar has no demo page."""
 
 from __future__ import annotations
 
@@ -67,12 +68,13 @@ def test_metrics_needs_the_metrics_or_the_admin_key_in_production(production):
         assert ("sidecar_messages_read_total", ()) in scrape(production.url, key)
 
 
-def test_without_a_key_production_disables_metrics(tmp_path):
+def test_without_a_key_production_disables_metrics_and_serves_no_demo_page(tmp_path):
     env = {"SIDECAR_DEV": "0", "SIDECAR_JWT_SECRET": SECRET}
     with guarded_sidecar(tmp_path, env, (SECRET,)) as (proc, _):
         response = requests.get(f"{proc.url}/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=5)
         assert (response.status_code, response.json()["error"]) == (403, "disabled")
         assert "SIDECAR_METRICS_KEY" in response.json()["message"] and "sidecar_" not in response.text
+        assert requests.get(f"{proc.url}/demo", timeout=5).status_code == 404  # its buttons need `sidecar demo`
         assert "/metrics is disabled" in proc.log_text()
 
 
@@ -80,6 +82,7 @@ def test_dev_mode_leaves_metrics_open_and_says_so(redis_server, sidecar_process)
     dev = sidecar_process(redis_server.url)
     assert ("sidecar_reader_healthy", ()) in scrape(dev.url)
     assert "anyone may read /metrics" in dev.log_text()
+    assert requests.get(f"{dev.url}/demo", timeout=5).status_code == 404
 
 
 # -- what it says -------------------------------------------------------------------------------------------
