@@ -1,11 +1,15 @@
-"""GET /metrics of a real sidecar: who may read it, and what the Prometheus parser reads in it. Also: a served
-sidecar has no demo page."""
+"""GET /metrics of a real sidecar: who may read it, what the Prometheus parser reads in it, and the Grafana
+dashboard shipped over it (deploy/grafana/sidecar.json). Also: a served sidecar has no demo page."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import orjson
+import promql_parser
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,13 +18,14 @@ from sidecar.core.protocol import shard_of
 from sidecar.publish import Publisher
 from sidecar.stats import CONTENT_TYPE_LATEST
 from tests.clients import SSEClient
-from tests.processes import SidecarProcess
+from tests.processes import REPO_ROOT, SidecarProcess
 from tests.tokens import guarded_sidecar, mint
 
 SECRET = "metrics-test-secret-" + "x" * 32
 METRICS_KEY = "metrics-key-0123456789"
 ADMIN_KEY = "admin-key-for-metrics-0123"
 PUBLISHER_KEY = "publisher-key-for-metrics-0123"
+GRAFANA = REPO_ROOT / "deploy" / "grafana" / "sidecar.json"
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -120,3 +125,62 @@ def test_the_parsed_metrics_match_the_traffic_and_carry_no_channel_name(redis_se
     assert got[("sidecar_reader_healthy", ())] == 1 and got[("sidecar_reader_reconnects_total", ())] == 0
     text = requests.get(f"{sidecar.url}/metrics", timeout=5).text
     assert "alice" not in text and "orders:1" not in text
+
+
+# -- the Grafana dashboard ----------------------------------------------------------------------------------
+# Grafana's variables, replaced by values of their kind so that the PromQL parser reads the queries.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".*"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads, by the PromQL parser (a syntax error raises ValueError)."""
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, expr
+    names: set[str] = set()
+
+    def visit(node: object) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            names.add(node.name)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return names
+
+
+def test_metric_names_reads_promql():
+    expr = ('histogram_quantile(0.95, sum by (le) (rate(sidecar_delivery_latency_seconds_bucket{job=~"$job"}'
+            '[$__rate_interval]))) - on (shard) max(up offset 5m) + time()')  # fmt: skip
+    assert metric_names(expr) == {"sidecar_delivery_latency_seconds_bucket", "up"}
+    with pytest.raises(ValueError):
+        metric_names("sum(rate(sidecar_published_total[1m])")
+
+
+def dashboard_queries(doc: dict) -> list[str]:
+    panels = [p for p in doc["panels"] if p["type"] != "row"]
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    variables = [v["definition"] for v in doc["templating"]["list"] if v["type"] == "query"]
+    return exprs + [re.sub(r"label_values\((\w+),.*", r"\1", v) for v in variables]
+
+
+def test_the_grafana_dashboard_reads_only_metrics_a_real_sidecar_exports(redis_server, sidecar_process):
+    doc = orjson.loads(Path(GRAFANA).read_bytes())
+    panels = [p for p in doc["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in doc["panels"]}) == len(doc["panels"])
+    assert all(p["targets"] and p["datasource"]["uid"] == "${datasource}" for p in panels)
+    used = set().union(*(metric_names(q) for q in dashboard_queries(doc)))
+    wanted = {"sidecar_published_total", "sidecar_delivered_total", "sidecar_delivery_latency_seconds_bucket",
+              "sidecar_connections", "sidecar_reader_position_timestamp_seconds", "sidecar_rejected_total",
+              "sidecar_slow_dropped_frames_total"}  # fmt: skip
+    assert wanted <= used  # rates per pattern, delivered vs published, latency, connections, lag, admission, drops
+    assert any("histogram_quantile(0.99" in q for q in dashboard_queries(doc))
+
+    sidecar = sidecar_process(redis_server.url, SIDECAR_STATS_PATTERNS="grafana:*")
+    client = SSEClient(sidecar.url, ["grafana:1"], mode="event")
+    try:
+        client.wait(lambda frames: any(f["_event"] == "ready" for f in frames))
+        Publisher.from_url(redis_server.url).event("grafana:1", "tick")
+        client.wait(lambda frames: len(client.messages()) == 1)
+        exported = {name for name, _ in scrape(sidecar.url)}  # names with a sample, not only a HELP line
+    finally:
+        client.close()
+    assert used <= exported, sorted(used - exported)
