@@ -80,8 +80,8 @@ LABEL_CACHE = 65_536  # channels whose label is remembered (cleared when full, a
 class Labels:
     """The label a channel is counted under, in the stats record and in ``/metrics``.
 
-    It is the most specific configured pattern that matches the channel (the throttle policy's patterns, then
-    ``stats_patterns``; most literal characters, then fewest ``*``, as the policy matches), else :data:`OTHER`.
+    It is the most specific configured pattern that matches the channel (of the throttle policy's patterns and
+    ``stats_patterns``: most literal characters, then fewest ``*``, as the policy matches), else :data:`OTHER`.
     Only with ``stats_channel_names`` on is an unmatched channel counted under its own name. So by default
     neither /metrics nor the stats stream carry an id (``user:alice`` counts as ``user:*`` or ``*``), and the
     number of labels is the number of patterns ops configured.
@@ -384,11 +384,11 @@ class StatsCollector(Collector):
             conns.add_metric([transport], n)
         yield conns
         counter, gauge = CounterMetricFamily, GaugeMetricFamily
-        scalars: list[tuple[type[Metric], str, str, float]] = [
+        scalars: list[tuple[Callable[..., Metric], str, str, float]] = [
             (counter, "sidecar_slow_dropped_frames", "Frames dropped because a connection could not keep up (it "
              "was resynchronised).", stats.slow_dropped),
             (counter, "sidecar_stuck_closed", "Connections closed while stuck in one socket write.",
-             getattr(relay.control, "stuck_closed", 0)),
+             relay.control.stuck_closed),
             (counter, "sidecar_messages_read", "Messages read from every shard.", reader.messages_read),
             (counter, "sidecar_frames_encoded", "Frames encoded (once per message, mode and transport).",
              hub.frames_encoded),
@@ -399,7 +399,7 @@ class StatsCollector(Collector):
             (counter, "sidecar_stats_write_errors", "Stats records Redis refused.", stats.write_errors),
         ]  # fmt: skip
         for kind, name, help_text, value in scalars:
-            yield kind(name, help_text, value=value)  # type: ignore[call-arg]
+            yield kind(name, help_text, value=value)
         # Where the reader is in each shard: the time in the id of the last entry it took (0: the shard was empty).
         # Replicas read the same shards, so max - min over replicas is how far the slowest one is behind.
         position = GaugeMetricFamily("sidecar_reader_position_timestamp_seconds", "Unix time of the last entry the "
