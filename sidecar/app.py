@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 import redis
-from flask import Blueprint, Flask, Response, current_app, request, send_from_directory
+from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_input_stream
 
@@ -39,7 +39,7 @@ from sidecar.core.protocol import (
 )
 from sidecar.publish import Publisher, PublishError
 from sidecar.relay import Relay
-from sidecar.stats import PROMETHEUS_CONTENT_TYPE, prometheus_text
+from sidecar.stats import CONTENT_TYPE_LATEST, exposition
 from sidecar.writer import Direct, drop_read_buffer, request_socket, writer
 
 log = logging.getLogger(__name__)
@@ -145,16 +145,12 @@ def _redis_down(exc: redis.RedisError) -> Response:
     return error(503, "unavailable", "the relay cannot reach its store; retry shortly", **{"Retry-After": "1"})
 
 
-@api.get("/demo")
-def demo_page() -> Response:
-    """The demo job board (static; its buttons need `sidecar demo`, which adds the demo blueprint)."""
-    return send_from_directory(STATIC, "demo.html")
-
-
 @api.get("/metrics")
 def metrics() -> Response:
-    """Prometheus text exposition of this process's counters (per channel pattern, so cardinality is bounded)."""
-    return Response(prometheus_text(relay_of().stats), mimetype=None, content_type=PROMETHEUS_CONTENT_TYPE)
+    """Prometheus exposition of this process's counters (labelled by configured pattern: bounded, no ids).
+    Needs the metrics or admin key, like every endpoint that is not public (docs/security.md)."""
+    current_app.extensions["auth"].require_metrics(bearer(request.headers.get("Authorization")))
+    return Response(exposition(relay_of().stats), content_type=CONTENT_TYPE_LATEST)
 
 
 @api.get("/healthz")

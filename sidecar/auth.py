@@ -4,8 +4,8 @@ docs/security.md is the user's guide. The rules in short:
 - A subscriber presents a JWT signed with the shared secret (HS256) or the key pair whose public half is
   configured (RS256/ES256). It must carry `exp`; its `channels` claim lists channel patterns: `*` matches any run
   of channel characters, `{claim}` is replaced by that claim's value (`user:{sub}`), taken literally.
-- `POST /publish` and `/admin/*` take a static key (several, comma-separated, to rotate without downtime),
-  compared in constant time.
+- `POST /publish`, `/admin/*` and `GET /metrics` (the metrics key or the admin key) take a static key (several,
+  comma-separated, to rotate without downtime), compared in constant time.
 - A guard with nothing configured is open in dev mode and closed (disabled) otherwise; the sidecar refuses to
   start in production mode without a token key (:func:`check_startup`).
 Nothing here logs a token or a key, nor puts one in an error message. No Flask import: app.py and ws.py adapt.
@@ -223,6 +223,7 @@ class Auth:
         self.algorithms = self._algorithms(split_list(settings.jwt_algorithms))
         self.publisher_keys = self._keys("SIDECAR_PUBLISHER_KEY", settings.publisher_key)
         self.admin_keys = self._keys("SIDECAR_ADMIN_KEY", settings.admin_key)
+        self.metrics_keys = self._keys("SIDECAR_METRICS_KEY", settings.metrics_key)
         self.allowed_origins = tuple(o.rstrip("/").lower() for o in split_list(settings.allowed_origins))
         self.cors_origins = tuple(o.rstrip("/").lower() for o in split_list(settings.cors_origins))
 
@@ -297,6 +298,10 @@ class Auth:
     def require_admin(self, presented: str | None) -> None:
         self._require(presented, self.admin_keys, "the admin API", "SIDECAR_ADMIN_KEY")
 
+    def require_metrics(self, presented: str | None) -> None:
+        """GET /metrics: the metrics key (so that a scraper need not hold the admin key), or the admin key."""
+        self._require(presented, self.metrics_keys + self.admin_keys, "/metrics", "SIDECAR_METRICS_KEY")
+
     def _require(self, presented: str | None, keys: tuple[str, ...], what: str, name: str) -> None:
         if not keys:
             if self.dev:
@@ -357,6 +362,11 @@ def check_startup(settings: Settings) -> Auth:
             open_parts.append("anyone may use /admin (no SIDECAR_ADMIN_KEY)")
         else:
             log.warning("the admin API is disabled: no SIDECAR_ADMIN_KEY is configured")
+    if not auth.metrics_keys and not auth.admin_keys:
+        if settings.dev:
+            open_parts.append("anyone may read /metrics (no SIDECAR_METRICS_KEY)")
+        else:
+            log.warning("/metrics is disabled: no SIDECAR_METRICS_KEY (or SIDECAR_ADMIN_KEY) is configured")
     if settings.dev and not auth.allowed_origins:
         open_parts.append("WebSockets are accepted from any Origin (no SIDECAR_ALLOWED_ORIGINS)")
     if open_parts:

@@ -59,6 +59,7 @@ class Settings:
     jwt_leeway: float = 5.0  # seconds of clock skew tolerated on `exp`
     publisher_key: str | None = dataclasses.field(default=None, repr=False)  # POST /publish; comma: several
     admin_key: str | None = dataclasses.field(default=None, repr=False)  # /admin/*; comma: several
+    metrics_key: str | None = dataclasses.field(default=None, repr=False)  # GET /metrics (or the admin key)
     allowed_origins: str = ""  # WebSocket Origin allowlist (comma); empty: same origin only (dev: any)
     cors_origins: str = ""  # CORS for /sse and the state endpoint (comma, or *); empty: none (dev: *)
     auth_timeout: float = 10.0  # seconds a WebSocket without a token may take to send {"op": "auth"}
@@ -78,6 +79,8 @@ class Settings:
     # Stats
     stats_interval: float = 1.0
     stats_len: int = 3_600  # records kept in the stats stream
+    stats_patterns: str = ""  # channel patterns (comma) to count by, besides the throttle policy's; the rest: *
+    stats_channel_names: bool = False  # count unmatched channels by name: exposes them in /metrics and the stream
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:

@@ -26,11 +26,11 @@ from typing import Any
 
 import gevent
 import orjson
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, send_from_directory
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
-from sidecar.app import create_app, error
+from sidecar.app import STATIC, create_app, error
 from sidecar.auth import InsecureConfig, check_startup
 from sidecar.config import Settings
 from sidecar.embedded import EmbeddedRedis
@@ -53,6 +53,14 @@ STOP_TIMEOUT = 10.0  # a Celery warm shutdown waits for the running tasks
 
 demo = Blueprint("demo", __name__, url_prefix="/demo")
 KINDS = ("report", "sprint", "import")
+# The patterns the demo's stats count by (docs/dashboard.md), unless SIDECAR_STATS_PATTERNS names others.
+STATS_PATTERNS = f"{BOARD},task:*,sprint:*,import:*,user:*"
+
+
+@demo.get("")
+def page() -> Response:
+    """The demo job board at ``/demo``: served only here, where its buttons work."""
+    return send_from_directory(STATIC, "demo.html")
 
 
 @demo.post("/jobs/<kind>")
@@ -175,6 +183,7 @@ def run_demo(settings: Settings, dashboard_port: int, with_dashboard: bool, *, w
     except InsecureConfig as exc:
         print(f"sidecar demo: {exc}")
         return 2
+    settings = settings.replace(stats_patterns=settings.stats_patterns or STATS_PATTERNS)
     data_dir = Path(settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     embedded: EmbeddedRedis | None = None

@@ -14,7 +14,9 @@ Counts in a record are what happened during ``dt``, the seconds since the replic
 for the first): rates are count / dt, so a restarted replica can never show a negative rate, and a record that
 could not be written (Redis down) is not lost: its counts roll into the next one.
 
-Channels are counted by pattern (:func:`pattern_of`: ``task:9f1c...`` -> ``task:*``) to bound cardinality.
+Channels are counted under a label (:class:`Labels`): the configured pattern they match (``task:9f1c...`` ->
+``task:*`` when the throttle policy or ``stats_patterns`` names ``task:*``), else ``*``. That bounds cardinality
+and keeps ids out of the stream and out of ``/metrics`` (:func:`exposition`, the Prometheus exposition).
 
 Example (the herd control counting what it did)::
 
@@ -25,19 +27,25 @@ Example (the herd control counting what it did)::
 from __future__ import annotations
 
 import bisect
-import functools
 import logging
 import os
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from sidecar.core.connection import Connection
+from sidecar.core.throttle import PATTERN_RE
+
+__all__ = ["CONTENT_TYPE_LATEST", "Labels", "Stats", "exposition"]
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +70,53 @@ SUBSCRIBERS = "subs"  # a gauge in the same "ch" entries
 GAUGES = ("pokes_pending", "poke_spread")  # herd control: pokes waiting to be sent, seconds they are spread over
 _INDEX = {name: i for i, name in enumerate(COUNTERS)}
 
-OTHER = "*"  # the pattern of everything past the caps below
+OTHER = "*"  # the label of every channel no configured pattern matches, and of everything past the caps below
 MAX_PATTERNS = 500  # patterns counted per process; later ones count as OTHER
 RECORD_PATTERNS = 50  # patterns per record, the most active first; the rest are summed into OTHER
 
-_ID_LIKE = re.compile(r"[0-9@]")
+LABEL_CACHE = 65_536  # channels whose label is remembered (cleared when full, and when the policy changes)
 
 
-@functools.lru_cache(maxsize=65_536)  # called for every subscribed channel every second
-def pattern_of(channel: str) -> str:
-    """The stats key of a channel: segments after the first that look like ids (a digit or an ``@``, or longer
-    than 32 characters) become ``*``. ``task:9f1c-...`` -> ``task:*``, ``user:42:inbox`` -> ``user:*:inbox``,
-    ``demo:board`` stays ``demo:board``. Idempotent, so callers may pass a channel or a pattern."""
-    head, sep, rest = channel.partition(":")
-    if not sep:
-        return channel
-    parts = ("*" if _ID_LIKE.search(p) or len(p) > 32 else p for p in rest.split(":"))
-    return f"{head}:{':'.join(parts)}"
+class Labels:
+    """The label a channel is counted under, in the stats record and in ``/metrics``.
+
+    It is the most specific configured pattern that matches the channel (of the throttle policy's patterns and
+    ``stats_patterns``: most literal characters, then fewest ``*``, as the policy matches), else :data:`OTHER`.
+    Only with ``stats_channel_names`` on is an unmatched channel counted under its own name. So by default
+    neither /metrics nor the stats stream carry an id (``user:alice`` counts as ``user:*`` or ``*``), and the
+    number of labels is the number of patterns ops configured.
+    """
+
+    def __init__(self, patterns: Iterable[str] = (), channel_names: bool = False) -> None:
+        self.extra = tuple(patterns)
+        for pattern in self.extra:
+            if not PATTERN_RE.fullmatch(pattern):
+                raise ValueError(f"SIDECAR_STATS_PATTERNS: bad channel pattern {pattern[:50]!r}")
+        self.channel_names = channel_names
+        self._source: Collection[str] | None = None
+        self._ordered: list[tuple[str, re.Pattern[str]]] = []
+        self._cache: dict[str, str] = {}
+
+    def of(self, channel: str, policy_patterns: Collection[str] = ()) -> str:
+        """``channel``'s label, given the patterns of the policy in force (a pattern is its own label)."""
+        if policy_patterns is not self._source:
+            self._source = policy_patterns
+            self._cache.clear()
+            patterns = {*policy_patterns, *self.extra} - {OTHER}
+            ordered = sorted(patterns, key=lambda p: (-len(p.replace("*", "")), p.count("*"), p))
+            self._ordered = [(p, re.compile(".*".join(re.escape(part) for part in p.split("*")))) for p in ordered]
+        label = self._cache.get(channel)
+        if label is None:
+            if len(self._cache) >= LABEL_CACHE:
+                self._cache.clear()
+            label = self._cache[channel] = self._find(channel)
+        return label
+
+    def _find(self, channel: str) -> str:
+        for pattern, regex in self._ordered:
+            if regex.fullmatch(channel):
+                return pattern
+        return channel if self.channel_names else OTHER
 
 
 class Histogram:
@@ -102,6 +140,8 @@ class Stats:
         self.relay = relay
         self.settings = relay.settings
         self.clock = clock
+        patterns = (p.strip() for p in self.settings.stats_patterns.split(","))
+        self.labels = Labels([p for p in patterns if p], self.settings.stats_channel_names)
         self.latency = Histogram()
         self.counters: dict[str, list[int]] = {}  # pattern -> cumulative counts, in COUNTERS order
         self.gauges: dict[str, float] = dict.fromkeys(GAUGES, 0)
@@ -121,6 +161,9 @@ class Stats:
         self._failing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.registry = CollectorRegistry(auto_describe=False)  # per relay: tests run several in one process
+        self.registry.register(StatsCollector(self))
+        ProcessCollector(registry=self.registry)
 
     # -- what the relay and the throttle call ---------------------------------------------------------------
     def observe_write(self, conn: Connection) -> None:
@@ -269,7 +312,7 @@ class Stats:
         return record, commit
 
     def _key(self, channel: str) -> str:
-        pattern = pattern_of(channel)
+        pattern = self.labels.of(channel, self.relay.throttle.policy.channels)
         if pattern in self.counters or len(self.counters) < MAX_PATTERNS:
             return pattern
         return OTHER
@@ -299,8 +342,6 @@ def _top(channels: dict[str, dict[str, int]], limit: int) -> dict[str, dict[str,
 
 
 # -- Prometheus ---------------------------------------------------------------------------------------------
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 _HELP = {
     "published": "Messages read from the live streams (every replica reads all of them).",
     "delivered": "Frames queued to this replica's connections.",
@@ -313,74 +354,78 @@ _HELP = {
 }
 
 
-def prometheus_text(stats: Stats) -> str:
-    """The process's counters in the Prometheus text format (version 0.0.4), for ``GET /metrics``.
+class StatsCollector(Collector):
+    """The relay's counters as Prometheus metric families, read at each scrape (nothing is kept twice).
+
+    Names (docs/dashboard.md): ``sidecar_<counter>_total{pattern}`` for every key of :data:`COUNTERS`,
+    ``sidecar_subscribers{pattern}``, ``sidecar_connections{transport}``, the
+    ``sidecar_delivery_latency_seconds`` histogram, and per shard ``sidecar_reader_position_timestamp_seconds``.
+    """
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        relay, reader, hub = stats.relay, stats.relay.reader, stats.relay.hub
+        stats.collect()
+        for name, i in _INDEX.items():
+            family = CounterMetricFamily(f"sidecar_{name}", _HELP.get(name, f"{name} per channel pattern"),
+                                         labels=["pattern"])  # fmt: skip
+            for pattern, row in sorted(stats.counters.items()):
+                family.add_metric([pattern], row[i])
+            yield family
+        subs = GaugeMetricFamily("sidecar_subscribers", "Subscriptions on this replica.", labels=["pattern"])
+        for pattern, n in sorted(stats.subscribers().items()):
+            subs.add_metric([pattern], n)
+        yield subs
+        conns = GaugeMetricFamily("sidecar_connections", "Open client connections.", labels=["transport"])
+        for transport, n in sorted({"sse": 0, "ws": 0, **stats.transports()}.items()):
+            conns.add_metric([transport], n)
+        yield conns
+        counter, gauge = CounterMetricFamily, GaugeMetricFamily
+        scalars: list[tuple[Callable[..., Metric], str, str, float]] = [
+            (counter, "sidecar_slow_dropped_frames", "Frames dropped because a connection could not keep up (it "
+             "was resynchronised).", stats.slow_dropped),
+            (counter, "sidecar_stuck_closed", "Connections closed while stuck in one socket write.",
+             relay.control.stuck_closed),
+            (counter, "sidecar_messages_read", "Messages read from every shard.", reader.messages_read),
+            (counter, "sidecar_frames_encoded", "Frames encoded (once per message, mode and transport).",
+             hub.frames_encoded),
+            (gauge, "sidecar_reader_healthy", "1 while the shard reader reads.", int(reader.alive and reader.healthy)),
+            (counter, "sidecar_reader_reconnects", "Reader reconnects to Redis.", reader.reconnects),
+            (gauge, "sidecar_pokes_pending", "Pokes waiting to be sent.", stats.gauges["pokes_pending"]),
+            (gauge, "sidecar_poke_spread_seconds", "Seconds pokes are spread over.", stats.gauges["poke_spread"]),
+            (counter, "sidecar_stats_write_errors", "Stats records Redis refused.", stats.write_errors),
+        ]  # fmt: skip
+        for kind, name, help_text, value in scalars:
+            yield kind(name, help_text, value=value)
+        # Where the reader is in each shard: the time in the id of the last entry it took (0: the shard was empty).
+        # Replicas read the same shards, so max - min over replicas is how far the slowest one is behind.
+        position = GaugeMetricFamily("sidecar_reader_position_timestamp_seconds", "Unix time of the last entry the "
+                                     "reader took from each shard's live stream.", labels=["shard"])  # fmt: skip
+        for shard, key in enumerate(relay.store.live_keys()):
+            last = reader.last_ids.get(key, "0-0")
+            position.add_metric([str(shard)], int(last.partition("-")[0] or 0) / 1000)
+        yield position
+        cumulative, buckets = 0, []
+        for bound, n in zip(stats.latency.bounds, stats.latency.counts):
+            cumulative += n
+            buckets.append((floatToGoString(bound / 1000), cumulative))
+        yield HistogramMetricFamily(
+            "sidecar_delivery_latency_seconds",
+            "Publish call to frame written to the socket (the oldest frame of each write).",
+            buckets=buckets,
+            sum_value=stats.latency.sum_ms / 1000,
+        )
+
+
+def exposition(stats: Stats) -> bytes:
+    """The body of ``GET /metrics`` (Prometheus text format, :data:`CONTENT_TYPE_LATEST`): the relay's metrics
+    and the process's own (``process_*``: memory, CPU, open files).
 
     Example::
 
-        return Response(prometheus_text(relay.stats), mimetype=PROMETHEUS_CONTENT_TYPE)
+        return Response(exposition(relay.stats), content_type=CONTENT_TYPE_LATEST)
     """
-    stats.collect()
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: Sequence[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
-
-    for name, i in _INDEX.items():
-        samples = [(_labels(pattern=p), row[i]) for p, row in sorted(stats.counters.items())]
-        metric(f"sidecar_{name}_total", "counter", _HELP[name], samples)
-    subs = sorted(stats.subscribers().items())
-    metric("sidecar_subscribers", "gauge", "Subscriptions on this replica.", [(_labels(pattern=p), n) for p, n in subs])
-    transports = {"sse": 0, "ws": 0, **stats.transports()}
-    metric(
-        "sidecar_connections",
-        "gauge",
-        "Open client connections.",
-        [(_labels(transport=t), n) for t, n in sorted(transports.items())],
-    )
-    metric(
-        "sidecar_slow_dropped_frames_total",
-        "counter",
-        "Frames dropped because a connection could not keep up (it was resynchronised).",
-        [("", stats.slow_dropped)],
-    )
-    reader, hub = stats.relay.reader, stats.relay.hub
-    metric("sidecar_messages_read_total", "counter", "Messages read from every shard.", [("", reader.messages_read)])
-    metric("sidecar_frames_encoded_total", "counter", "Frames encoded (once per message, mode and transport).",
-           [("", hub.frames_encoded)])  # fmt: skip
-    metric("sidecar_reader_healthy", "gauge", "1 while the shard reader reads.",
-           [("", int(bool(reader.alive and reader.healthy)))])  # fmt: skip
-    metric("sidecar_reader_reconnects_total", "counter", "Reader reconnects to Redis.", [("", reader.reconnects)])
-    metric("sidecar_pokes_pending", "gauge", "Pokes waiting to be sent.", [("", stats.gauges["pokes_pending"])])
-    metric("sidecar_poke_spread_seconds", "gauge", "Seconds pokes are spread over.",
-           [("", stats.gauges["poke_spread"])])  # fmt: skip
-    metric("sidecar_stats_write_errors_total", "counter", "Stats records Redis refused.", [("", stats.write_errors)])
-
-    name = "sidecar_delivery_latency_seconds"
-    lines.append(f"# HELP {name} Publish call to frame written to the socket (oldest frame of each write).")
-    lines.append(f"# TYPE {name} histogram")
-    cumulative = 0
-    for bound, n in zip(stats.latency.bounds, stats.latency.counts):
-        cumulative += n
-        le = "+Inf" if bound == float("inf") else _number(bound / 1000)
-        lines.append(f"{name}_bucket{_labels(le=le)} {cumulative}")
-    lines.append(f"{name}_sum {_number(stats.latency.sum_ms / 1000)}")
-    lines.append(f"{name}_count {cumulative}")
-    return "\n".join(lines) + "\n"
-
-
-def _labels(**labels: str) -> str:
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _escape(value: str) -> str:
-    # Prometheus text format: label values escape backslash, double quote and line feed.
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int) or float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
+    return generate_latest(stats.registry)

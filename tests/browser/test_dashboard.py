@@ -111,7 +111,8 @@ def sums(page: Any, name: str, *columns: str) -> dict[str, float] | None:
 def test_the_dashboard_plots_the_traffic_filters_by_channel_and_changes_the_throttle(
     redis_server, sidecar_process, dashboard_process, browser, artifacts
 ):
-    sidecar = sidecar_process(redis_server.url, SIDECAR_ADMIN_KEY=ADMIN_KEY, SIDECAR_KEEPALIVE="1")
+    sidecar = sidecar_process(redis_server.url, SIDECAR_ADMIN_KEY=ADMIN_KEY, SIDECAR_KEEPALIVE="1",
+                              SIDECAR_STATS_PATTERNS=f"{ALPHA},noise:*")  # fmt: skip
     dash = dashboard_process(redis_server.url, SIDECAR_URL=sidecar.url, SIDECAR_ADMIN_KEY=ADMIN_KEY)
     subscriber = Subscriber(sidecar.url, ALPHA)
     page = browser.new_page(viewport={"width": 1400, "height": 1900})

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import orjson
 import pytest
 import requests
 
@@ -71,8 +72,9 @@ def test_two_replicas_write_records_that_add_up_to_the_traffic(
     redis_server, redis_client, sidecar_process, subscribers
 ):
     # A short keepalive lets the sidecars see the test's subscribers leave, so they stop at once.
-    a = sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.5", SIDECAR_KEEPALIVE="0.5")
-    b = sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.5", SIDECAR_KEEPALIVE="0.5")
+    env = {"SIDECAR_STATS_INTERVAL": "0.5", "SIDECAR_KEEPALIVE": "0.5", "SIDECAR_STATS_PATTERNS": "stats:alpha,task:*"}
+    a = sidecar_process(redis_server.url, **env)
+    b = sidecar_process(redis_server.url, **env)
     on_a = [subscribers(a.url, "stats:alpha"), subscribers(a.url, "stats:alpha")]
     on_b = subscribers(b.url, "stats:alpha")
     pub = Publisher.from_url(redis_server.url)
@@ -107,6 +109,48 @@ def test_two_replicas_write_records_that_add_up_to_the_traffic(
     raw = redis_client.xrevrange(STATS_KEY, count=1)[0][1][b"r"]
     assert len(raw) < 1000  # small: one record per second per replica
     assert redis_client.xlen(STATS_KEY) <= 3_600 + 200  # MAXLEN ~ stats_len
+
+
+def test_records_count_channels_by_configured_pattern_and_by_name_only_when_asked(
+    redis_server, redis_client, sidecar_process, subscribers
+):
+    plain = sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.2")
+    named = sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.2", SIDECAR_STATS_CHANNEL_NAMES="1")
+    on_plain, on_named = subscribers(plain.url, "user:alice"), subscribers(named.url, "user:alice")
+    pub = Publisher.from_url(redis_server.url)
+
+    sent = 0
+
+    def labels_after(n: int) -> dict[str, set[str]]:
+        """Publish `n` on user:alice; per replica, the patterns its records count them under, as the dashboard
+        reads the records."""
+        nonlocal sent
+        since = time.time()
+        for _ in range(n):
+            pub.event("user:alice", "tick")
+        sent += n
+        wait_for(lambda: on_plain.messages == on_named.messages == sent)
+        delivered = time.time()
+        wait_for(lambda: len({r.replica for r in records(redis_client) if r.ts > delivered}) == 2)
+        labels: dict[str, set[str]] = {}
+        for r in records(redis_client):
+            if r.ts > since:
+                labels.setdefault(r.replica, set()).update(p for p, entry in r.channels.items() if entry.get("pub"))
+        return labels
+
+    by_replica = labels_after(3)
+    assert sorted(map(sorted, by_replica.values())) == [["*"], ["user:alice"]]
+    plain_records = [f[b"r"] for _, f in redis_client.xrange(STATS_KEY) if orjson.loads(f[b"r"])["pid"] == plain.pid]
+    assert plain_records and not any(b"alice" in r for r in plain_records)  # not even in the subscriber gauge
+    # Ops name the pattern in the throttle policy: every replica counts by it from then on.
+    policy = {"channels": {"user:*": {}}}
+    assert requests.put(f"{plain.url}/admin/throttle", json=policy, timeout=5).status_code == 200
+    time.sleep(1.0)  # both replicas poll the policy every 0.5 s
+    assert sorted(map(sorted, labels_after(4).values())) == [["user:*"], ["user:*"]]
+    window = Window(stale_after=5)
+    window.add(records(redis_client))
+    now = time.time()
+    assert "user:*" in {row.pattern for row in window.top_channels(window.settled(now), 30, now)}  # the table
 
 
 def test_the_stream_is_trimmed_to_stats_len(redis_server, redis_client, sidecar_process):

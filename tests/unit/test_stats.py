@@ -7,12 +7,23 @@ from types import SimpleNamespace
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.config import Settings
 from sidecar.core.connection import SSE, WS, Connection
 from sidecar.core.hub import Hub, Sync
 from sidecar.core.protocol import Message, Position
-from sidecar.stats import LATENCY_BOUNDS_MS, MAX_PATTERNS, OTHER, RECORD_PATTERNS, Stats, pattern_of, prometheus_text
+from sidecar.core.throttle import Policy, Throttle
+from sidecar.stats import (
+    CONTENT_TYPE_LATEST,
+    LATENCY_BOUNDS_MS,
+    MAX_PATTERNS,
+    OTHER,
+    RECORD_PATTERNS,
+    Labels,
+    Stats,
+    exposition,
+)
 
 T0 = 1_800_000_000.0
 
@@ -30,10 +41,21 @@ def clock() -> Clock:
     return Clock()
 
 
+PATTERNS = "orders:*,task:*,sprint:*,a:b"  # SIDECAR_STATS_PATTERNS of the relay below
+SHARDS = ["rt:{0}:live", "rt:{1}:live"]
+
+
+def fake_relay(settings: Settings) -> SimpleNamespace:
+    reader = SimpleNamespace(read_by_channel={}, messages_read=0, alive=True, healthy=True, reconnects=0,
+                             last_ids=dict.fromkeys(SHARDS, "0-0"))  # fmt: skip
+    store, control = SimpleNamespace(live_keys=lambda: SHARDS), SimpleNamespace(stuck_closed=0)
+    throttle = Throttle(Policy(), lambda: T0)
+    return SimpleNamespace(settings=settings, hub=Hub(), reader=reader, throttle=throttle, store=store, control=control)
+
+
 @pytest.fixture
 def relay() -> SimpleNamespace:
-    reader = SimpleNamespace(read_by_channel={}, messages_read=0, alive=True, healthy=True, reconnects=0)
-    return SimpleNamespace(settings=Settings(port=8123), hub=Hub(), reader=reader)
+    return fake_relay(Settings(port=8123, stats_patterns=PATTERNS))
 
 
 @pytest.fixture
@@ -63,22 +85,34 @@ def read(relay, *messages: Message) -> None:
 
 
 @pytest.mark.parametrize(
-    "channel, pattern",
+    "channel, label",
     [
         ("task:9f1c2e4a-0b7d-4c1e-8f00-123456789abc", "task:*"),
-        ("sprint:7", "sprint:*"),
-        ("user:42:inbox", "user:*:inbox"),
-        ("user:ann@example.com", "user:*"),
-        ("demo:board", "demo:board"),
-        ("news", "news"),
-        ("v2:orders", "v2:orders"),  # the first segment is the namespace: kept
-        ("import:" + "x" * 40, "import:*"),
-        ("task:*", "task:*"),
+        ("user:alice", "user:*"),  # a name, no digit: still counted by its pattern
+        ("user:42:inbox", "user:*:inbox"),  # the most specific pattern wins
+        ("user:42:inboxes", "user:*"),
+        ("demo:board", "demo:board"),  # a pattern without * names one channel
+        ("demo:board2", OTHER),
+        ("alice", OTHER),  # no configured pattern: never the channel's own name
+        ("bob:secret:x", OTHER),
+        ("task:*", "task:*"),  # a pattern is its own label
+        (OTHER, OTHER),
     ],
 )
-def test_pattern_of_replaces_id_like_segments(channel, pattern):
-    assert pattern_of(channel) == pattern
-    assert pattern_of(pattern) == pattern
+def test_a_channel_is_labelled_by_the_most_specific_configured_pattern_else_other(channel, label):
+    labels = Labels(["user:*", "user:*:inbox", "demo:board"])
+    assert labels.of(channel, {"task:*": None, "*": None}) == label
+
+
+def test_labels_follow_the_policy_in_force_and_name_channels_only_when_asked():
+    labels = Labels()
+    assert labels.of("sprint:7", Policy().channels) == OTHER
+    policy = Policy.from_json({"channels": {"sprint:*": {"window": 0.1}}})
+    assert labels.of("sprint:7", policy.channels) == "sprint:*"  # ops' PUT /admin/throttle takes effect
+    named = Labels(["sprint:*"], channel_names=True)
+    assert (named.of("sprint:7"), named.of("user:alice")) == ("sprint:*", "user:alice")
+    with pytest.raises(ValueError, match="SIDECAR_STATS_PATTERNS"):
+        Labels(["no spaces:*"])
 
 
 def test_a_record_counts_what_happened_since_the_last_one(relay, stats, clock):
@@ -143,7 +177,8 @@ def test_frames_dropped_for_slow_consumers_are_counted_once(relay, stats):
     assert (first["slow"], second["slow"]) == (3, 0)
 
 
-def test_a_record_keeps_the_busiest_patterns_and_sums_the_rest(stats):
+def test_a_record_keeps_the_busiest_patterns_and_sums_the_rest(clock):
+    stats = Stats(fake_relay(Settings(stats_channel_names=True)), clock)
     for i in range(RECORD_PATTERNS + 10):
         stats.count("coalesced", f"p{i:03d}:x", i + 1)
     ch = stats.sample()[0]["ch"]
@@ -152,33 +187,64 @@ def test_a_record_keeps_the_busiest_patterns_and_sums_the_rest(stats):
     assert ch[OTHER] == {"coal": sum(range(1, 12))}  # the 11 quietest
 
 
-def test_patterns_past_the_cap_count_as_other(stats):
+def test_patterns_past_the_cap_count_as_other(clock):
+    stats = Stats(fake_relay(Settings(stats_channel_names=True)), clock)
     for i in range(MAX_PATTERNS + 5):
         stats.count("published", f"ns{i}")
     assert len(stats.counters) == MAX_PATTERNS + 1 and stats.counters[OTHER][0] == 5
 
 
-def test_prometheus_text_has_counters_gauges_and_a_cumulative_histogram(relay, stats, clock):
-    conn = subscribe(relay.hub, SSE, 'odd"name:x')
-    read(relay, message('odd"name:x', 1), message('odd"name:x', 2))
+def test_a_channel_name_reaches_neither_the_record_nor_the_metrics(relay, stats):
+    subscribe(relay.hub, SSE, "user:alice")
+    read(relay, message("user:alice", 1))
+    assert stats.sample()[0]["ch"] == {OTHER: {"pub": 1, "dlv": 1, "subs": 1}}
+    text = exposition(stats).decode()
+    assert 'sidecar_published_total{pattern="*"} 1.0' in text.splitlines()
+    assert "alice" not in text
+
+
+def families(stats: Stats) -> dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """The exposition as the Prometheus parser reads it: family -> {(sample name, labels): value}."""
+    return {
+        f.name: {(s.name, tuple(sorted(s.labels.items()))): s.value for s in f.samples}
+        for f in text_string_to_metric_families(exposition(stats).decode())
+    }
+
+
+def test_the_exposition_parses_with_counters_gauges_and_a_cumulative_histogram(relay, stats, clock):
+    conn = subscribe(relay.hub, SSE, "orders:1")
+    read(relay, message("orders:1", 1), message("orders:2", 2))
     conn.batch_ts = T0 * 1000 - 1.5
     stats.observe_write(conn)
     conn.batch_ts = T0 * 1000 - 300
     stats.observe_write(conn)
-    text = prometheus_text(stats)
-    lines = text.splitlines()
-    assert text.endswith("\n")
-    assert 'sidecar_published_total{pattern="odd\\"name:x"} 2' in lines
-    assert 'sidecar_delivered_total{pattern="odd\\"name:x"} 2' in lines
-    assert 'sidecar_subscribers{pattern="odd\\"name:x"} 1' in lines
-    assert 'sidecar_connections{transport="sse"} 1' in lines and 'sidecar_connections{transport="ws"} 0' in lines
-    assert "# TYPE sidecar_delivery_latency_seconds histogram" in lines
-    assert 'sidecar_delivery_latency_seconds_bucket{le="0.002"} 1' in lines
-    assert 'sidecar_delivery_latency_seconds_bucket{le="0.5"} 2' in lines
-    assert 'sidecar_delivery_latency_seconds_bucket{le="+Inf"} 2' in lines
-    assert "sidecar_delivery_latency_seconds_count 2" in lines
-    assert "sidecar_delivery_latency_seconds_sum 0.3015" in lines
-    assert "sidecar_messages_read_total 2" in lines
-    for line in lines:  # every sample line is `name{labels} number`
-        if not line.startswith("#"):
-            float(line.rsplit(" ", 1)[1])
+    stats.count("rejected", "task:9")
+    relay.reader.last_ids[SHARDS[1]] = "1800000000123-4"
+    relay.reader.reconnects = 2
+    got = families(stats)
+    pattern = (("pattern", "orders:*"),)
+    assert got["sidecar_published"][("sidecar_published_total", pattern)] == 2
+    assert got["sidecar_delivered"][("sidecar_delivered_total", pattern)] == 1
+    assert got["sidecar_rejected"] == {  # every label counted so far has a series of every counter
+        ("sidecar_rejected_total", (("pattern", "task:*"),)): 1,
+        ("sidecar_rejected_total", pattern): 0,
+    }
+    assert got["sidecar_subscribers"] == {("sidecar_subscribers", pattern): 1}
+    assert got["sidecar_connections"] == {
+        ("sidecar_connections", (("transport", "sse"),)): 1,
+        ("sidecar_connections", (("transport", "ws"),)): 0,
+    }
+    assert got["sidecar_messages_read"] == {("sidecar_messages_read_total", ()): 2}
+    assert got["sidecar_reader_reconnects"] == {("sidecar_reader_reconnects_total", ()): 2}
+    assert got["sidecar_reader_position_timestamp_seconds"] == {
+        ("sidecar_reader_position_timestamp_seconds", (("shard", "0"),)): 0,
+        ("sidecar_reader_position_timestamp_seconds", (("shard", "1"),)): 1_800_000_000.123,
+    }
+    latency = got["sidecar_delivery_latency_seconds"]
+    buckets = {dict(labels)["le"]: v for (name, labels), v in latency.items() if name.endswith("_bucket")}
+    assert (buckets["0.001"], buckets["0.002"], buckets["0.2"], buckets["0.5"], buckets["+Inf"]) == (0, 1, 1, 2, 2)
+    assert len(buckets) == len(LATENCY_BOUNDS_MS)
+    assert latency[("sidecar_delivery_latency_seconds_count", ())] == 2
+    assert latency[("sidecar_delivery_latency_seconds_sum", ())] == pytest.approx(0.3015)
+    assert "process_resident_memory_bytes" in got  # and the process's own metrics
+    assert CONTENT_TYPE_LATEST.startswith("text/plain; version=")
