@@ -29,7 +29,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -43,6 +42,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from sidecar.core.connection import Connection
+from sidecar.core.patterns import glob_match
 from sidecar.core.throttle import PATTERN_RE
 
 __all__ = ["CONTENT_TYPE_LATEST", "Labels", "Stats", "exposition"]
@@ -94,7 +94,7 @@ class Labels:
                 raise ValueError(f"SIDECAR_STATS_PATTERNS: bad channel pattern {pattern[:50]!r}")
         self.channel_names = channel_names
         self._source: Collection[str] | None = None
-        self._ordered: list[tuple[str, re.Pattern[str]]] = []
+        self._ordered: list[str] = []
         self._cache: dict[str, str] = {}
 
     def of(self, channel: str, policy_patterns: Collection[str] = ()) -> str:
@@ -104,7 +104,7 @@ class Labels:
             self._cache.clear()
             patterns = {*policy_patterns, *self.extra} - {OTHER}
             ordered = sorted(patterns, key=lambda p: (-len(p.replace("*", "")), p.count("*"), p))
-            self._ordered = [(p, re.compile(".*".join(re.escape(part) for part in p.split("*")))) for p in ordered]
+            self._ordered = ordered
         label = self._cache.get(channel)
         if label is None:
             if len(self._cache) >= LABEL_CACHE:
@@ -113,8 +113,8 @@ class Labels:
         return label
 
     def _find(self, channel: str) -> str:
-        for pattern, regex in self._ordered:
-            if regex.fullmatch(channel):
+        for pattern in self._ordered:
+            if glob_match(pattern, channel):  # linear: a regex of .* groups backtracks (core/patterns.py)
                 return pattern
         return channel if self.channel_names else OTHER
 

@@ -248,3 +248,10 @@ def test_the_exposition_parses_with_counters_gauges_and_a_cumulative_histogram(r
     assert latency[("sidecar_delivery_latency_seconds_sum", ())] == pytest.approx(0.3015)
     assert "process_resident_memory_bytes" in got  # and the process's own metrics
     assert CONTENT_TYPE_LATEST.startswith("text/plain; version=")
+
+
+def test_a_many_star_pattern_labels_a_long_channel_without_backtracking() -> None:
+    # A regex of `.*` groups tried every split of the channel (issue 10, item 13): this took ages.
+    labels = Labels(["*:" * 20 + "x"])
+    assert labels.of("a:" * 100 + "y") == "*"
+    assert labels.of("a:" * 100 + "x") == "*:" * 20 + "x"
