@@ -226,7 +226,7 @@ class Tracker:
         """A `GET /channels/<c>/state` answer (None: 404): the channel restarts there.
 
         Returns the frames for the user: a `snapshot` or `reset` with the stale channel's `reason` ("hole",
-        "epoch"), then the held messages after it; for the first pull of a channel (not stale), a `snapshot`
+        "epoch"), then the held messages that follow it; for the first pull of a channel (not stale), a `snapshot`
         when there is a state to hand over, else nothing.
         """
         ch = self.channels[channel]
@@ -244,11 +244,15 @@ class Tracker:
         return self._restart(ch, body)
 
     def _restart(self, ch: _Channel, body: dict) -> list[dict]:
-        """The channel restarts at a snapshot or reset: what it held in the same epoch is replayed after it."""
+        """The channel restarts at a snapshot or reset, then goes on with the held messages that follow it."""
         ch.id, ch.epoch, ch.seq = body["id"], body["epoch"], body["seq"]
         held, ch.stale, ch.held = ch.held, "", []
         frames = [body]
         for msg in held:
-            if msg["epoch"] == ch.epoch:  # another epoch's is older (or a newer epoch shows again on the next one)
-                frames.extend(self._message(ch, msg))
+            # One that does not follow is covered by the restart, or lost by the server (a failover's lost tail):
+            # pulling again for it could loop. A hole after the restart shows on the next live message.
+            follows = msg.get("seq_from", msg["seq"]) == ch.seq + 1 and stream_key(msg["id"]) > stream_key(ch.id)
+            if msg["epoch"] == ch.epoch and follows:
+                ch.id, ch.seq = msg["id"], msg["seq"]
+                frames.append(msg)
         return frames

@@ -321,7 +321,7 @@ export class ChannelTracker {
     this.epoch = "";
     this.state = undefined; // undefined until known; diff and state modes only
     this.stale = ""; // why the channel must be pulled ("hole", "epoch"); "" while in sync
-    this.held = []; // messages that came while stale, replayed after the pull
+    this.held = []; // messages that came while stale: those that follow the restart are applied after it
     this.duplicates = 0;
   }
 
@@ -394,8 +394,17 @@ export class ChannelTracker {
     const held = this.held;
     this.stale = "";
     this.held = [];
-    // Another epoch's messages are older than the restart point (or a newer epoch shows again on the next one).
-    return [f, ...held.flatMap((m) => (m.epoch === this.epoch ? this._message(m) : []))];
+    const out = [f];
+    for (const m of held) {
+      // One that does not follow is covered by the restart, or lost by the server (a failover's lost tail):
+      // pulling again for it could loop. A hole after the restart shows on the next live message.
+      const follows = (m.seq_from ?? m.seq) === this.seq + 1 && compareIds(m.id, this.id) > 0;
+      if (m.epoch === this.epoch && follows) {
+        this._place(m);
+        out.push(m);
+      }
+    }
+    return out;
   }
 }
 
@@ -497,7 +506,7 @@ export class Subscription {
   /** The tracker found a hole or a new epoch: read the state, and restart the channel from it. */
   async _resync() {
     this.rt.stats.resyncs += 1;
-    // A snapshot older than a message we hold (a lagging read) leaves a hole and re-syncs again: not in a loop.
+    // At most one re-sync of a channel a second: a stream of holes is not a stream of pulls.
     const since = Date.now() - this.resyncedAt;
     if (since < 1000) await sleep(1000 - since + Math.random() * 500);
     for (let attempt = 0; this.active && this.tracker.stale; attempt++) {
@@ -506,7 +515,6 @@ export class Subscription {
         this.resyncedAt = Date.now();
         if (!this.active || !this.tracker.stale) return; // a snapshot or reset from the server re-synced it
         this._handOver(this.tracker.pulled(snap)); // null: the channel expired, or was lost with Redis
-        if (this.tracker.stale) this._resync(); // what it held after the snapshot has a hole too
         return;
       } catch (err) {
         await sleep(Math.max(err.retryAfter || 0, Math.random() * Math.min(10000, 500 * 2 ** attempt)));
