@@ -18,9 +18,10 @@ each channel's position themselves and send it as `Last-Event-ID`, so a reconnec
 URL or the next one of several (fail-over), with full-jitter exponential backoff based on the server's `retry:`
 and any 503's `Retry-After`. Each channel's position is first read from `GET /channels/<c>/state`, so even a
 channel that has not sent anything yet resumes from where the client joined it. Messages at or before a
-channel's position are duplicates and dropped. A `seq` hole or an epoch change makes the client pull the
-state again and hand over a `snapshot` (diff and state modes, a channel with state) or a `reset` with
-`"reason": "hole"` or `"epoch"`. Only the standard library does the I/O: HTTP/1.1 over a socket, so that
+channel's position are duplicates and dropped. A `seq` hole or an epoch change, in any mode, makes the client
+pull the state again and hand over a `snapshot` (diff and state modes, a channel with state) or a `reset` with
+`"reason": "hole"` or `"epoch"`, then the messages it held after it (docs/protocol.md, "What a client must
+do"; tests/vectors/protocol.json). Only the standard library does the I/O: HTTP/1.1 over a socket, so that
 `messages(timeout=...)` can return without losing the connection.
 """
 
@@ -170,10 +171,7 @@ class _Base:
         answer = orjson.loads(body) if response.status == 200 else None
         if response.status == 404 and b'"unknown-channel"' not in body:
             raise ClientError(404, body)  # not the sidecar's state endpoint: a wrong base URL
-        ch = self._tracker.channels[channel]
-        frame = self._tracker.pulled(channel, answer, ch.stale or None)
-        if frame is not None:
-            self._pending.append(frame)
+        self._pending.extend(self._tracker.pulled(channel, answer))
 
     def _receive(self, data: bytes) -> None:
         self._events_in(self._response.feed(data))

@@ -6,8 +6,9 @@ keeps each channel's position and local state: dedupe, holes, epoch changes (doc
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
@@ -17,6 +18,8 @@ from sidecar.core import merge
 from sidecar.core.protocol import Position, encode_cursor, stream_key, validate_channel, validate_mode
 
 MAX_HEAD = 65_536
+MAX_HELD = 10_000  # messages held per channel while it waits for its pull
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 class Response:
@@ -76,9 +79,10 @@ class Response:
 
 
 class Events:
-    """Server-Sent Events parsing (the HTML spec's "event stream interpretation"): bytes in, (event, data) out.
-
-    `id:` lines are not needed: the client builds its cursor from its own positions (same format).
+    """Server-Sent Events parsing (HTML Standard, 9.2.6 "Interpreting an event stream"): bytes in, (event, data)
+    out. Lines end in CRLF, LF or a lone CR; one leading BOM is skipped; `data` lines are joined with LF; a blank
+    line dispatches the event (none without data); an `id` with NUL and a `retry` that is not all ASCII digits
+    are ignored. The client builds its cursor from its own positions, so `last_id` is only kept, never needed.
     """
 
     def __init__(self) -> None:
@@ -86,13 +90,25 @@ class Events:
         self.event = ""
         self.data: list[str] = []
         self.retry: int | None = None  # the last `retry:` (ms)
+        self.last_id = ""  # the last event ID, as of the last dispatch
+        self._id = ""  # the last event ID buffer
+        self._cr = False  # the last byte was a CR: a LF that follows ends no line
+        self._started = False  # the first line is read (the BOM is behind us)
 
     def feed(self, data: bytes) -> list[tuple[str, str]]:
-        *lines, self.buf = (self.buf + data).split(b"\n")
+        if not data:
+            return []
+        if self._cr and data.startswith(b"\n"):
+            data = data[1:]
+        self._cr = data.endswith(b"\r")
+        *lines, self.buf = _LINE_END.split(self.buf + data)
         events = []
         for raw in lines:
-            line = raw.rstrip(b"\r").decode(errors="replace")
+            line = raw.decode(errors="replace")
+            if not self._started:
+                line, self._started = line.removeprefix("\ufeff"), True
             if not line:
+                self.last_id = self._id
                 if self.data:
                     events.append((self.event or "message", "\n".join(self.data)))
                 self.event, self.data = "", []
@@ -103,7 +119,9 @@ class Events:
                     self.event = value
                 elif name == "data":
                     self.data.append(value)
-                elif name == "retry" and value.isdigit():
+                elif name == "id" and "\0" not in value:
+                    self._id = value
+                elif name == "retry" and value.isascii() and value.isdigit():
                     self.retry = int(value)
         return events
 
@@ -115,6 +133,7 @@ class _Channel:
     seq: int = 0
     state: Any = None
     stale: str = ""  # why the channel must be pulled again ("hole", "epoch"); "" when it is in sync
+    held: list[dict] = field(default_factory=list)  # messages read while stale, replayed after the pull
 
     @property
     def position(self) -> Position:
@@ -122,7 +141,12 @@ class _Channel:
 
 
 class Tracker:
-    """Positions, dedupe and local state of a client's channels; frames in, frames for the user out."""
+    """Positions, dedupe and local state of a client's channels; frames in, frames for the user out.
+
+    It follows the client rules of docs/protocol.md ("What a client must do"), as tests/vectors/protocol.json
+    checks: a channel with a seq hole or a new epoch becomes `stale()` in every mode, holds its messages, and is
+    restarted by the answer of its pull (:meth:`pulled`) or by a `snapshot`/`reset` from the server.
+    """
 
     def __init__(self, channels: Iterable[str], mode: str) -> None:
         self.mode = validate_mode(mode)
@@ -144,29 +168,43 @@ class Tracker:
     def reconnecting(self) -> None:
         # The cursor holds each channel's last good position: the server's catch-up fills any hole.
         for ch in self.channels.values():
-            ch.stale = ""
+            ch.stale, ch.held = "", []
 
     def feed(self, event: str, data: str) -> list[dict]:
         """One SSE event; returns the frames to hand to the user."""
-        if event not in ("message", "snapshot", "reset"):
+        if event not in ("message", "snapshot", "reset", "subscribed"):
             return []  # `ready`, and whatever a later server adds
-        body = orjson.loads(data)
-        ch = self.channels.get(body.get("channel"))
+        return self.frame({**orjson.loads(data), "type": event})
+
+    def frame(self, body: dict) -> list[dict]:
+        """One server frame (SSE event or WebSocket frame, with its `type`); returns the frames for the user."""
+        ch = self.channels.get(body.get("channel"))  # type: ignore[arg-type]
         if ch is None:
             return []
-        same_epoch = body["epoch"] == ch.epoch
-        if same_epoch and stream_key(body["id"]) < stream_key(ch.id):
+        if body["type"] == "message":
+            return self._message(ch, body)
+        if body["epoch"] == ch.epoch and stream_key(body["id"]) < stream_key(ch.id):
             return []  # older than what we hold
-        if event != "message":
-            self._place(ch, body)
-            return [body]
-        if ch.stale or (same_epoch and body["id"] == ch.id):
-            return []  # a duplicate, or covered by the pull that is due
-        if ch.epoch and not same_epoch:
-            ch.stale = "epoch"
+        if body["type"] == "subscribed":
+            if "state" not in body:
+                ch.id, ch.epoch, ch.seq = body["id"], body["epoch"], body["seq"]
+                return []
+            body = {k: v for k, v in body.items() if k != "mode"} | {"type": "snapshot"}
+        return self._restart(ch, body)
+
+    def _message(self, ch: _Channel, body: dict) -> list[dict]:
+        if ch.stale:
+            if len(ch.held) >= MAX_HELD:
+                ch.held = []  # the pull covers them; a hole after it pulls again
+            ch.held.append(body)
+            return []
+        if body["epoch"] == ch.epoch and stream_key(body["id"]) <= stream_key(ch.id):
+            return []  # a duplicate: a resumed stream may overlap what was seen
+        if ch.epoch and body["epoch"] != ch.epoch:
+            ch.stale, ch.held = "epoch", [body]
             return []
         if body.get("seq_from", body["seq"]) != ch.seq + 1:
-            ch.stale = "hole"
+            ch.stale, ch.held = "hole", [body]
             return []
         ch.id, ch.epoch, ch.seq = body["id"], body["epoch"], body["seq"]
         return [body]
@@ -184,23 +222,37 @@ class Tracker:
         elif "state" in frame:
             ch.state = frame["state"]
 
-    def pulled(self, channel: str, answer: dict | None, reason: str | None) -> dict | None:
+    def pulled(self, channel: str, answer: dict | None) -> list[dict]:
         """A `GET /channels/<c>/state` answer (None: 404): the channel restarts there.
 
-        Returns the `snapshot` or `reset` frame for the user (with `reason`), or None when `reason` is None
-        (the first pull of a channel) and there is nothing worth a frame.
+        Returns the frames for the user: a `snapshot` or `reset` with the stale channel's `reason` ("hole",
+        "epoch"), then the held messages that follow it; for the first pull of a channel (not stale), a `snapshot`
+        when there is a state to hand over, else nothing.
         """
         ch = self.channels[channel]
         answer = answer or {"id": "0-0", "seq": 0, "epoch": "", "state": None}
         with_state = self.stateful and answer["state"] is not None
-        body = {"type": "snapshot" if with_state else "reset", "channel": channel}
+        body: dict[str, Any] = {"type": "snapshot" if with_state else "reset", "channel": channel}
         body.update({k: answer[k] for k in ("id", "seq", "epoch")})
         if with_state:
             body["state"] = answer["state"]
-        if reason:
-            body["reason"] = reason
-        self._place(ch, body)
-        return body if reason or with_state else None
+        if ch.stale:
+            body["reason"] = ch.stale
+        elif not with_state:
+            ch.id, ch.epoch, ch.seq = body["id"], body["epoch"], body["seq"]
+            return []
+        return self._restart(ch, body)
 
-    def _place(self, ch: _Channel, body: dict) -> None:
-        ch.id, ch.epoch, ch.seq, ch.stale = body["id"], body["epoch"], body["seq"], ""
+    def _restart(self, ch: _Channel, body: dict) -> list[dict]:
+        """The channel restarts at a snapshot or reset, then goes on with the held messages that follow it."""
+        ch.id, ch.epoch, ch.seq = body["id"], body["epoch"], body["seq"]
+        held, ch.stale, ch.held = ch.held, "", []
+        frames = [body]
+        for msg in held:
+            # One that does not follow is covered by the restart, or lost by the server (a failover's lost tail):
+            # pulling again for it could loop. A hole after the restart shows on the next live message.
+            follows = msg.get("seq_from", msg["seq"]) == ch.seq + 1 and stream_key(msg["id"]) > stream_key(ch.id)
+            if msg["epoch"] == ch.epoch and follows:
+                ch.id, ch.seq = msg["id"], msg["seq"]
+                frames.append(msg)
+        return frames

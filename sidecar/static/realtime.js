@@ -24,7 +24,7 @@ export const MODES = ["poke", "state", "event", "diff"];
 const CHANNEL_RE = /^[A-Za-z0-9_\-:.@]{1,200}$/;
 const OPEN_TIMEOUT_MS = 10000; // a WebSocket or stream that has not opened by then counts as refused
 const STABLE_MS = 10000; // a connection that lived this long resets the backoff
-const MAX_BUFFER = 10000; // messages held per channel while it re-syncs
+const MAX_BUFFER = 10000; // messages held per channel while it re-syncs (MAX_HELD in sidecar/core/stream.py)
 const UNKNOWN = { id: "0-0", seq: 0, epoch: "" }; // the position of a channel nothing was published on
 
 /** RFC 7386 section 2, MergePatch(target, patch): null removes a member, an object merges, anything else replaces. */
@@ -255,13 +255,10 @@ export class Realtime extends EventTarget {
     const sub = frame.channel ? this.channels.get(frame.channel) : null;
     switch (frame.type) {
       case "message":
-        return sub?._message(frame);
       case "subscribed":
-        return sub?._subscribed(frame);
       case "snapshot":
-        return sub?._snapshot(frame, frame.reason);
       case "reset":
-        return sub?._reset(frame);
+        return sub?._frame(frame);
       case "authorized":
         return transport.authorized?.(frame);
       case "error":
@@ -301,6 +298,116 @@ export class Realtime extends EventTarget {
   }
 }
 
+/**
+ * One channel's position and local state under the client rules of docs/protocol.md ("What a client must do"),
+ * with no I/O: frames in, frames for the user out; tests/vectors/protocol.json checks it, and the Python client's
+ * `Tracker` (sidecar/core/stream.py) against the same cases.
+ *
+ *   const t = new ChannelTracker("sprint:7", "diff");
+ *   for (const f of t.pulled(answer)) t.apply(f);    // the answer of GET /channels/<c>/state (null: 404)
+ *   for (const f of t.frame(msg)) t.apply(f);        // a server frame: message, snapshot, reset, subscribed
+ *   if (t.stale) ...                                 // "hole" or "epoch": pull, and give the answer to pulled()
+ *
+ * `frame()` and `pulled()` return the frames to hand over (`message`, `snapshot`, `reset`, with the `reason` of
+ * a re-sync); `apply(f)` brings `state` up to a frame as it is handed over.
+ */
+export class ChannelTracker {
+  constructor(channel, mode) {
+    this.channel = channel;
+    this.mode = mode;
+    this.stateful = mode === "diff" || mode === "state";
+    this.id = null; // the position: null until known, then the last id, with its seq and epoch
+    this.seq = 0;
+    this.epoch = "";
+    this.state = undefined; // undefined until known; diff and state modes only
+    this.stale = ""; // why the channel must be pulled ("hole", "epoch"); "" while in sync
+    this.held = []; // messages that came while stale: those that follow the restart are applied after it
+    this.duplicates = 0;
+  }
+
+  frame(f) {
+    if (f.type === "message") return this._message(f);
+    if (this.id !== null && f.epoch === this.epoch && compareIds(f.id, this.id) < 0) return []; // older
+    if (f.type === "subscribed") {
+      if (!("state" in f)) {
+        this._place(f);
+        return [];
+      }
+      const { mode, ...snapshot } = f;
+      return this._restart({ ...snapshot, type: "snapshot" });
+    }
+    return f.type === "snapshot" || f.type === "reset" ? this._restart(f) : [];
+  }
+
+  pulled(answer) {
+    const a = answer || { ...UNKNOWN, state: null };
+    const withState = this.stateful && a.state != null;
+    const body = { type: withState ? "snapshot" : "reset", channel: this.channel, id: a.id, seq: a.seq, epoch: a.epoch };
+    if (withState) body.state = a.state;
+    if (this.stale) body.reason = this.stale;
+    else if (!withState) {
+      this._place(body); // the first pull of a channel without state: nothing to hand over
+      if (this.stateful) this.state = null;
+      return [];
+    }
+    return this._restart(body);
+  }
+
+  apply(f) {
+    if (!this.stateful) return;
+    if (f.type !== "message") this.state = f.state ?? null;
+    else if ("diff" in f) this.state = mergePatch(this.state ?? null, f.diff);
+    else if ("state" in f) this.state = f.state;
+  }
+
+  _message(f) {
+    if (this.stale) {
+      if (this.held.length >= MAX_BUFFER) this.held.length = 0; // the pull covers them; a hole after it pulls again
+      this.held.push(f);
+      return [];
+    }
+    if (this.id === null) return []; // before this subscription's start: a leftover of a replaced one
+    if (f.epoch === this.epoch && compareIds(f.id, this.id) <= 0) {
+      this.duplicates += 1; // a resumed stream overlapping what we saw: applied once
+      return [];
+    }
+    if (this.epoch && f.epoch !== this.epoch) return this._stale("epoch", f);
+    if ((f.seq_from ?? f.seq) !== this.seq + 1) return this._stale("hole", f); // seq_from: a coalesced frame
+    this._place(f);
+    return [f];
+  }
+
+  _stale(reason, f) {
+    this.stale = reason;
+    this.held = [f];
+    return [];
+  }
+
+  _place(f) {
+    this.id = f.id;
+    this.seq = f.seq;
+    this.epoch = f.epoch;
+  }
+
+  _restart(f) {
+    this._place(f);
+    const held = this.held;
+    this.stale = "";
+    this.held = [];
+    const out = [f];
+    for (const m of held) {
+      // One that does not follow is covered by the restart, or lost by the server (a failover's lost tail):
+      // pulling again for it could loop. A hole after the restart shows on the next live message.
+      const follows = (m.seq_from ?? m.seq) === this.seq + 1 && compareIds(m.id, this.id) > 0;
+      if (m.epoch === this.epoch && follows) {
+        this._place(m);
+        out.push(m);
+      }
+    }
+    return out;
+  }
+}
+
 /** One channel's subscription and its local state. Returned by {@link Realtime#subscribe}. */
 export class Subscription {
   constructor(rt, channel, mode, handlers) {
@@ -308,17 +415,28 @@ export class Subscription {
     this.channel = channel;
     this.mode = mode;
     this.handlers = handlers;
+    this.tracker = new ChannelTracker(channel, mode);
     this.state = undefined; // undefined until known; diff/state/poke modes only
-    this.id = null; // position: the last stream id applied, with its seq and epoch
-    this.seq = 0;
-    this.epoch = "";
     this.etag = null; // poke mode: the state's ETag, for If-None-Match
-    this.pending = null; // messages held while re-syncing
+    this.pulledAt = null; // poke mode: the position of the last state pulled
     this.resyncedAt = 0;
     this.pullTimer = null;
     this.pulling = false;
     this.pullAgain = false;
     this.active = true;
+  }
+
+  /** The last id applied, with its seq and epoch (null until known). */
+  get id() {
+    return this.tracker.id;
+  }
+
+  get seq() {
+    return this.tracker.seq;
+  }
+
+  get epoch() {
+    return this.tracker.epoch;
   }
 
   get position() {
@@ -337,101 +455,66 @@ export class Subscription {
     clearTimeout(this.pullTimer);
   }
 
-  _setPosition(f) {
-    this.id = f.id;
-    this.seq = f.seq;
-    this.epoch = f.epoch;
-  }
-
   /** The channel's position (and state) before a stream resumes it: SSE reads it here, the WebSocket gets it. */
   async _ensurePosition() {
     if (this.id !== null) return;
     const snap = await this.rt._pull(this.channel);
     if (this.id !== null || !this.active) return;
-    if (snap === null) this._setPosition(UNKNOWN); // nothing published yet: resume from the start
-    else if (this.mode === "event") this._setPosition(snap);
-    else this._snapshot(snap);
+    this._handOver(this.tracker.pulled(snap));
+    if (this.mode === "poke") this._pokeState(snap);
   }
 
-  _subscribed(f) {
-    if ("state" in f) this._snapshot(f);
-    else if (this.id === null) {
-      this._setPosition(f);
-      if (this.mode === "poke") this._schedulePull(0);
-    }
-    // Otherwise the subscription resumed from our position: the messages we missed follow.
+  /** A server frame for this channel: message, subscribed, snapshot or reset. */
+  _frame(f) {
+    const fresh = this.id === null;
+    const { duplicates, stale } = this.tracker;
+    this._handOver(this.tracker.frame(f));
+    this.rt.stats.duplicates += this.tracker.duplicates - duplicates;
+    if (f.type === "subscribed" && fresh && this.mode === "poke") this._schedulePull(0);
+    if (!stale && this.tracker.stale) this._resync();
   }
 
-  _snapshot(f, reason) {
-    this._setPosition(f);
-    if (f.etag) this.etag = f.etag;
-    if (this.mode !== "event") {
-      this.state = f.state;
-      this.handlers.onState?.(this.state, f);
+  /** Apply the frames the tracker hands over, and tell the handlers. */
+  _handOver(frames) {
+    const { handlers, rt } = this;
+    for (const f of frames) {
+      const before = this.tracker.state;
+      this.tracker.apply(f);
+      if (this.tracker.stateful) this.state = this.tracker.state;
+      if (f.type !== "message") {
+        if (this.tracker.stateful && (f.type === "snapshot" || before != null)) handlers.onState?.(this.state, f);
+        if (f.reason || f.type === "reset") handlers.onReset?.({ reason: f.reason || "reset", ...this._where(f) });
+        if (f.type === "reset" && this.mode === "poke") this._schedulePull(0);
+        continue;
+      }
+      rt.stats.messages += 1;
+      rt.stats.published += f.seq - (f.seq_from ?? f.seq) + 1;
+      handlers.onMessage?.(f, this);
+      if (this.mode !== "poke") handlers.onEvent?.(f.event, f.data, f);
+      if (this.tracker.stateful && ("diff" in f || "state" in f)) handlers.onState?.(this.state, f);
+      // The server spreads pokes over time (herd control): a poke arrives when it is this client's turn to pull.
+      const p = this.pulledAt;
+      const seen = p && p.epoch === f.epoch && compareIds(f.id, p.id) <= 0; // the last pull read it already
+      if (this.mode === "poke" && !seen) this._schedulePull(0);
     }
-    if (reason) this.handlers.onReset?.({ reason, ...this._where(f) });
   }
 
   _where(f) {
     return { channel: this.channel, id: f.id, seq: f.seq, epoch: f.epoch };
   }
 
-  _reset(f) {
-    this._setPosition(f);
-    this.handlers.onReset?.({ reason: f.reason || "reset", ...this._where(f) });
-    if (this.mode === "poke") this._schedulePull(0);
-  }
-
-  _message(f) {
-    if (this.pending) {
-      if (this.pending.length >= MAX_BUFFER) this.pending.length = 0; // the snapshot covers them; a hole re-syncs
-      this.pending.push(f);
-      return;
-    }
-    const rt = this.rt;
-    if (this.id === null) return; // before this subscription's start: a leftover of a replaced one
-    if (f.epoch === this.epoch && compareIds(f.id, this.id) <= 0) {
-      rt.stats.duplicates += 1; // a resumed stream overlapping what we saw: applied once
-      return;
-    }
-    const first = f.seq_from ?? f.seq; // a coalesced frame covers seq_from..seq
-    if (this.epoch && f.epoch !== this.epoch) return this._resync(f, "epoch");
-    if (first !== this.seq + 1) {
-      // diff: a missed patch would corrupt the state, so re-sync. event: what was missed is gone; say so.
-      // state and poke: the next state (or pull) is whole anyway.
-      if (this.mode === "diff") return this._resync(f, "hole");
-      if (this.mode === "event") this.handlers.onReset?.({ reason: "hole", ...this._where(f) });
-    }
-    this._setPosition(f);
-    rt.stats.messages += 1;
-    rt.stats.published += f.seq - first + 1;
-    let changed = true;
-    if (this.mode === "diff" && "diff" in f) this.state = mergePatch(this.state ?? null, f.diff);
-    else if ((this.mode === "diff" || this.mode === "state") && "state" in f) this.state = f.state; // a full state
-    else changed = false;
-    this.handlers.onMessage?.(f, this);
-    if (this.mode !== "poke") this.handlers.onEvent?.(f.event, f.data, f);
-    if (changed) this.handlers.onState?.(this.state, f);
-    // The server spreads pokes over time (herd control): a poke arrives when it is this client's turn to pull.
-    if (this.mode === "poke") this._schedulePull(0);
-  }
-
-  /** Hold messages, read a snapshot, then apply what is newer than it. */
-  async _resync(f, reason) {
-    this.pending = [f];
+  /** The tracker found a hole or a new epoch: read the state, and restart the channel from it. */
+  async _resync() {
     this.rt.stats.resyncs += 1;
-    // A snapshot older than a message we hold (a lagging read) leaves a hole and re-syncs again: not in a loop.
+    // At most one re-sync of a channel a second: a stream of holes is not a stream of pulls.
     const since = Date.now() - this.resyncedAt;
     if (since < 1000) await sleep(1000 - since + Math.random() * 500);
-    for (let attempt = 0; this.active; attempt++) {
+    for (let attempt = 0; this.active && this.tracker.stale; attempt++) {
       try {
         const snap = await this.rt._pull(this.channel);
         this.resyncedAt = Date.now();
-        if (!this.active) return;
-        const held = this.pending;
-        this.pending = null;
-        this._snapshot(snap ?? { ...UNKNOWN, state: null }, reason); // unknown: expired, or lost with Redis
-        for (const m of held) if (compareIds(m.id, this.id ?? "0-0") > 0) this._message(m);
+        if (!this.active || !this.tracker.stale) return; // a snapshot or reset from the server re-synced it
+        this._handOver(this.tracker.pulled(snap)); // null: the channel expired, or was lost with Redis
         return;
       } catch (err) {
         await sleep(Math.max(err.retryAfter || 0, Math.random() * Math.min(10000, 500 * 2 ** attempt)));
@@ -460,19 +543,20 @@ export class Subscription {
     }
     this.pulling = false;
     if (!this.active) return;
-    if (snap !== "unchanged" && (snap !== null || this.state != null)) {
-      // Pokes up to the state's position are answered by this pull: they will be dropped as seen.
-      if (snap && (this.id === null || snap.epoch !== this.epoch || compareIds(snap.id, this.id) > 0)) {
-        this._setPosition(snap);
-      }
-      this.etag = snap?.etag ?? null;
-      this.state = snap ? snap.state : null; // null: the channel expired, or was lost with Redis
-      this.handlers.onState?.(this.state, snap);
-    }
+    if (snap !== "unchanged") this._pokeState(snap);
     if (this.pullAgain) {
       this.pullAgain = false;
       this._schedulePull(0);
     }
+  }
+
+  /** A state pulled in poke mode; null: the channel expired, or was lost with Redis. */
+  _pokeState(snap) {
+    if (snap === null && this.state == null) return;
+    this.pulledAt = snap; // pokes up to its position are answered by this pull: they need no pull of their own
+    this.etag = snap?.etag ?? null;
+    this.state = snap ? snap.state : null;
+    this.handlers.onState?.(this.state, snap);
   }
 }
 
@@ -655,15 +739,14 @@ class SseTransport {
   }
 
   async _pump(reader, controller) {
-    const onEvent = (type, data) => this.rt._frame({ type, ...JSON.parse(data) }, this);
-    const parser = new SseParser(onEvent, (ms) => (this.retryMs = ms));
-    const decoder = new TextDecoder();
+    const parser = new SseParser((type, data) => this.rt._frame({ type, ...JSON.parse(data) }, this));
     try {
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
         this.lastRx = Date.now();
-        parser.push(decoder.decode(value, { stream: true }));
+        parser.push(value);
+        this.retryMs = parser.retry ?? this.retryMs;
       }
     } catch (err) {
       if (controller.signal.aborted) return; // we closed it
@@ -672,25 +755,38 @@ class SseTransport {
   }
 }
 
-/** The SSE parsing algorithm (HTML Standard, "Server-sent events", 9.2.6): fields, `data` lines, blank line ends. */
-class SseParser {
-  constructor(onEvent, onRetry) {
+/**
+ * Server-Sent Events parsing (HTML Standard, 9.2.6 "Interpreting an event stream"): bytes in, `onEvent(type,
+ * data)` out. UTF-8 with one leading BOM skipped (TextDecoder's default); lines end in CRLF, LF or a lone CR;
+ * `data` lines are joined with LF; a blank line dispatches the event (none without data); an `id` with NUL and
+ * a `retry` that is not all ASCII digits are ignored. `retry` and `lastEventId` hold the latest values.
+ */
+export class SseParser {
+  constructor(onEvent) {
     this.onEvent = onEvent;
-    this.onRetry = onRetry;
+    this.decoder = new TextDecoder();
     this.buffer = "";
+    this.cr = false; // the last character was a CR: a LF that follows ends no line
     this.event = "";
     this.data = [];
+    this.id = ""; // the last event ID buffer
+    this.lastEventId = ""; // as of the last dispatch
+    this.retry = null; // ms
   }
 
-  push(text) {
-    // A lone CR at the end may be half of a CRLF that the next chunk completes.
-    const lines = (this.buffer + text).split(/\r\n|\r(?!$)|\n/);
+  push(bytes) {
+    let text = this.decoder.decode(bytes, { stream: true });
+    if (!text) return; // half a character
+    if (this.cr && text[0] === "\n") text = text.slice(1);
+    this.cr = text.endsWith("\r");
+    const lines = (this.buffer + text).split(/\r\n|\r|\n/);
     this.buffer = lines.pop();
     for (const line of lines) this._line(line);
   }
 
   _line(line) {
     if (line === "") {
+      this.lastEventId = this.id;
       if (this.data.length) this.onEvent(this.event || "message", this.data.join("\n"));
       this.event = "";
       this.data = [];
@@ -703,7 +799,8 @@ class SseParser {
     if (value[0] === " ") value = value.slice(1);
     if (field === "event") this.event = value;
     else if (field === "data") this.data.push(value);
-    else if (field === "retry" && /^\d+$/.test(value)) this.onRetry(Number(value));
+    else if (field === "id" && !value.includes("\0")) this.id = value;
+    else if (field === "retry" && /^[0-9]+$/.test(value)) this.retry = Number(value);
     // `id:` is the connection's cursor; we keep each channel's position from the messages themselves.
   }
 }

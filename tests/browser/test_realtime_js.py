@@ -383,3 +383,43 @@ def test_token_hook_authenticates_every_connection_and_renews_before_expiry(
     assert len(minted) >= 4
     assert report(page, "ws secret:1")["errors"] == ["forbidden"]  # outside the grant: refused, socket kept
     assert not page.errors
+
+
+@pytest.mark.parametrize("mode", ["state", "event", "poke"])
+def test_a_hole_in_seq_resyncs_in_every_mode(browser, redis_server, sidecar_process, front, pub, mode):
+    sidecar = sidecar_process(redis_server.url)
+    pub.state("hole:m", "created", {"n": 0})
+    page = open_harness(browser, front([sidecar.port]).url)
+    page.evaluate("(mode) => { client('c', {}); track('c', 'hole:m', mode); }", mode)
+    known = (lambda r: r["position"] is not None) if mode == "event" else (lambda r: r["state"] == {"n": 0})
+    until(page, lambda: known(report(page, "c hole:m")), what="subscribed")
+    held: list[Any] = []  # the re-sync's read of the state, held until the publish below has happened
+
+    def hold_first(route: Any) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route(lambda url: "/channels/hole%3Am/state" in url, hold_first)
+    page.evaluate(
+        """() => {
+          const c = clients.c, sub = c.channels.get("hole:m");
+          const [ms, n] = sub.id.split("-").map(Number);
+          c._frame({ type: "message", channel: "hole:m", id: `${ms}-${n + 1}`, seq: sub.seq + 2, epoch: sub.epoch,
+                     event: "changed", data: "lost", state: { corrupt: true } }, c.transport);
+        }"""
+    )
+    until(page, lambda: bool(held), what="the re-sync reading the state")
+    pub.diff("hole:m", "changed", {"n": 1})
+    held[0].continue_()
+    until(page, lambda: report(page, "c hole:m")["resets"] != [], what="the hole reported")
+    pub.diff("hole:m", "changed", {"n": 2}, data="after")
+    want = (lambda r: r["events"][-1:] == ["after"]) if mode == "event" else (lambda r: r["state"] == {"n": 2})
+    until(page, lambda: want(report(page, "c hole:m")), what="live again after the re-sync")
+    r = report(page, "c hole:m")
+    assert [x["reason"] for x in r["resets"]] == ["hole"]
+    assert "lost" not in r["events"] and r["state"] != {"corrupt": True}
+    assert_applied_once_in_order({**r, "seqs": r["seqs"][1:]})  # after the re-sync, no hole nor repeat
+    assert page.evaluate("clients.c.stats.resyncs") == 1
+    assert not page.errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -29,18 +30,6 @@ def test_response_stops_at_content_length() -> None:
     assert (response.status, response.done) == (404, True)
 
 
-def test_events_follow_the_sse_format() -> None:
-    events = Events()
-    stream = b'retry: 1500\n\n: keep-alive\n\nid: 1-0~ab\nevent: message\ndata: {"a":\ndata:1}\r\n\r\ndata: x\n'
-    assert feed_bytewise_events(events, stream) == [("message", '{"a":\n1}')]
-    assert events.retry == 1500
-    assert events.feed(b"\n") == [("message", "x")]
-
-
-def feed_bytewise_events(events: Events, data: bytes) -> list[tuple[str, str]]:
-    return [e for i in range(len(data)) for e in events.feed(data[i : i + 1])]
-
-
 def frame(seq: int, epoch: str = "ab", **extra: Any) -> str:
     body = {"type": "message", "channel": "c", "id": f"{seq}-0", "seq": seq, "epoch": epoch, "event": "e"}
     return orjson.dumps({**body, **extra}).decode()
@@ -54,24 +43,11 @@ def deliver(tracker: Tracker, data: str) -> list[dict]:
     return frames
 
 
-def pull(tracker: Tracker, answer: dict | None, reason: str | None = None) -> dict | None:
-    frame = tracker.pulled("c", answer, reason)
-    if frame is not None:
-        tracker.apply(frame)
-    return frame
-
-
-def test_tracker_drops_duplicates_and_applies_diffs() -> None:
-    tracker = Tracker(["c"], "diff")
-    pull(tracker, {"id": "1-0", "seq": 1, "epoch": "ab", "state": {"a": 1}})
-    assert deliver(tracker, frame(2, diff={"b": 2})) != []
-    assert deliver(tracker, frame(2, diff={"b": 2})) == []
-    assert deliver(tracker, frame(1, diff={"x": 0})) == []
-    assert tracker.stale() == []  # duplicates are not holes
-    assert tracker.channels["c"].state == {"a": 1, "b": 2}
-    assert deliver(tracker, frame(3, state={"z": 1})) != []
-    assert tracker.channels["c"].state == {"z": 1}
-    assert tracker.cursor() == "3-0~ab"
+def pull(tracker: Tracker, answer: dict | None) -> list[dict]:
+    frames = tracker.pulled("c", answer)
+    for f in frames:
+        tracker.apply(f)
+    return frames
 
 
 def test_tracker_state_follows_what_was_handed_over_not_what_was_read() -> None:
@@ -83,31 +59,59 @@ def test_tracker_state_follows_what_was_handed_over_not_what_was_read() -> None:
     assert tracker.channels["c"].state == {"a": 1}
 
 
-@pytest.mark.parametrize(("bad", "reason"), [(frame(3), "hole"), (frame(2, epoch="cd"), "epoch")])
-def test_tracker_pulls_again_after_a_hole_or_an_epoch_change(bad: str, reason: str) -> None:
+def test_tracker_reconnecting_drops_the_pull_and_what_it_held() -> None:
     tracker = Tracker(["c"], "diff")
-    pull(tracker, {"id": "1-0", "seq": 1, "epoch": "ab", "state": {"a": 1}})
-    assert deliver(tracker, bad) == []
-    assert tracker.stale() == ["c"]
-    assert deliver(tracker, frame(4)) == []  # the pull will cover it
-    snapshot = pull(tracker, {"id": "4-0", "seq": 4, "epoch": "ab", "state": {"a": 2}}, reason)
-    assert snapshot == {
-        "type": "snapshot",
-        "channel": "c",
-        "id": "4-0",
-        "seq": 4,
-        "epoch": "ab",
-        "state": {"a": 2},
-        "reason": reason,
-    }
-    assert tracker.stale() == [] and tracker.channels["c"].state == {"a": 2}
-    assert [m["seq"] for m in deliver(tracker, frame(5))] == [5]
+    pull(tracker, {"id": "1-0", "seq": 1, "epoch": "ab", "state": {}})
+    assert deliver(tracker, frame(3)) == [] and tracker.stale() == ["c"]
+    tracker.reconnecting()  # the cursor still says 1-0: the server's catch-up brings 2 and 3
+    assert tracker.stale() == [] and tracker.cursor() == "1-0~ab"
+    assert [m["seq"] for m in deliver(tracker, frame(2)) + deliver(tracker, frame(3))] == [2, 3]
 
 
-def test_tracker_accepts_a_folded_poke_by_its_seq_from() -> None:
-    tracker = Tracker(["c"], "poke")
-    pull(tracker, {"id": "1-0", "seq": 1, "epoch": "ab", "state": None})
-    assert [m["seq"] for m in deliver(tracker, frame(4, seq_from=2))] == [4]
-    assert deliver(tracker, frame(6, seq_from=6)) == []
-    assert tracker.stale() == ["c"]
-    assert tracker.channels["c"].state is None  # no local state in poke mode
+# -- tests/vectors/protocol.json: the client rules, shared with realtime.js (tests/browser/test_vectors.py) -----
+VECTORS = orjson.loads((Path(__file__).parents[1] / "vectors" / "protocol.json").read_bytes())
+
+
+def name(case: dict) -> str:
+    return case["name"]
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
+@pytest.mark.parametrize("case", VECTORS["sse"], ids=name)
+def test_sse_vectors(case: dict, bytewise: bool) -> None:
+    events = Events()
+    for step in case["steps"]:
+        data = step["in"].encode()
+        chunks = [data[i : i + 1] for i in range(len(data))] if bytewise else [data]
+        assert [list(e) for chunk in chunks for e in events.feed(chunk)] == step["events"], step["in"]
+    if "retry" in case:
+        assert events.retry == case["retry"]
+    if "last_event_id" in case:
+        assert events.last_id == case["last_event_id"]
+
+
+def handed_over(frame: dict) -> dict:
+    """A frame as a vector's `out` holds it."""
+    if frame["type"] == "message":
+        return {k: frame[k] for k in ("type", "channel", "id")}
+    return {k: frame[k] for k in ("type", "channel", "id", "seq", "epoch", "state", "reason") if k in frame}
+
+
+@pytest.mark.parametrize("case", VECTORS["tracker"], ids=name)
+def test_tracker_vectors(case: dict) -> None:
+    tracker, events = Tracker(case["channels"], case["mode"]), Events()
+    for i, step in enumerate(orjson.loads(orjson.dumps(case["steps"]))):  # a copy: the tracker keeps frames
+        if "pulled" in step:
+            frames = tracker.pulled(step["pulled"], step["answer"])
+        elif "frame" in step:
+            frames = tracker.frame(step["frame"])
+        else:
+            frames = [f for e in events.feed(step["sse"].encode()) for f in tracker.feed(*e)]
+        for f in frames:
+            tracker.apply(f)
+        assert [handed_over(f) for f in frames] == step["out"], f"step {i}"
+        for channel, want in step.get("expect", {}).items():
+            ch = tracker.channels[channel]
+            assert {"id": ch.id, "seq": ch.seq, "epoch": ch.epoch, "state": ch.state, "stale": ch.stale} == want, (
+                f"step {i}"
+            )
