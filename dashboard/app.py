@@ -20,8 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `panel serve dashboard/app.py` runs this file as a script, not as a module
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `panel serve dashboard/app.py` runs this file as a script, not as a module:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, so that `dashboard` imports
+    __package__ = "dashboard"  # PEP 366: the relative imports below resolve in the checkout's package
 
 import orjson  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -30,9 +31,9 @@ import redis  # noqa: E402
 from bokeh.models import ColumnDataSource, DataRange1d, HoverTool  # noqa: E402
 from bokeh.plotting import figure  # noqa: E402
 
-from dashboard.feed import DashboardConfig, StatsFeed  # noqa: E402
-from dashboard.policy import AdminAPI, PolicyView, read_policy, with_rule  # noqa: E402
-from dashboard.sources import LATENCY_BOUNDS_MS, Point, ReplicaRow, Window, bucket_labels  # noqa: E402
+from .feed import DashboardConfig, StatsFeed  # noqa: E402
+from .policy import AdminAPI, PolicyView, read_policy, with_rule  # noqa: E402
+from .sources import LATENCY_BOUNDS_MS, Point, ReplicaRow, Window, bucket_labels  # noqa: E402
 
 REFRESH_MS = 500
 HISTOGRAM_SECONDS = 10
