@@ -259,6 +259,8 @@ def run_demo(settings: Settings, dashboard_port: int, with_dashboard: bool, *, w
             server.stop(timeout=1)
         if relay is not None:
             relay.stop()
+            if relay.reader.thread is not None:  # its blocking read ends before Redis does: no "lost Redis"
+                relay.reader.thread.join(settings.read_block_ms / 1000 + 1)
         if dashboard is not None:
             _step("dashboard")
             dashboard.stop()

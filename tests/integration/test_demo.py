@@ -110,6 +110,7 @@ def test_the_demo_honours_sidecar_port_resets_the_last_policy_and_stops_in_depen
     steps = re.findall(r"sidecar demo: stopping (\w+)", demo.text())
     assert steps == ["traffic", "worker", "sidecar", "dashboard", "Redis"], demo.text()
     assert "Traceback" not in (data / "worker.log").read_text()
+    assert "lost Redis" not in demo.text()  # the relay stopped reading before Redis stopped
     assert "Warm shutdown" in (data / "worker.log").read_text()
     assert not (data / "redis.url").exists()
     with EmbeddedRedis(data) as after:  # the AOF holds what the run wrote, its last moments included

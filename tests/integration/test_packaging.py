@@ -48,7 +48,8 @@ def venv(tmp_path_factory, wheel: Path) -> Path:
     assert made.returncode == 0, made.stderr
     python = root / "v" / "bin" / "python"
     site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root).stdout.strip())
-    (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # a path line: its .pth files are not run
+    # A path line: the .pth files in that directory (the editable install of the checkout) are not run.
+    (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     installed = run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", wheel], root)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     return root / "v"
