@@ -81,7 +81,9 @@ def test_a_relay_that_stops_cleanly_says_so_in_its_last_stats_record(redis_serve
 
 
 @pytest.mark.slow
-def test_the_demo_honours_sidecar_port_resets_the_last_policy_and_stops_in_dependency_order(tmp_path, free_port):
+def test_the_demo_honours_sidecar_port_resets_the_last_policy_and_stops_in_dependency_order(
+    tmp_path, free_port, monkeypatch
+):
     data = tmp_path / "state"
     with EmbeddedRedis(data) as previous:  # a previous run left a throttle policy in the demo's Redis (AOF)
         redis.Redis.from_url(previous.url).hset("rt:throttle", mapping={"v": 7, "doc": b'{"admit_rate": 1}', "at": 1})
@@ -98,6 +100,8 @@ def test_the_demo_honours_sidecar_port_resets_the_last_policy_and_stops_in_depen
         base = f"http://127.0.0.1:{port}"
         assert requests.get(f"{base}/admin/throttle", timeout=5).json()["source"] == "settings"
         wait_for(lambda: answers(f"http://127.0.0.1:{dashboard_port}/app"), 60, "the dashboard")
+
+        run_notebook(data, demo.proc.pid, monkeypatch)
 
         job = requests.post(f"{base}/demo/jobs/report", timeout=5).json()
         pub = Publisher.from_url(url)
@@ -119,6 +123,23 @@ def test_the_demo_honours_sidecar_port_resets_the_last_policy_and_stops_in_depen
         demo_records = [r for r in records(after.url) if r.port == port]
         assert demo_records[-1].stopped  # the relay stopped cleanly, before Redis
         assert redis.Redis.from_url(after.url).hget("rt:throttle", "doc") is None
+
+
+def run_notebook(data: Path, relay_pid: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dashboard/notebook.ipynb top to bottom, started in dashboard/ as Jupyter does, with REDIS_URL unset: it
+    must find the demo's Redis by itself and show the demo relay's records."""
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(REPO_ROOT / "dashboard" / "notebook.ipynb", as_version=4)
+    for name in [k for k in os.environ if k == "REDIS_URL" or k.startswith("SIDECAR_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SIDECAR_DATA_DIR", str(data))  # the kernel inherits this environment
+    client = nbclient.NotebookClient(notebook, timeout=60, kernel_name="python3",
+                                     resources={"metadata": {"path": str(REPO_ROOT / "dashboard")}})  # fmt: skip
+    client.execute()
+    frame = notebook.cells[-1].outputs[-1]["data"]["text/plain"]
+    assert f":{relay_pid}" in frame, frame  # the demo relay's records, read from the Redis in redis.url
 
 
 def busy(port: int) -> socket.socket:
