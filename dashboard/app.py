@@ -20,8 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `panel serve dashboard/app.py` runs this file as a script, not as a module
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `panel serve dashboard/app.py` runs this file as a script, not as a module:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, so that `dashboard` imports
+    __package__ = "dashboard"  # PEP 366: the relative imports below resolve in the checkout's package
 
 import orjson  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -30,9 +31,9 @@ import redis  # noqa: E402
 from bokeh.models import ColumnDataSource, DataRange1d, HoverTool  # noqa: E402
 from bokeh.plotting import figure  # noqa: E402
 
-from dashboard.feed import DashboardConfig, StatsFeed  # noqa: E402
-from dashboard.policy import AdminAPI, PolicyView, read_policy, with_rule  # noqa: E402
-from dashboard.sources import LATENCY_BOUNDS_MS, Point, Window, bucket_labels  # noqa: E402
+from .feed import DashboardConfig, StatsFeed  # noqa: E402
+from .policy import AdminAPI, PolicyView, read_policy, with_rule  # noqa: E402
+from .sources import LATENCY_BOUNDS_MS, Point, ReplicaRow, Window, bucket_labels  # noqa: E402
 
 REFRESH_MS = 500
 HISTOGRAM_SECONDS = 10
@@ -100,6 +101,16 @@ def _figure(title: str, x_range: DataRange1d, height: int = 260) -> Any:
     )
     fig.y_range.start = 0  # rates, counts and latencies: a zero baseline keeps small wiggles small
     return fig
+
+
+def _status(r: ReplicaRow) -> str:
+    return f"STALE ({r.age:.0f} s)" if r.stale else f"stopped ({r.age:.0f} s ago)" if r.stopped else "live"
+
+
+def _gone(replicas: list[ReplicaRow]) -> str:
+    """What is not live, e.g. "2 stale, 1 stopped"; "" when every replica is."""
+    stale, stopped = sum(r.stale for r in replicas), sum(r.stopped for r in replicas)
+    return ", ".join(f"{n} {what}" for n, what in ((stale, "stale"), (stopped, "stopped")) if n)
 
 
 def _mark_stale(row: pd.Series) -> list[str]:
@@ -302,26 +313,27 @@ class Dashboard:
     def _update_tables(self, now: float) -> None:
         window = self.feed.window
         replicas = window.replicas(now)
-        live = [r for r in replicas if not r.stale]
+        live = [r for r in replicas if not r.stale and not r.stopped]
         if self.feed.error:
             self.status.alert_type = "danger"
             self.status.object = f"Cannot read the stats stream `{self.config.stats_key}`: {self.feed.error}"
         elif not live:
             self.status.alert_type = "warning"
             self.status.object = "No sidecar is reporting" + (
-                f" ({len(replicas)} stale)" if replicas else f" (no record in `{self.config.stats_key}`)"
+                f" ({_gone(replicas)})" if replicas else f" (no record in `{self.config.stats_key}`)"
             )
         else:
-            stale = len(replicas) - len(live)
+            stale = sum(r.stale for r in replicas)
             self.status.alert_type = "success" if not stale else "warning"
+            gone = _gone(replicas)
             self.status.object = f"{len(live)} sidecar replica{'s' if len(live) != 1 else ''} reporting" + (
-                f", {stale} stale" if stale else ""
+                f", {gone}" if gone else ""
             )
         sse, ws = sum(r.sse for r in live), sum(r.ws for r in live)
         self.transport_numbers.object = f"**SSE** {sse} &nbsp; **WebSocket** {ws} &nbsp; **total** {sse + ws}"
         self.replicas_table.value = pd.DataFrame(
             [
-                (r.replica, f"STALE ({r.age:.0f} s)" if r.stale else "live", r.sse, r.ws, r.connections,
+                (r.replica, _status(r), r.sse, r.ws, r.connections,
                  r.subscribers, round(r.delivered, 1), "ok" if r.reader_ok else "DOWN", r.restarts, round(r.uptime))
                 for r in replicas
             ],

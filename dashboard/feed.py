@@ -17,8 +17,10 @@ from typing import Any
 
 import redis
 
-from dashboard.sources import Record, Window, parse_record
 from sidecar.config import Settings
+from sidecar.embedded import recorded_url
+
+from .sources import Record, Window, parse_record
 
 
 def read_records(client: Any, key: str, after: str | None = None, since: float | None = None) -> list[Record]:
@@ -80,7 +82,8 @@ class StatsFeed:
 # -- configuration ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DashboardConfig:
-    """What the dashboard needs: the sidecar's settings (``REDIS_URL``, ``SIDECAR_KEY_PREFIX``,
+    """What the dashboard needs: the sidecar's settings (``REDIS_URL``, else the URL a running ``sidecar demo``
+    recorded in ``SIDECAR_DATA_DIR``, ``SIDECAR_KEY_PREFIX``,
     ``SIDECAR_STATS_INTERVAL``, ``SIDECAR_ADMIN_KEY``: enables the throttle controls), plus two of its own:
     ``SIDECAR_URL`` (a sidecar, for the admin API) and ``SIDECAR_DASHBOARD_WINDOW`` (seconds shown)."""
 
@@ -101,7 +104,7 @@ class DashboardConfig:
         settings = Settings.from_env(environ)
         window = float(environ.get("SIDECAR_DASHBOARD_WINDOW") or 600)
         return cls(
-            redis_url=settings.redis_url or "redis://127.0.0.1:6379/0",
+            redis_url=settings.redis_url or recorded_url(settings.data_dir) or "redis://127.0.0.1:6379/0",
             stats_key=f"{settings.key_prefix}:stats",
             throttle_key=f"{settings.key_prefix}:throttle",
             interval=settings.stats_interval,

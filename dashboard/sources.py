@@ -58,6 +58,7 @@ class Record:
     pending: float = 0  # pokes waiting (herd control)
     spread: float = 0.0  # seconds pokes are spread over
     channels: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # pattern -> counts
+    stopped: bool = False  # the replica's last record after a clean stop
 
     @property
     def begin(self) -> float:
@@ -111,6 +112,7 @@ def parse_record(stream_id: str | bytes, fields: Mapping[Any, Any]) -> Record | 
             pending=float(herd.get("pending", 0)),
             spread=float(herd.get("spread", 0.0)),
             channels=channels,
+            stopped=bool(doc.get("stopped", 0)),
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
@@ -202,7 +204,8 @@ class ReplicaRow:
     host: str
     pid: int
     port: int
-    stale: bool
+    stale: bool  # stopped reporting without saying it stops
+    stopped: bool  # its last record says it stopped cleanly
     age: float  # seconds since its last record
     sse: int
     ws: int
@@ -280,8 +283,10 @@ class Window:
         return self.records[replica][-1]
 
     def live(self, now: float) -> list[str]:
-        """Replicas whose last record is at most ``stale_after`` seconds old."""
-        return sorted(r for r, rows in self.records.items() if now - rows[-1].ts <= self.stale_after)
+        """Replicas whose last record is at most ``stale_after`` seconds old and does not say they stopped."""
+        return sorted(
+            r for r, rows in self.records.items() if not rows[-1].stopped and now - rows[-1].ts <= self.stale_after
+        )
 
     def settled(self, now: float) -> int:
         """The end (exclusive, unix seconds) of the bins every live replica has reported; with no live replica,
@@ -364,7 +369,7 @@ class Window:
             if i < 0:
                 continue
             r = rows[i]
-            if p.t + 1 - r.ts > self.stale_after:
+            if r.stopped or p.t + 1 - r.ts > self.stale_after:
                 continue
             p.replicas += 1
             p.sse += r.conn.get("sse", 0)
@@ -423,7 +428,7 @@ class Window:
         return rows
 
     def replicas(self, now: float) -> list[ReplicaRow]:
-        """One row per replica seen in the window; ``stale`` when it stopped reporting."""
+        """One row per replica seen in the window; ``stale`` when it stopped reporting without a stopped record."""
         out = []
         for replica, rows in sorted(self.records.items()):
             last = rows[-1]
@@ -435,7 +440,8 @@ class Window:
                     host=last.host,
                     pid=last.pid,
                     port=last.port,
-                    stale=now - last.ts > self.stale_after,
+                    stale=not last.stopped and now - last.ts > self.stale_after,
+                    stopped=last.stopped,
                     age=max(now - last.ts, 0.0),
                     sse=conns.get("sse", 0),
                     ws=conns.get("ws", 0),

@@ -32,8 +32,9 @@ from gevent.pywsgi import WSGIServer
 
 from sidecar.app import STATIC, create_app, error
 from sidecar.auth import InsecureConfig, check_startup
+from sidecar.cli import port_free, port_taken
 from sidecar.config import Settings
-from sidecar.embedded import EmbeddedRedis
+from sidecar.embedded import URL_FILE, EmbeddedRedis
 from sidecar.publish import Publisher
 from sidecar.serve import listen
 
@@ -152,17 +153,22 @@ def traffic(jobs: Jobs, stop: Event) -> None:
 
 
 class Child:
-    """A child process with its output in a log file, stopped by its own pid."""
+    """A child process with its output in a log file, stopped by its own pid.
+
+    It runs in its own session, so a terminal's Ctrl-C (SIGINT to the whole foreground process group) reaches only
+    the demo, which stops the children in dependency order instead of all of them in the same instant."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
         with open(log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-            )
+                argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
 
     def stop(self) -> None:
+        """SIGTERM (for a Celery worker: a warm shutdown, running tasks finish), SIGKILL after STOP_TIMEOUT."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -184,13 +190,22 @@ def run_demo(settings: Settings, dashboard_port: int, with_dashboard: bool, *, w
         print(f"sidecar demo: {exc}")
         return 2
     settings = settings.replace(stats_patterns=settings.stats_patterns or STATS_PATTERNS)
+    with_dashboard = with_dashboard and (REPO_ROOT / "dashboard" / "app.py").exists()
+    with_dashboard = with_dashboard and importlib.util.find_spec("panel") is not None
+    if with_dashboard and not port_free(settings.host, dashboard_port):
+        how = ("make demo DASHBOARD_PORT={}", "sidecar demo --dashboard-port {}")
+        print(f"sidecar demo: {port_taken('dashboard', settings.host, dashboard_port, *how)}")
+        return 1
     data_dir = Path(settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    url_file = data_dir / URL_FILE
     embedded: EmbeddedRedis | None = None
-    children: list[Child] = []
+    worker: Child | None = None
+    dashboard: Child | None = None
     stop = Event()
     relay = None
     server: WSGIServer | None = None
+    beats: gevent.Greenlet | None = None
     try:
         if not settings.redis_url:
             embedded = EmbeddedRedis(data_dir).start()
@@ -205,49 +220,97 @@ def run_demo(settings: Settings, dashboard_port: int, with_dashboard: bool, *, w
         jobs = app.extensions["demo"] = Jobs(app.extensions["publisher"])
         try:
             server = listen(app, settings)  # bound now: a busy port fails here, before any child starts
-        except OSError as exc:
-            print(f"sidecar demo: cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+        except OSError:
+            ways = ("make demo PORT={}", "sidecar demo --port {}", "SIDECAR_PORT={}")
+            print(f"sidecar demo: {port_taken('relay', settings.host, settings.port, *ways)}")
             return 1
+        reset = _reset_policy(relay)
 
         worker_argv = [
             sys.executable, "-m", "celery", "-A", "tasks.celery_app:app", "worker", "-P", "threads", "-c", "4",
             "--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "info", "-n", f"demo-{os.getpid()}@%h",
         ]  # fmt: skip
-        children.append(Child("worker", worker_argv, env, data_dir / "worker.log"))
+        worker = Child("worker", worker_argv, env, data_dir / "worker.log")
         dashboard_url = None
-        if with_dashboard and (REPO_ROOT / "dashboard" / "app.py").exists() and importlib.util.find_spec("panel"):
-            origins = [f"--allow-websocket-origin={h}:{dashboard_port}" for h in (settings.host, "localhost")]
+        if with_dashboard:
             dashboard_argv = [
-                sys.executable, "-m", "panel", "serve", str(REPO_ROOT / "dashboard" / "app.py"),
-                "--address", settings.host, "--port", str(dashboard_port), *origins,
+                sys.executable, "-m", "sidecar", "dashboard", "--host", settings.host, "--port", str(dashboard_port),
             ]  # fmt: skip
-            children.append(Child("dashboard", dashboard_argv, env, data_dir / "dashboard.log"))
+            dashboard = Child("dashboard", dashboard_argv, env, data_dir / "dashboard.log")
             dashboard_url = f"http://{settings.host}:{dashboard_port}/app"
 
         relay.start()
         server.start()
-        _print_urls(settings, redis_url, embedded is not None, data_dir, children, dashboard_url)
+        url_file.write_text(redis_url + "\n")  # the notebook and `sidecar dashboard` read it when REDIS_URL is unset
+        url_file.chmod(0o600)
+        children = [c for c in (worker, dashboard) if c is not None]
+        _print_urls(settings, redis_url, embedded is not None, data_dir, children, dashboard_url, reset)
         for signum in (signal.SIGINT, signal.SIGTERM):
             gevent.signal_handler(signum, stop.set)
         if with_traffic:
-            gevent.spawn(traffic, jobs, stop)
+            beats = gevent.spawn(traffic, jobs, stop)
+        gevent.spawn(_watch, children, stop)
         stop.wait()
-        print("\nsidecar demo: stopping")
+        print("\nsidecar demo: stopping", flush=True)
         return 0
     finally:
+        # Dependency order: nothing new is started, running tasks finish while Redis and the relay still take
+        # their results, clients hear the end, and Redis goes last.
         stop.set()
+        if beats is not None:
+            _step("traffic")
+            beats.join(timeout=STOP_TIMEOUT)
+        if worker is not None:
+            _step("worker (warm shutdown: running tasks finish)")
+            worker.stop()
         if server is not None:
+            _step("sidecar")
             server.stop(timeout=1)
         if relay is not None:
             relay.stop()
-        for child in reversed(children):
-            child.stop()
+            if relay.reader.thread is not None:  # its blocking read ends before Redis does: no "lost Redis"
+                relay.reader.thread.join(settings.read_block_ms / 1000 + 1)
+        if dashboard is not None:
+            _step("dashboard")
+            dashboard.stop()
+        url_file.unlink(missing_ok=True)
         if embedded is not None:
+            _step("Redis")
             embedded.stop()
 
 
+def _step(what: str) -> None:
+    print(f"sidecar demo: stopping {what}", flush=True)
+
+
+def _reset_policy(relay: Any) -> int | None:
+    """Back to the settings' throttle policy if a previous run left one in Redis (it would silently still be in
+    force); the version that was reset, or None."""
+    version, doc, _ = relay.store.read_policy()
+    if doc is None:
+        return None
+    relay.control.put_policy(None)
+    return int(version)
+
+
+def _watch(children: list[Child], stop: Event) -> None:
+    """Say so when a child exits on its own (its log says why); the demo goes on without it."""
+    running = list(children)
+    while running and not stop.wait(1.0):
+        for child in [c for c in running if c.proc.poll() is not None]:
+            running.remove(child)
+            print(f"sidecar demo: the {child.name} exited with status {child.proc.returncode}; see {child.log_path}",
+                  flush=True)  # fmt: skip
+
+
 def _print_urls(
-    settings: Settings, redis_url: str, embedded: bool, data_dir: Path, children: list[Child], dashboard: str | None
+    settings: Settings,
+    redis_url: str,
+    embedded: bool,
+    data_dir: Path,
+    children: list[Child],
+    dashboard: str | None,
+    reset: int | None,
 ) -> None:
     base = f"http://{settings.host}:{settings.port}"
     where = f"embedded, data in {data_dir}" if embedded else "from REDIS_URL"
@@ -259,10 +322,14 @@ def _print_urls(
         f"  dashboard   {dashboard}" if dashboard else "  dashboard   not started (needs dashboard/app.py and panel)",
         f"  stream      curl -N '{base}/sse?channel=demo:board&channel=sprint:{SPRINT_ID}'",
         f"  state       curl '{base}/channels/sprint:{SPRINT_ID}/state'",
-        f"  Redis       {redis_url} ({where})",
+        f"  Redis       {redis_url} ({where}; also in {data_dir / URL_FILE} for the notebook)",
+        f"  throttle    reset to the settings' policy (a previous run left version {reset} in Redis)"
+        if reset
+        else "  throttle    the settings' policy",
     ]
     lines += [
         f"  {'children' if i == 0 else '':<11} {c.name} pid {c.proc.pid}, log {c.log_path}"
         for i, c in enumerate(children)
     ]
+    lines.append(f"  state       {data_dir} (make clean removes it)")
     print("\n".join(lines) + "\n", flush=True)

@@ -24,6 +24,23 @@ from types import TracebackType
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+URL_FILE = "redis.url"  # in the data dir: the Redis `sidecar demo` runs on, for the dashboard and the notebook
+
+
+def recorded_url(data_dir: str | Path) -> str | None:
+    """The Redis URL a running ``sidecar demo`` wrote to ``<data_dir>/redis.url``, or None. A relative data dir
+    is looked for in the working directory and then its parents, so a notebook started in dashboard/ finds the
+    checkout's .sidecar/."""
+    path = Path(data_dir)
+    places = [path] if path.is_absolute() else [base / path for base in (Path.cwd(), *Path.cwd().parents)]
+    for place in places:
+        try:
+            url = (place / URL_FILE).read_text().strip()
+        except OSError:
+            continue
+        if url:
+            return url
+    return None
 
 
 def free_port() -> int:
@@ -99,7 +116,10 @@ class EmbeddedRedis:
             "daemonize no\n"
             f'logfile "{self.log_path}"\n' + self.extra_conf
         )
-        self._proc = subprocess.Popen([redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL)
+        # Its own session: a terminal's Ctrl-C reaches only its parent, which stops it last (after the clients).
+        self._proc = subprocess.Popen(
+            [redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL, start_new_session=True
+        )
         atexit.register(self.stop)
         self._wait_ready()
         return self

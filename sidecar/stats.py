@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
 RECORD_FIELD = "r"  # the stream entry's one field: the record as JSON
+STOP_JOIN = 2.0  # seconds stop() waits for a record being written before it writes the last one
 
 # Upper bounds (ms) of the latency buckets: publish call -> frame written to the socket.
 LATENCY_BOUNDS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, float("inf"))
@@ -190,8 +191,13 @@ class Stats:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the writer; after a clean stop one last record says ``"stopped": 1`` (the dashboard then shows the
+        replica as stopped, not stale)."""
         self._stop.set()
-        self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(STOP_JOIN)
+            self.write(stopped=True)
 
     def _run(self) -> None:
         interval = max(self.settings.stats_interval, 0.05)
@@ -205,9 +211,11 @@ class Stats:
             if next_tick < time.monotonic():  # fell behind (a Redis stall): skip ticks rather than burst
                 next_tick = time.monotonic() + interval
 
-    def write(self) -> bool:
+    def write(self, stopped: bool = False) -> bool:
         """Sample and XADD one record; False (logged once per outage, never raised) if Redis refused it."""
         record, commit = self.sample()
+        if stopped:
+            record["stopped"] = 1
         store = self.relay.store
         try:
             store.redis.xadd(

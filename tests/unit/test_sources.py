@@ -193,6 +193,24 @@ def test_a_replica_that_stops_reporting_is_marked_stale_and_not_waited_for():
     assert w.top_channels(T0 + 11, 4, now)[0].subscribers == 0  # subscribers only from live replicas
 
 
+def test_a_replica_that_stopped_cleanly_is_shown_stopped_not_stale_and_not_waited_for():
+    w = Window(stale_after=5)
+    w.add([rec("a", T0 + i, conn={"sse": 1}) for i in range(1, 5)])
+    w.add([rec("b", T0 + 1, conn={"sse": 3}), rec("b", T0 + 2, conn={"sse": 3}), rec("b", T0 + 2.5, stopped=True)])
+    assert w.live(T0 + 4.2) == ["a"]  # b said it stopped: not waited for, though it is not stale yet
+    assert w.settled(T0 + 4.2) == T0 + 4
+    assert [p.sse for p in w.series(T0 + 1, T0 + 4)] == [4, 1, 1]  # its connections leave with its last record
+    rows = {r.replica: r for r in w.replicas(T0 + 60)}
+    assert rows["b"].stopped and not rows["b"].stale
+    assert rows["a"].stale and not rows["a"].stopped
+
+
+def test_the_stopped_flag_is_read_from_a_record():
+    doc = {"v": 1, "replica": "a", "ts": T0, "dt": 1, "stopped": 1}
+    assert parse_record("1-0", {b"r": orjson.dumps(doc)}).stopped
+    assert not parse_record("1-0", {b"r": orjson.dumps({**doc, "stopped": 0})}).stopped
+
+
 def test_settled_waits_for_the_slowest_live_replica():
     w = Window(stale_after=5)
     w.add([rec("a", T0 + 10.2), rec("b", T0 + 8.7)])
