@@ -1,7 +1,7 @@
 """What real networks and careless or hostile clients do to the server, under both entry points (gevent.pywsgi for
-`sidecar serve`, gunicorn's gevent worker with sidecar/gunicorn.conf.py): resets and oversized heads, tokens in
-malformed request lines, slow heads and bodies. Each gets a 4xx where one can be sent, at most one
-log line at INFO, never a traceback nor a token in the log, and no descriptor or greenlet left behind.
+`sidecar serve`, gunicorn's gevent worker with sidecar/gunicorn.conf.py): malformed WebSocket upgrades, resets and
+oversized heads, tokens in malformed request lines, slow heads and bodies. Each gets a 4xx where one can be sent,
+at most one log line at INFO, never a traceback nor a token in the log, and no descriptor or greenlet left behind.
 """
 
 from __future__ import annotations
@@ -160,6 +160,39 @@ def reset(sock: socket.socket) -> None:
 def upgrade(extra: bytes, key: bytes | None = None) -> bytes:
     key = key if key is not None else b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\n"
     return b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" + key + extra + b"\r\n"
+
+
+# -- malformed WebSocket upgrades (RFC 6455 section 4.2.2) ------------------------------------------------------
+MALFORMED_UPGRADES = {
+    "no key": (upgrade(b"Sec-WebSocket-Version: 13\r\n", key=b""), 400, "bad-handshake"),
+    "a key that is not 16 bytes": (
+        upgrade(b"Sec-WebSocket-Version: 13\r\n", key=b"Sec-WebSocket-Key: c2hvcnQ=\r\n"), 400, "bad-handshake"),
+    "version 8": (upgrade(b"Sec-WebSocket-Version: 8\r\n"), 426, "unsupported-version"),
+    "no version": (upgrade(b""), 426, "unsupported-version"),
+    "a deflate window that is not a number": (
+        upgrade(b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=abc"
+                b"\r\n"), 400, "bad-handshake"),
+    "a header value HTTP/1.1 does not allow": (
+        upgrade(b"Sec-WebSocket-Version: 13\r\nX-Odd: a\x0bb\r\n"), 400, "bad-handshake"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MALFORMED_UPGRADES)
+def test_a_malformed_websocket_upgrade_gets_a_4xx_without_a_token_and_logs_no_traceback(sidecar, name):
+    request, expected, code = MALFORMED_UPGRADES[name]
+    log = LogWatch(sidecar)
+    answer = exchange(sidecar.port, request)
+    assert status(answer) == expected, answer[:300]
+    if headers(answer).get("content-type") == "application/json":  # not when gunicorn refuses the head itself
+        assert body(answer)["error"] == code
+    if expected == 426:
+        assert headers(answer)["sec-websocket-version"] == "13"
+    log.assert_quiet()
+
+
+def test_a_plain_get_of_the_websocket_endpoint_gets_the_documented_not_websocket(sidecar):
+    answer = requests.get(f"{sidecar.url}/ws", timeout=5)
+    assert (answer.status_code, answer.json()["error"]) == (400, "not-websocket")
 
 
 # -- ordinary network behaviour ---------------------------------------------------------------------------------
