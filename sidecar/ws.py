@@ -10,9 +10,12 @@ to the socket (but simple-websocket's own pong/close replies).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
+import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -63,7 +66,26 @@ class Closed(Exception):
         self.reason = reason
 
 
+def _closes_tcp(route: Callable[[Any], None]) -> Callable[[Any], None]:
+    """After the route, the server ends the TCP connection itself (RFC 6455 section 5.5.1: once it has sent and
+    received a close frame; section 7.1.1: the server closes first), at most `close_timeout` after its own close
+    frame. simple-websocket works on a dup() of the socket under gevent.pywsgi, and its reader holds that
+    descriptor until the client speaks or leaves, so the WSGI server's close alone does not end the connection."""
+
+    @functools.wraps(route)
+    def run(ws: Any) -> None:
+        try:
+            route(ws)
+        finally:
+            ws.thread.join(current_app.config["SETTINGS"].close_timeout)  # it ends on the client's close frame
+            with contextlib.suppress(AttributeError, OSError):
+                getattr(ws.sock, "_sock", ws.sock).shutdown(socket.SHUT_RDWR)  # the OS socket: FIN to the peer
+
+    return run
+
+
 @sock.route("/ws")
+@_closes_tcp
 def websocket(ws: Any) -> None:
     relay = current_app.extensions["relay"]
     settings = current_app.config["SETTINGS"]

@@ -1,7 +1,8 @@
 """What real networks and careless or hostile clients do to the server, under both entry points (gevent.pywsgi for
 `sidecar serve`, gunicorn's gevent worker with sidecar/gunicorn.conf.py): malformed WebSocket upgrades, resets and
-oversized heads, tokens in malformed request lines, slow heads and bodies. Each gets a 4xx where one can be sent,
-at most one log line at INFO, never a traceback nor a token in the log, and no descriptor or greenlet left behind.
+oversized heads, tokens in malformed request lines, slow heads and bodies, clients that answer a close but keep
+TCP open. Each gets a 4xx where one can be sent, at most one log line at INFO, never a traceback nor a token in
+the log, and no descriptor or greenlet left behind.
 """
 
 from __future__ import annotations
@@ -316,3 +317,60 @@ def test_slow_bodies_get_408_at_the_body_deadline(sidecar, framing):
     assert [status(a) for a in answers] == [408] * 10, answers[0][:300]
     assert body(answers[0])["error"] == "request-timeout"
     log.assert_quiet(most=10)
+
+
+# -- WebSocket close handshake (RFC 6455 section 5.5.1) --------------------------------------------------------
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    assert len(payload) < 126
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def ws_open(port: int, token: str) -> tuple[socket.socket, bytes]:
+    sock = connect(port)
+    sock.sendall(upgrade(b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + token.encode() + b"\r\n"))
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    assert data.startswith(b"HTTP/1.1 101"), data
+    return sock, data.partition(b"\r\n\r\n")[2]
+
+
+def read_close(sock: socket.socket, data: bytes) -> int:
+    """Read server frames until its close frame; its code."""
+    while True:
+        while len(data) < 2 or len(data) < 2 + (data[1] & 0x7F):
+            data += sock.recv(4096)
+        opcode, size = data[0] & 0x0F, data[1] & 0x7F
+        if opcode == 0x8:
+            return int.from_bytes(data[2:4], "big")
+        data = data[2 + size :]
+
+
+CLOSE_TRIGGERS = {"not JSON": (ws_frame(0x1, b"not json"), 1007), "binary": (ws_frame(0x2, b"\x00"), 1003)}
+
+
+@pytest.mark.parametrize(("trigger", "code"), CLOSE_TRIGGERS.values(), ids=CLOSE_TRIGGERS)
+@pytest.mark.parametrize("answer", ["answers the close", "stays silent"])
+def test_the_server_ends_tcp_after_closing_a_websocket_itself(sidecar, trigger, code, answer):
+    token = mint(SECRET, ["*"])
+    requests.get(f"{sidecar.url}/healthz", timeout=5)
+    baseline = open_fds(sidecar.worker_pid)
+    clients = []
+    for _ in range(10):
+        sock, rest = ws_open(sidecar.port, token)
+        sock.sendall(trigger)
+        assert read_close(sock, rest) == code
+        if answer == "answers the close":
+            sock.sendall(ws_frame(0x8, code.to_bytes(2, "big")))  # and keeps its side of TCP open
+        clients.append(sock)
+    wait = (0.5 if answer == "answers the close" else CLOSE_TIMEOUT) + SLACK
+    cut_within(clients, wait)
+    deadline = time.monotonic() + 2
+    while open_fds(sidecar.worker_pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds(sidecar.worker_pid) <= baseline
