@@ -1,8 +1,8 @@
 """What real networks and careless or hostile clients do to the server, under both entry points (gevent.pywsgi for
-`sidecar serve`, gunicorn's gevent worker with sidecar/gunicorn.conf.py): malformed WebSocket upgrades, resets and
-oversized heads, tokens in malformed request lines, slow heads and bodies, clients that answer a close but keep
-TCP open. Each gets a 4xx where one can be sent, at most one log line at INFO, never a traceback nor a token in
-the log, and no descriptor or greenlet left behind.
+`sidecar serve`, gunicorn's gevent worker with sidecar/gunicorn.conf.py): malformed
+WebSocket upgrades, resets and oversized heads, tokens in malformed request lines, slow heads and bodies, clients
+that answer a close but keep TCP open, SSE clients that leave. Each gets a 4xx where one can be sent, at most one
+log line at INFO, never a traceback nor a token in the log, and no descriptor or greenlet left behind.
 """
 
 from __future__ import annotations
@@ -374,3 +374,30 @@ def test_the_server_ends_tcp_after_closing_a_websocket_itself(sidecar, trigger, 
     while open_fds(sidecar.worker_pid) > baseline and time.monotonic() < deadline:
         time.sleep(0.05)
     assert open_fds(sidecar.worker_pid) <= baseline
+
+
+# -- SSE peers that leave ---------------------------------------------------------------------------------------
+def connections(sidecar: Any) -> int:
+    return requests.get(f"{sidecar.url}/healthz", timeout=5).json()["connections"]
+
+
+def test_an_sse_client_that_leaves_stops_counting_at_once_not_at_the_next_keepalive(sidecar):
+    token = mint(SECRET, ["gone:*"])
+    before = connections(sidecar)
+    clients = []
+    for i in range(5):
+        sock = connect(sidecar.port)
+        sock.sendall(f"GET /sse?channel=gone:{i}&token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"event: ready" not in data:
+            data += sock.recv(65536)
+        clients.append(sock)
+    assert connections(sidecar) == before + 5
+    for sock in clients[:3]:
+        sock.close()
+    reset(clients[3])
+    deadline = time.monotonic() + 2.0  # the keepalive is 15 s
+    while connections(sidecar) > before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert connections(sidecar) == before + 1
+    clients[4].close()
