@@ -34,6 +34,7 @@ from sidecar.app import create_app, error
 from sidecar.auth import InsecureConfig, check_startup
 from sidecar.config import Settings
 from sidecar.embedded import EmbeddedRedis
+from sidecar.logs import configure
 from sidecar.publish import Publisher
 from sidecar.serve import listen
 
@@ -166,7 +167,7 @@ class Child:
 
 def run_demo(settings: Settings, dashboard_port: int, with_dashboard: bool, *, with_traffic: bool = True) -> int:
     """Run the demo until Ctrl-C or SIGTERM. gevent must have patched the standard library already."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure()  # redacting, as sidecar serve (sidecar/logs.py)
     if not (REPO_ROOT / "tasks" / "celery_app.py").exists():
         print("sidecar demo runs from a checkout of the repository: it needs the reference app in tasks/")
         return 2

@@ -58,7 +58,7 @@ def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
             if len(signature) >= 8 and signature_of.get(signed, "").startswith(signature):
                 found.add(word)
         found |= {k for k in keys if k in text}
-        leaks += [f"{path}: {secret[:12]}..." for secret in sorted(found)]
+        leaks += [f"{path}: ...{secret[-16:]}" for secret in sorted(found)]
     if leaks:
         pytest.fail("minted secrets in the logs:\n" + "\n".join(leaks), pytrace=False)
 
