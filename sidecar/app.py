@@ -202,11 +202,12 @@ def sse() -> Response:
 
     def stream() -> Iterator[bytes]:
         direct: Direct | None = None
+        peer = writer.watch(client, wakeup.set)  # a client that leaves is gone now, not at the next keepalive
         try:
             yield sse_retry(retry_ms)
             # The headers are out: from here on the writer's pass writes our frames (sidecar/writer.py).
             direct = writer.attach(conn, client, chunked, wakeup.set, relay.stats.observe_write)
-            while True:
+            while peer is None or not peer.gone:
                 if conn.resync:
                     relay.resync(conn)
                 frames = conn.drain()
@@ -226,6 +227,8 @@ def sse() -> Response:
         except OSError:
             pass  # a direct write found the client gone
         finally:
+            if peer is not None:
+                peer.stop()
             relay.hub.disconnect(conn)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

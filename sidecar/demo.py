@@ -35,6 +35,7 @@ from sidecar.auth import InsecureConfig, check_startup
 from sidecar.cli import port_free, port_taken
 from sidecar.config import Settings
 from sidecar.embedded import URL_FILE, EmbeddedRedis
+from sidecar.logs import configure
 from sidecar.publish import Publisher
 from sidecar.serve import listen
 
@@ -180,7 +181,7 @@ class Child:
 
 def run_demo(settings: Settings, dashboard_port: int, with_dashboard: bool, *, with_traffic: bool = True) -> int:
     """Run the demo until Ctrl-C or SIGTERM. gevent must have patched the standard library already."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure()  # redacting, as sidecar serve (sidecar/logs.py)
     if not (REPO_ROOT / "tasks" / "celery_app.py").exists():
         print("sidecar demo runs from a checkout of the repository: it needs the reference app in tasks/")
         return 2

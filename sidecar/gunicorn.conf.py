@@ -1,13 +1,53 @@
 # gunicorn -c sidecar/gunicorn.conf.py   (REDIS_URL and SIDECAR_* in the environment)
+import logging
 import os
 
+import gevent
+from gunicorn.workers.ggevent import GeventWorker
+
+from sidecar import logs
+from sidecar.config import Settings
+
+settings = Settings.from_env()
+
+
+class Worker(GeventWorker):
+    """The gevent worker, with the sidecar's read deadlines: a connection's first request head within
+    `header_timeout` (gunicorn's keepalive bounds the later ones), each body within `body_timeout`."""
+
+    def timeout_ctx(self) -> gevent.Timeout:
+        current = gevent.getcurrent()  # one greenlet per connection
+        first = not getattr(current, "sidecar_served", False)
+        current.sidecar_served = True
+        return gevent.Timeout(settings.header_timeout if first else self.cfg.keepalive, False)  # False: close
+
+
+class ClientErrorsAtInfo(logging.Filter):
+    """gunicorn logs a client's malformed request (its 4xx answer) at WARNING: it is no warning to ops."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("Invalid request from"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def post_worker_init(worker: Worker) -> None:
+    from sidecar.deadlines import body_deadline  # gevent is patched by now
+
+    worker.wsgi = body_deadline(worker.wsgi, settings.body_timeout)
+    # No token in any log line: the app's root handler (sidecar/wsgi.py) and gunicorn's own loggers.
+    logs.install(logging.getLogger(), worker.log.error_log, worker.log.access_log)
+    for handler in worker.log.error_log.handlers:
+        handler.addFilter(ClientErrorsAtInfo())
+
+
 wsgi_app = "sidecar.wsgi:app"
-worker_class = "gevent"  # one greenlet per connection; the worker patches before loading the app
+worker_class = Worker  # one greenlet per connection; the worker patches before loading the app
 workers = int(os.environ.get("SIDECAR_WORKERS", "1"))
 worker_connections = int(os.environ.get("SIDECAR_WORKER_CONNECTIONS", "10000"))  # default 1000 is too few
 bind = f"{os.environ.get('SIDECAR_HOST', '0.0.0.0')}:{os.environ.get('SIDECAR_PORT', '8000')}"
 timeout = 30
 graceful_timeout = 5
-keepalive = 75
+keepalive = max(1, round(settings.idle_timeout))  # whole seconds; also bounds a kept-alive request head
 control_socket_disable = True
 accesslog = None

@@ -87,6 +87,12 @@ class Writer:
         conn.wake = direct.wake
         return direct
 
+    def watch(self, sock: socket.socket | None, on_gone: Callable[[], None]) -> PeerWatch | None:
+        """A :class:`PeerWatch` on `sock`, or None unless it is a gevent socket (nothing to watch it with)."""
+        if sock is None or sock.fileno() < 0 or os.get_blocking(sock.fileno()):
+            return None
+        return PeerWatch(sock, on_gone)
+
     def mark(self, direct: Direct) -> None:
         self.marked.append(direct)
         if not self.scheduled:
@@ -121,6 +127,36 @@ class Writer:
 
 
 writer = Writer()  # one per process: the gevent hub's loop runs its pass
+
+
+class PeerWatch:
+    """Learns at once that a stream's client left, instead of at the next write (up to a keepalive later): a read
+    watch on its socket. An SSE client sends nothing after its request, so a readable socket is the end of the
+    stream or a reset; anything else (bytes it should not send) ends the watch, and the next write decides."""
+
+    def __init__(self, sock: socket.socket, on_gone: Callable[[], None]) -> None:
+        self.sock = getattr(sock, "_sock", sock)  # the OS socket: a peek must not wait
+        self.on_gone = on_gone
+        self.gone = False
+        self.watcher = gevent.get_hub().loop.io(sock.fileno(), 1)  # 1: readable
+        self.watcher.start(self._readable)
+
+    def _readable(self) -> None:
+        try:
+            peeked = self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            peeked = b""  # reset by the peer
+        self.stop()
+        if not peeked:
+            self.gone = True
+            self.on_gone()
+
+    def stop(self) -> None:
+        """Before the socket is closed: a watcher must not outlive its descriptor."""
+        self.watcher.stop()
+        self.watcher.close()
 
 
 def drop_read_buffer(environ: Mapping[str, Any]) -> None:

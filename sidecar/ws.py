@@ -10,14 +10,24 @@ to the socket (but simple-websocket's own pong/close replies).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import re
+import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
-from flask import current_app, g, request
+from flask import Response, current_app, g, request
 from flask_sock import Sock
+from werkzeug.routing import WebsocketMismatch
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import Request as WSRequest
+from wsproto.extensions import PerMessageDeflate
+from wsproto.utilities import RemoteProtocolError
 
+from sidecar.app import error
 from sidecar.auth import AuthError, Grant, presented_token
 from sidecar.control import busy, socket_aborter
 from sidecar.core.connection import WS, Connection
@@ -56,7 +66,26 @@ class Closed(Exception):
         self.reason = reason
 
 
+def _closes_tcp(route: Callable[[Any], None]) -> Callable[[Any], None]:
+    """After the route, the server ends the TCP connection itself (RFC 6455 section 5.5.1: once it has sent and
+    received a close frame; section 7.1.1: the server closes first), at most `close_timeout` after its own close
+    frame. simple-websocket works on a dup() of the socket under gevent.pywsgi, and its reader holds that
+    descriptor until the client speaks or leaves, so the WSGI server's close alone does not end the connection."""
+
+    @functools.wraps(route)
+    def run(ws: Any) -> None:
+        try:
+            route(ws)
+        finally:
+            ws.thread.join(current_app.config["SETTINGS"].close_timeout)  # it ends on the client's close frame
+            with contextlib.suppress(AttributeError, OSError):
+                getattr(ws.sock, "_sock", ws.sock).shutdown(socket.SHUT_RDWR)  # the OS socket: FIN to the peer
+
+    return run
+
+
 @sock.route("/ws")
+@_closes_tcp
 def websocket(ws: Any) -> None:
     relay = current_app.extensions["relay"]
     settings = current_app.config["SETTINGS"]
@@ -120,18 +149,65 @@ def _no_keepalive() -> None:
             getattr(stream, "rfile", stream).close()
 
 
+NOT_WEBSOCKET = "this endpoint speaks WebSocket only (RFC 6455)"
+KEY = re.compile(r"[A-Za-z0-9+/]{21}[AQgw]==")  # base64 of 16 bytes (RFC 6455 section 4.1)
+
+
+@sock.bp.app_errorhandler(WebsocketMismatch)
+def not_websocket(exc: WebsocketMismatch) -> Response:
+    # Werkzeug's router takes a request without `Connection: Upgrade` + `Upgrade: websocket` for plain HTTP.
+    if request.path != "/ws":
+        return error(400, "bad-request", exc.description or "")  # a WebSocket to a plain HTTP route
+    return error(400, "not-websocket", NOT_WEBSOCKET)
+
+
 @sock.bp.before_request
-def handshake() -> None:
+def handshake() -> Response | None:
     """Checks before the upgrade (RFC 6455 section 4.2.2 lets a server refuse with any HTTP status): a plain GET
-    gets a 400, a foreign Origin a 403 (cross-site WebSocket hijacking), a bad or expired token a 401. Without a
-    token the socket opens, and must send {"op": "auth", "token": ...} within `auth_timeout`."""
+    or a malformed upgrade gets a 400, a version other than 13 a 426, a foreign Origin a 403 (cross-site
+    WebSocket hijacking), a bad or expired token a 401. Without a token the socket opens, and must send
+    {"op": "auth", "token": ...} within `auth_timeout`."""
     if request.headers.get("Upgrade", "").lower() != "websocket":
-        raise ProtocolError("not-websocket", "this endpoint speaks WebSocket only (RFC 6455)")
+        raise ProtocolError("not-websocket", NOT_WEBSOCKET)
+    if request.headers.get("Sec-WebSocket-Version") != "13":
+        message = "this server speaks WebSocket version 13 (RFC 6455)"
+        return error(426, "unsupported-version", message, **{"Sec-WebSocket-Version": "13"})
+    problem = _malformed(request.environ)
+    if problem:
+        raise ProtocolError("bad-handshake", problem)
     auth = current_app.extensions["auth"]
     if not auth.origin_allowed(request.headers.get("Origin"), request.host):
         raise AuthError(403, "forbidden-origin", "WebSockets from this origin are not allowed")
     token = presented_token(request.headers.get("Authorization"), request.args.getlist("token"))
     g.grant = auth.grant(token) if token or not auth.tokens_required else None
+    return None
+
+
+def _malformed(environ: dict[str, Any]) -> str | None:
+    """What simple-websocket's handshake would fail on (a traceback and a 500), checked before it runs."""
+    if not KEY.fullmatch(environ.get("HTTP_SEC_WEBSOCKET_KEY", "")):
+        return "Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 section 4.2.1)"
+    # simple-websocket hands wsproto a request it rebuilds from the environ's headers; wsproto (h11) refuses
+    # what HTTP/1.1 does not allow there (a bad header value, a Host that is not a hostname, ...), and its
+    # permessage-deflate fails on a parameter that is not a number (RFC 7692 section 7.1).
+    head = "".join(
+        f"{'-'.join(part.capitalize() for part in name[5:].split('_'))}: {value}\r\n"
+        for name, value in environ.items()
+        if name.startswith("HTTP_")
+    )
+    connection = WSConnection(ConnectionType.SERVER)
+    try:
+        connection.receive_data(f"GET / HTTP/1.1\r\n{head}\r\n".encode())
+        for event in connection.events():
+            if isinstance(event, WSRequest):
+                for offer in event.extensions:
+                    if str(offer).split(";", 1)[0].strip() == "permessage-deflate":
+                        PerMessageDeflate().accept(str(offer))
+    except RemoteProtocolError as exc:
+        return f"not a valid WebSocket upgrade: {exc}"
+    except ValueError:  # UnicodeError included
+        return "not a valid WebSocket upgrade: a header value or a permessage-deflate parameter is malformed"
+    return None
 
 
 class Session:

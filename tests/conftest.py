@@ -6,13 +6,61 @@ The factories stop everything they started, by pid, at teardown. The process cla
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import jwt
 import pytest
 
-from tests.processes import REPO_ROOT, EmbeddedRedis, SidecarProcess, WorkerProcess
+from tests.processes import REPO_ROOT, EmbeddedRedis, ManagedProcess, SidecarProcess, WorkerProcess
 from tests.processes import free_port as _free_port
+
+JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No token the suite mints (jwt.encode: tests/tokens.py and the rest), nor any key or secret it gives a child
+    process (SIDECAR_*_KEY, SIDECAR_*_SECRET), may be in any log the suite wrote (every *.log under pytest's
+    base temp dir), whatever the test did to the server: this fails the session at its end."""
+    tokens: set[str] = set()
+    keys: set[str] = set()
+    encode, start = jwt.encode, ManagedProcess.__init__
+
+    def recording_encode(payload: Any, key: Any, *args: Any, **kwargs: Any) -> str:
+        token = encode(payload, key, *args, **kwargs)
+        tokens.add(token)
+        if isinstance(key, str) and len(key) >= 16:
+            keys.add(key)
+        return token
+
+    def recording_start(self: ManagedProcess, name: str, argv: list[str], env: Any, *args: Any, **kw: Any) -> None:
+        for var, value in env.items():
+            if var.startswith("SIDECAR_") and var.endswith(("_KEY", "_SECRET")) and "PUBLIC" not in var:
+                keys.update(k for k in str(value).split(",") if len(k) >= 16)
+        start(self, name, argv, env, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jwt, "encode", recording_encode)
+        patch.setattr(ManagedProcess, "__init__", recording_start)
+        yield
+    signature_of = dict(t.rsplit(".", 1) for t in tokens)  # header.payload -> signature
+    leaks = []
+    for path in sorted(tmp_path_factory.getbasetemp().rglob("*.log")):
+        text = path.read_text(errors="replace")
+        # Linear in the log: JWT-shaped words looked up among the minted (a token cut short, with 8 characters
+        # of its signature or more, still counts), then the handful of keys.
+        found = set()
+        for word in JWT_LIKE.findall(text):
+            signed, signature = word.rsplit(".", 1)
+            if len(signature) >= 8 and signature_of.get(signed, "").startswith(signature):
+                found.add(word)
+        found |= {k for k in keys if k in text}
+        leaks += [f"{path}: ...{secret[-16:]}" for secret in sorted(found)]
+    if leaks:
+        pytest.fail("minted secrets in the logs:\n" + "\n".join(leaks), pytrace=False)
 
 
 @pytest.fixture(scope="session")
