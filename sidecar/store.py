@@ -14,6 +14,7 @@ The snapshot is `base` with the pending patches applied in order, folded in Pyth
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 from typing import Any, cast
@@ -26,6 +27,8 @@ from redis.retry import Retry
 from sidecar.config import Settings
 from sidecar.core import merge
 from sidecar.core.protocol import Message, Position, ProtocolError, shard_of, stream_key
+
+log = logging.getLogger(__name__)
 
 # `sb` is the bytes C's state holds in Redis (base + pending patches); a publish that would take it past
 # ARGV[12] is refused before anything is written, with the number of pending patches (compaction may help).
@@ -261,7 +264,7 @@ class Store:
         pipe.hmget(k.meta, "base", "gen")
         pipe.lrange(k.patches, 0, -1)
         (base, gen), patches = pipe.execute()
-        state = _fold(base, patches)
+        state = _fold(channel, base, patches)
         self._compact(keys=[k.meta, k.patches], args=[orjson.dumps(state), gen or b"0", len(patches)])
 
     # -- reads ----------------------------------------------------------------------------------------------
@@ -277,7 +280,7 @@ class Store:
             return None
         if stream_id is None:  # a meta hash without a publish cannot happen; be safe
             return None
-        state = _fold(base, patches) if has_state else None
+        state = _fold(channel, base, patches) if has_state else None
         return Snapshot(channel, stream_id.decode(), int(seq), epoch.decode(), state, bool(has_state))
 
     def history(self, channel: str, after: str = "0-0", count: int | None = None) -> list[Message]:
@@ -321,8 +324,19 @@ def decode_entries(entries: object) -> list[Message]:
     return [Message.from_fields(i.decode(), f) for i, f in rows]
 
 
-def _fold(base: bytes | None, patches: list[bytes]) -> Any:
+_skipped: set[str] = set()  # channels whose unappliable patch was logged (bounded below)
+
+
+def _fold(channel: str, base: bytes | None, patches: list[bytes]) -> Any:
+    """`base` with the pending patches applied in order. A patch that cannot be applied (nested deeper than
+    merge.MAX_DEPTH: publishers before depth was checked at publish accepted those) is skipped, as the
+    next compaction then drops it for good, so state reads answer instead of failing (docs/protocol.md)."""
     state = orjson.loads(base) if base else {}
     for patch in patches:
-        state = merge.apply(state, orjson.loads(patch))
+        try:
+            state = merge.apply(state, orjson.loads(patch))
+        except ValueError as exc:  # MergeError, or JSON that is not JSON
+            if channel not in _skipped and len(_skipped) < 1000:
+                _skipped.add(channel)
+                log.warning("%s: skipped a pending patch that cannot be applied (%s)", channel, exc)
     return state
