@@ -353,6 +353,8 @@ def prometheus_text(stats: Stats) -> str:
     metric("sidecar_reader_healthy", "gauge", "1 while the shard reader reads.",
            [("", int(bool(reader.alive and reader.healthy)))])  # fmt: skip
     metric("sidecar_reader_reconnects_total", "counter", "Reader reconnects to Redis.", [("", reader.reconnects)])
+    metric("sidecar_dispatch_errors_total", "counter", "Messages skipped because they could not be dispatched.",
+           [("", hub.dispatch_errors)])  # fmt: skip
     metric("sidecar_pokes_pending", "gauge", "Pokes waiting to be sent.", [("", stats.gauges["pokes_pending"])])
     metric("sidecar_poke_spread_seconds", "gauge", "Seconds pokes are spread over.",
            [("", stats.gauges["poke_spread"])])  # fmt: skip

@@ -3,6 +3,8 @@
 Layout for channel C in shard k (every key of one publish shares the hash tag `{k}`, so the script is valid on
 Redis Cluster):
     <prefix>:{k}:live        the shard's live stream, read by every sidecar replica
+    <prefix>:{k}:n           the shard's publish counter: each live entry carries it as `n`, so a reader that
+                             finds a jump in it knows that the stream was trimmed past it (or lost a tail)
     <prefix>:{k}:h:C         C's history stream: the same entries with the same ids, bounded by length and TTL
     <prefix>:{k}:m:C         C's meta hash: seq, epoch, id, ts, base (JSON state), gen, st (has state)
     <prefix>:{k}:p:C         C's merge patches published since `base` was written, folded by compaction
@@ -55,7 +57,8 @@ if ARGV[5] ~= '' then
   fields[#fields + 1] = 'x'
   fields[#fields + 1] = ARGV[5]
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[8], '*', unpack(fields))
+local n = redis.call('INCR', KEYS[5])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[8], '*', 'n', n, unpack(fields))
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[9], id, unpack(fields))
 redis.call('EXPIRE', KEYS[2], ARGV[10])
 local pending = 0
@@ -92,6 +95,7 @@ class Keys:
     history: str
     meta: str
     patches: str
+    counter: str
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ class Store:
 
     def keys(self, channel: str) -> Keys:
         tag = self.shard_tag(shard_of(channel, self.settings.shards))
-        return Keys(f"{tag}:live", f"{tag}:h:{channel}", f"{tag}:m:{channel}", f"{tag}:p:{channel}")
+        return Keys(f"{tag}:live", f"{tag}:h:{channel}", f"{tag}:m:{channel}", f"{tag}:p:{channel}", f"{tag}:n")
 
     @property
     def stats_key(self) -> str:
@@ -209,7 +213,7 @@ class Store:
             channel, kind, event, data or b"", change or b"", secrets.token_hex(4), repr(ts),
             s.live_len, s.history_len, s.history_ttl, s.state_ttl, s.max_state_bytes,
         ]  # fmt: skip
-        return [k.live, k.history, k.meta, k.patches], args
+        return [k.live, k.history, k.meta, k.patches, k.counter], args
 
     def publish_many(self, items: list[tuple[str, str, str, bytes | None, bytes | None, float]]) -> list[Published]:
         """Run the publish script once per item, all in one round trip.
@@ -321,7 +325,11 @@ def decode_entries(entries: object) -> list[Message]:
     # connect() leaves decode_responses off, so ids and fields are bytes; redis-py's types also allow str
     # (for decoding clients) and None, which this client never gets.
     rows = cast("list[tuple[bytes, dict[bytes, bytes]]]", entries or [])
-    return [Message.from_fields(i.decode(), f) for i, f in rows]
+    return [decode_entry(row) for row in rows]
+
+
+def decode_entry(entry: tuple[bytes, dict[bytes, bytes]]) -> Message:
+    return Message.from_fields(entry[0].decode(), entry[1])
 
 
 _skipped: set[str] = set()  # channels whose unappliable patch was logged (bounded below)

@@ -79,6 +79,44 @@ def pub(redis_server) -> Iterator[Publisher]:
         yield publisher
 
 
+def test_subscribers_of_a_channel_trimmed_past_a_stalled_reader_get_its_final_state_at_once(sidecar, pub, redis_client):
+    a = "job:final"
+    pub.diff(a, "started", {"status": "running"})
+    sse = SSEClient(sidecar.url, [a])
+    ws = WSClient(sidecar.ws_url)
+    ws.subscribe(a)
+    events = WSClient(sidecar.ws_url)
+    events.subscribe(a, mode="event")
+    sse.wait(lambda f: any(x["type"] == "ready" for x in f))
+    for client in (ws, events):
+        client.wait(lambda f: any(x["type"] == "subscribed" for x in f))
+
+    with stopped(sidecar):
+        final = pub.diff(a, "finished", {"status": "done"})
+        other = same_shard(a, "noise")
+        with pub.batch() as batch:
+            for i in range(5 * LIVE_LEN):
+                batch.event(other, "tick", {"i": i})
+        live = Store(redis_client, Settings()).keys(a).live
+        assert redis_client.xrange(live, min=final.id, max=final.id) == []  # the reader can no longer read it
+
+    for client in (sse, ws):  # A's final state, without waiting for A to publish again
+        wait_for(client, a, ("snapshot", 2, "gap"))
+        snapshot = snapshots(client, a)[-1]
+        assert snapshot["state"] == {"status": "done"} and snapshot["id"] == final.id
+    wait_for(events, a, ("reset", 2, "gap"))
+
+    pub.diff(a, "archived", {"status": "archived"})
+    for client in (sse, ws, events):
+        wait_for(client, a, ("message", 3, None))
+    assert of(sse, a) == [("snapshot", 1, None), ("snapshot", 2, "gap"), ("message", 3, None)]
+    assert of(ws, a) == [("snapshot", 2, "gap"), ("message", 3, None)]  # WS: the first state came in `subscribed`
+    assert of(events, a) == [("reset", 2, "gap"), ("message", 3, None)]
+    assert "shard" in sidecar.log_text() and "resynchronising" in sidecar.log_text()
+    for client in (sse, ws, events):
+        client.close()
+
+
 def test_a_diff_nested_deeper_than_the_merge_allows_is_refused_at_publish(sidecar, pub):
     too_deep = {"channel": "deep:1", "event": "e", "changes": nested(merge.MAX_DEPTH + 1)}
     response = requests.post(sidecar.url + "/publish", json=too_deep, timeout=5)
@@ -121,3 +159,33 @@ def test_state_reads_of_a_channel_holding_an_over_deep_patch_skip_that_patch(red
     assert sidecar.log_text().count("bad:1: skipped a pending patch") == 1
     sse.close()
     ws.close()
+
+
+def test_a_message_that_cannot_be_dispatched_costs_no_other_message_of_its_batch(redis_server, sidecar, redis_client):
+    poisoned = ["bad:2", same_shard("bad:2", "bad-too")]
+    bystander = same_shard(poisoned[0], "bystander")
+    publish_raw(redis_server.url, [(c, "", b'{"ok": 1}') for c in poisoned] + [(bystander, "", b'{"n": 0}')])
+    watcher = WSClient(sidecar.ws_url)
+    for channel in poisoned:
+        watcher.subscribe(channel, mode="state")  # the hub keeps these channels' state: it applies each patch
+    other = SSEClient(sidecar.url, [bystander])
+    watcher.wait(lambda f: len(watcher.of_type("subscribed")) == 2)
+    other.wait(lambda f: any(x["type"] == "ready" for x in f))
+    deep = orjson.dumps(nested(merge.MAX_DEPTH + 1))
+    with stopped(sidecar):  # so that the reader gets all of it in one read
+        items = [(bystander, "", b'{"n": 1}')] + [(c, "", deep) for c in poisoned]
+        publish_raw(redis_server.url, items + [(bystander, "", b'{"n": %d}' % i) for i in range(2, 16)])
+        live = Store(redis_client, Settings()).keys(bystander).live
+        redis_client.xadd(live, {"junk": "not a message"})  # a foreign writer's entry
+        publish_raw(redis_server.url, [(bystander, "", b'{"n": %d}' % i) for i in range(16, 32)])
+    other.wait(lambda f: len(other.messages(bystander)) == 31)
+    assert [m["seq"] for m in other.messages(bystander)] == list(range(2, 33))
+    for channel in poisoned:  # they did not get the message: they are told so, with the state as Redis folds it
+        wait_for(watcher, channel, ("snapshot", 2, "gap"))
+        assert watcher.messages(channel) == [] and [f["state"] for f in snapshots(watcher, channel)] == [{"ok": 1}]
+    metrics = requests.get(sidecar.url + "/metrics", timeout=5).text
+    assert "sidecar_dispatch_errors_total 3" in metrics.splitlines()
+    log = sidecar.log_text()
+    assert log.count("MergeError") == 1 and log.count("KeyError") == 1  # once per cause, however many
+    watcher.close()
+    other.close()
