@@ -312,13 +312,23 @@ class Store:
         messages = decode_entries(entries)
         if since.id == "0-0":
             complete = bool(messages) and messages[0].seq == 1
-        else:
-            # The entry at `since` is still there only if nothing after it was trimmed.
-            complete = bool(messages) and messages[0].id == since.id
+        elif messages and messages[0].id == since.id:
+            complete = True  # the entry at `since` is still there, so nothing after it was trimmed
             messages = messages[1:]
+        else:
+            # Trimmed from history, but nothing is lost if the oldest entry kept is the one right after it.
+            complete = bool(messages) and self._seq_at(k.live, snap, since.id) == messages[0].seq - 1
         if not complete or not messages or messages[-1].key < stream_key(snap.id):
             return CatchUp([], True, snap)
         return CatchUp(messages, False, snap)
+
+    def _seq_at(self, live: str, snap: Snapshot, stream_id: str) -> int | None:
+        """The seq of the channel's message `stream_id` in the snapshot's epoch, from the shard's live stream
+        (it has the same ids as the channel's history, and often more of them); None if it is not there."""
+        found = decode_entries(self.redis.xrange(live, min=stream_id, max=stream_id, count=1))
+        if not found or found[0].channel != snap.channel or found[0].epoch != snap.epoch:
+            return None
+        return found[0].seq
 
 
 def decode_entries(entries: object) -> list[Message]:

@@ -17,7 +17,7 @@ import requests
 
 from sidecar.config import Settings
 from sidecar.core import merge
-from sidecar.core.protocol import shard_of
+from sidecar.core.protocol import Position, shard_of
 from sidecar.publish import Publisher, PublishError
 from sidecar.store import Store
 from tests.clients import Recorder, SSEClient, WSClient
@@ -189,3 +189,17 @@ def test_a_message_that_cannot_be_dispatched_costs_no_other_message_of_its_batch
     assert log.count("MergeError") == 1 and log.count("KeyError") == 1  # once per cause, however many
     watcher.close()
     other.close()
+
+
+def test_resuming_from_the_newest_trimmed_position_is_no_gap_when_the_rest_is_in_history(redis_server):
+    settings = Settings(redis_url=redis_server.url, history_len=5)
+    with Publisher.from_settings(settings) as pub:
+        published = [pub.diff("short:1", "e", {"n": i}) for i in range(1, 11)]  # history keeps seq 6 to 10
+        store = pub.store
+        newest_trimmed = Position(published[4].id, published[4].epoch)
+        caught = store.catch_up("short:1", newest_trimmed)
+        assert not caught.gap and [m.seq for m in caught.messages] == [6, 7, 8, 9, 10]
+        caught = store.catch_up("short:1", Position(published[4].id, ""))  # no epoch given: no epoch check
+        assert not caught.gap and [m.seq for m in caught.messages] == [6, 7, 8, 9, 10]
+        lost_one = store.catch_up("short:1", Position(published[3].id, published[3].epoch))  # seq 5 is gone
+        assert lost_one.gap and lost_one.messages == []
