@@ -277,16 +277,20 @@ class Hub:
         """One message to every live subscription of its channel: the hot path of fan-out. The same as
         :meth:`_deliver` for a single message, without the per-subscription lists and tuples (bench/)."""
         key, epoch, seq, channel, ts = msg.key, msg.epoch, msg.seq, msg.channel, msg.ts
-        position = msg.position
+        position, prev = msg.position, seq - 1  # every subscription must have got `prev` (or its snapshot) last
         sse_frames: dict[str, bytes] = {}  # mode -> frame (no tuple keys: no allocation per subscription)
         ws_frames: dict[str, bytes] = {}
         n = 0
         for sub in list(record.subs.values()):
             if sub.buffer is not None or (sub.mode == "poke" and not pokes):
                 continue
-            if sub.epoch == epoch and key <= sub.last:
-                continue
-            if (sub.epoch and sub.epoch != epoch) or seq != sub.seq + 1:
+            if sub.epoch == epoch:
+                if key <= sub.last:
+                    continue
+                if sub.seq != prev:
+                    self._hole(record, sub)
+                    continue
+            elif sub.epoch or sub.seq != prev:
                 self._hole(record, sub)
                 continue
             sub.last, sub.seq, sub.epoch = key, seq, epoch
