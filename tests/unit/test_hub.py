@@ -50,6 +50,13 @@ def decode(frame: bytes) -> dict:
     return orjson.loads(frame[start:])
 
 
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
 def received(conn: Connection) -> list[dict]:
     return [decode(f) for f in conn.drain()]
 
@@ -181,14 +188,21 @@ def test_a_message_that_fails_dispatch_costs_only_itself_and_resynchronises_its_
     hub.on_error = lambda msg, exc: errors.append((msg.channel, type(exc)))
     poisoned = subscribed(hub, "p:1", "state", state={}, seq=1)
     bystander = subscribed(hub, "c:1", state={}, seq=1)
-    deep: Any = 1
-    for _ in range(merge.MAX_DEPTH + 1):
-        deep = {"a": deep}
-    batch = [message("c:1", 2, change={"n": 2}), message("p:1", 2, change=deep)]
+    batch = [message("c:1", 2, change={"n": 2}), message("p:1", 2, change=nested(merge.MAX_DEPTH + 1))]
     batch += [message("c:1", seq, change={"n": seq}) for seq in range(3, 33)]
     hub.dispatch(batch)
     assert [f["seq"] for f in messages(received(bystander))] == list(range(2, 33))
     assert poisoned.resync == {"p:1"} and errors == [("p:1", merge.MergeError)] and hub.dispatch_errors == 1
+
+
+def test_a_message_held_during_the_handshake_that_fails_costs_only_a_resync() -> None:
+    hub = Hub()
+    conn = hub.connect(Connection(WS, lambda: None))
+    sub = hub.subscribe(conn, "c:1", "state")
+    hub.dispatch([message("c:1", 2, change=nested(merge.MAX_DEPTH + 1))])  # mid-read: the hub has no state yet
+    hub.start(sub, Sync(at(1), 1, b"{}"))  # its state starts here, and the held patch cannot be applied
+    assert [f["type"] for f in received(conn)] == ["subscribed"]
+    assert conn.resync == {"c:1"} and hub.dispatch_errors == 1
 
 
 def test_a_slow_consumer_loses_its_backlog_and_gets_a_snapshot_instead() -> None:
