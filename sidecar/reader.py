@@ -125,11 +125,11 @@ class Reader:
     def _check_counter(self, key: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Resynchronise the shard if its publish counter did not go on from the last entry read. Entries
         without one (from an older publisher) are not counted, so they neither break the chain nor show gaps."""
-        counted = [n for n in (_counter(f) for _, f in entries) if n is not None]
-        if not counted:
+        first = next((n for n in (_counter(f) for _, f in entries) if n is not None), None)
+        if first is None:
             return
-        first, last = counted[0], self.counters.get(key)
-        self.counters[key] = counted[-1]
+        last = self.counters.get(key)
+        self.counters[key] = next(n for n in (_counter(f) for _, f in reversed(entries)) if n is not None)
         if last is None or first == last + 1:
             return
         self.gaps += 1
