@@ -310,7 +310,7 @@ class Hub:
         if not fresh:
             return
         first_seq = fresh[0].seq
-        if sub.epoch and any(m.epoch != sub.epoch for m in fresh) or (not spread and first_seq != sub.seq + 1):
+        if (sub.epoch and any(m.epoch != sub.epoch for m in fresh)) or (not spread and first_seq != sub.seq + 1):
             self._hole(self.channels[sub.channel], sub)
             return
         if spread and sub.seq and fresh[0].epoch == sub.epoch:
