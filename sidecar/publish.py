@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from sidecar.config import Settings
+from sidecar.core import merge
 from sidecar.core.protocol import ProtocolError, validate_channel, validate_event
 from sidecar.store import Published, Snapshot, Store, connect
 
@@ -101,6 +102,11 @@ class Publisher:
         size = len(data_json or b"") + len(change_json or b"")
         if size > self.max_bytes:
             raise PublishError("too-large", f"message is {size} bytes; the limit is {self.max_bytes}")
+        if kind == "diff":
+            try:
+                merge.check_depth(change)  # the merge's own limit: a patch it refuses would poison the channel
+            except merge.MergeError:
+                raise PublishError("bad-change", f"changes nest more than {merge.MAX_DEPTH} levels deep") from None
         return channel, kind, name, data_json, change_json, round(time.time() * 1000, 3)
 
     def _send(self, items: list[Item]) -> list[Published]:

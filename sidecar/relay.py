@@ -12,7 +12,7 @@ from sidecar.config import Settings
 from sidecar.control import Control, policy_from_settings
 from sidecar.core.connection import Connection, Subscription
 from sidecar.core.hub import Hub, Sync
-from sidecar.core.protocol import Position
+from sidecar.core.protocol import Message, Position, shard_of
 from sidecar.core.throttle import Throttle
 from sidecar.reader import Reader
 from sidecar.scheduler import Scheduler
@@ -31,7 +31,9 @@ class Relay:
         self.throttle = Throttle(policy_from_settings(settings), time.monotonic)
         self.hub = Hub(self.throttle)
         self.scheduler = Scheduler()  # every timer of the process (docs/operations.md)
-        self.reader = Reader(self.store, settings, self.hub.dispatch)
+        self.reader = Reader(self.store, settings, self.hub.dispatch, self.resync_shard, self.hub.failed)
+        self.hub.on_error = self._dispatch_failed
+        self._causes: set[tuple[str, str, int]] = set()  # dispatch errors logged already: (type, file, line)
         self.stats = Stats(self)
         self.control = Control(self)
 
@@ -78,9 +80,38 @@ class Relay:
                 conn.resync.discard(channel)
                 continue
             self.hub.hold(sub)  # register first, then read: what arrives during the read is kept
-            sync = self.read(channel, None)
+            try:
+                sync = self.read(channel, None)
+            except BaseException:
+                conn.resync.add(channel)  # still owed (hold() took the request)
+                raise
             sync.resumed = sync.gap = sync.resync = True
             self.hub.start(sub, sync)
+
+    def _dispatch_failed(self, msg: Message | None, exc: Exception) -> None:
+        """Log a message the hub skipped, once per cause (a bad message may come by the thousand); the hub
+        counts every one (sidecar_dispatch_errors_total)."""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else ("?", 0)
+        cause = (type(exc).__name__, *where)
+        if cause in self._causes or len(self._causes) >= 100:
+            return
+        self._causes.add(cause)
+        what = "a stream entry that is not a message"
+        if msg is not None:
+            what = f"a message of {msg.channel} that could not be dispatched (its subscribers get a snapshot or reset)"
+        log.error(
+            "skipped %s: %s: %s (at %s:%d); errors of this kind are only counted from now on "
+            "(sidecar_dispatch_errors_total)", what, type(exc).__name__, str(exc)[:200], *where,
+        )  # fmt: skip
+
+    def resync_shard(self, shard: int) -> None:
+        """The reader found that messages of `shard` were lost before it read them: snapshot/reset every local
+        subscriber of the shard's channels, whether or not they publish again."""
+        for channel in [c for c in self.hub.channels if shard_of(c, self.settings.shards) == shard]:
+            self.hub.resync(channel)
 
     def read(self, channel: str, since: Position | None) -> Sync:
         if since is None:

@@ -402,6 +402,8 @@ class StatsCollector(Collector):
              hub.frames_encoded),
             (gauge, "sidecar_reader_healthy", "1 while the shard reader reads.", int(reader.alive and reader.healthy)),
             (counter, "sidecar_reader_reconnects", "Reader reconnects to Redis.", reader.reconnects),
+            (counter, "sidecar_dispatch_errors", "Messages skipped because they could not be dispatched (their "
+             "subscribers were resynchronised).", hub.dispatch_errors),
             (gauge, "sidecar_pokes_pending", "Pokes waiting to be sent.", stats.gauges["pokes_pending"]),
             (gauge, "sidecar_poke_spread_seconds", "Seconds pokes are spread over.", stats.gauges["poke_spread"]),
             (counter, "sidecar_stats_write_errors", "Stats records Redis refused.", stats.write_errors),

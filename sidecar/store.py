@@ -3,6 +3,8 @@
 Layout for channel C in shard k (every key of one publish shares the hash tag `{k}`, so the script is valid on
 Redis Cluster):
     <prefix>:{k}:live        the shard's live stream, read by every sidecar replica
+    <prefix>:{k}:n           the shard's publish counter: each live entry carries it as `n`, so a reader that
+                             finds a jump in it knows that the stream was trimmed past it (or lost a tail)
     <prefix>:{k}:h:C         C's history stream: the same entries with the same ids, bounded by length and TTL
     <prefix>:{k}:m:C         C's meta hash: seq, epoch, id, ts, base (JSON state), gen, st (has state)
     <prefix>:{k}:p:C         C's merge patches published since `base` was written, folded by compaction
@@ -14,6 +16,7 @@ The snapshot is `base` with the pending patches applied in order, folded in Pyth
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 from typing import Any, cast
@@ -26,6 +29,8 @@ from redis.retry import Retry
 from sidecar.config import Settings
 from sidecar.core import merge
 from sidecar.core.protocol import Message, Position, ProtocolError, shard_of, stream_key
+
+log = logging.getLogger(__name__)
 
 # `sb` is the bytes C's state holds in Redis (base + pending patches); a publish that would take it past
 # ARGV[12] is refused before anything is written, with the number of pending patches (compaction may help).
@@ -52,7 +57,8 @@ if ARGV[5] ~= '' then
   fields[#fields + 1] = 'x'
   fields[#fields + 1] = ARGV[5]
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[8], '*', unpack(fields))
+local n = redis.call('INCR', KEYS[5])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[8], '*', 'n', n, unpack(fields))
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[9], id, unpack(fields))
 redis.call('EXPIRE', KEYS[2], ARGV[10])
 local pending = 0
@@ -89,6 +95,7 @@ class Keys:
     history: str
     meta: str
     patches: str
+    counter: str
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,7 @@ class Store:
 
     def keys(self, channel: str) -> Keys:
         tag = self.shard_tag(shard_of(channel, self.settings.shards))
-        return Keys(f"{tag}:live", f"{tag}:h:{channel}", f"{tag}:m:{channel}", f"{tag}:p:{channel}")
+        return Keys(f"{tag}:live", f"{tag}:h:{channel}", f"{tag}:m:{channel}", f"{tag}:p:{channel}", f"{tag}:n")
 
     @property
     def stats_key(self) -> str:
@@ -206,7 +213,7 @@ class Store:
             channel, kind, event, data or b"", change or b"", secrets.token_hex(4), repr(ts),
             s.live_len, s.history_len, s.history_ttl, s.state_ttl, s.max_state_bytes,
         ]  # fmt: skip
-        return [k.live, k.history, k.meta, k.patches], args
+        return [k.live, k.history, k.meta, k.patches, k.counter], args
 
     def publish_many(self, items: list[tuple[str, str, str, bytes | None, bytes | None, float]]) -> list[Published]:
         """Run the publish script once per item, all in one round trip.
@@ -261,7 +268,7 @@ class Store:
         pipe.hmget(k.meta, "base", "gen")
         pipe.lrange(k.patches, 0, -1)
         (base, gen), patches = pipe.execute()
-        state = _fold(base, patches)
+        state = _fold(channel, base, patches)
         self._compact(keys=[k.meta, k.patches], args=[orjson.dumps(state), gen or b"0", len(patches)])
 
     # -- reads ----------------------------------------------------------------------------------------------
@@ -277,7 +284,7 @@ class Store:
             return None
         if stream_id is None:  # a meta hash without a publish cannot happen; be safe
             return None
-        state = _fold(base, patches) if has_state else None
+        state = _fold(channel, base, patches) if has_state else None
         return Snapshot(channel, stream_id.decode(), int(seq), epoch.decode(), state, bool(has_state))
 
     def history(self, channel: str, after: str = "0-0", count: int | None = None) -> list[Message]:
@@ -305,24 +312,49 @@ class Store:
         messages = decode_entries(entries)
         if since.id == "0-0":
             complete = bool(messages) and messages[0].seq == 1
-        else:
-            # The entry at `since` is still there only if nothing after it was trimmed.
-            complete = bool(messages) and messages[0].id == since.id
+        elif messages and messages[0].id == since.id:
+            complete = True  # the entry at `since` is still there, so nothing after it was trimmed
             messages = messages[1:]
+        else:
+            # Trimmed from history, but nothing is lost if the oldest entry kept is the one right after it.
+            complete = bool(messages) and self._seq_at(k.live, snap, since.id) == messages[0].seq - 1
         if not complete or not messages or messages[-1].key < stream_key(snap.id):
             return CatchUp([], True, snap)
         return CatchUp(messages, False, snap)
+
+    def _seq_at(self, live: str, snap: Snapshot, stream_id: str) -> int | None:
+        """The seq of the channel's message `stream_id` in the snapshot's epoch, from the shard's live stream
+        (it has the same ids as the channel's history, and often more of them); None if it is not there."""
+        found = decode_entries(self.redis.xrange(live, min=stream_id, max=stream_id, count=1))
+        if not found or found[0].channel != snap.channel or found[0].epoch != snap.epoch:
+            return None
+        return found[0].seq
 
 
 def decode_entries(entries: object) -> list[Message]:
     # connect() leaves decode_responses off, so ids and fields are bytes; redis-py's types also allow str
     # (for decoding clients) and None, which this client never gets.
     rows = cast("list[tuple[bytes, dict[bytes, bytes]]]", entries or [])
-    return [Message.from_fields(i.decode(), f) for i, f in rows]
+    return [decode_entry(row) for row in rows]
 
 
-def _fold(base: bytes | None, patches: list[bytes]) -> Any:
+def decode_entry(entry: tuple[bytes, dict[bytes, bytes]]) -> Message:
+    return Message.from_fields(entry[0].decode(), entry[1])
+
+
+_skipped: set[str] = set()  # channels whose unappliable patch was logged (bounded below)
+
+
+def _fold(channel: str, base: bytes | None, patches: list[bytes]) -> Any:
+    """`base` with the pending patches applied in order. A patch that cannot be applied (nested deeper than
+    merge.MAX_DEPTH: publishers before depth was checked at publish accepted those) is skipped, as the
+    next compaction then drops it for good, so state reads answer instead of failing (docs/protocol.md)."""
     state = orjson.loads(base) if base else {}
     for patch in patches:
-        state = merge.apply(state, orjson.loads(patch))
+        try:
+            state = merge.apply(state, orjson.loads(patch))
+        except ValueError as exc:  # MergeError, or JSON that is not JSON
+            if channel not in _skipped and len(_skipped) < 1000:
+                _skipped.add(channel)
+                log.warning("%s: skipped a pending patch that cannot be applied (%s)", channel, exc)
     return state

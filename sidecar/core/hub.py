@@ -66,11 +66,14 @@ class ChannelRecord:
 
 class Hub:
     """``throttle`` None: every message goes out at once, as its own frame. ``on_timer`` (set by the caller)
-    is called with :meth:`due` whenever dispatch left something for a later :meth:`flush`."""
+    is called with :meth:`due` whenever dispatch left something for a later :meth:`flush`; ``on_error`` with
+    each message whose dispatch raised (see :meth:`failed`)."""
 
     def __init__(self, throttle: Throttle | None = None) -> None:
         self.throttle = throttle
         self.on_timer: Callable[[float], None] | None = None
+        self.on_error: Callable[[Message | None, Exception], None] | None = None
+        self.dispatch_errors = 0  # messages skipped because they could not be dispatched (or decoded), ever
         self.channels: dict[str, ChannelRecord] = {}
         self.connections: dict[int, Connection] = {}
         self.frames_encoded = 0
@@ -119,6 +122,9 @@ class Hub:
         conn, channel, mode = sub.conn, sub.channel, sub.mode
         if conn.subs.get(channel) is not sub:
             return  # unsubscribed meanwhile
+        # A resync asked for while the read was in flight (a hole the hub or the reader found) may be newer than
+        # what was read: it is done after this one, not forgotten (hold() cleared the requests the read covers).
+        again = channel in conn.resync
         conn.resync.discard(channel)
         record = self.channels[channel]
         if mode == "state" and record.state_key is None:
@@ -136,9 +142,15 @@ class Hub:
         if not frames:
             conn.positions[channel] = conn.sent[channel] = last  # the cursor starts at the read, not at 0-0
         for msg in buffered:
-            if mode == "state" and record.state_key is not None and msg.key > record.state_key:
-                self._advance_state(record, msg)
-            self._deliver(sub, (msg,), {})
+            try:
+                if mode == "state" and record.state_key is not None and msg.key > record.state_key:
+                    self._advance_state(record, msg)
+                self._deliver(sub, (msg,), {})
+            except Exception as exc:  # see dispatch()
+                self.failed(msg, exc)
+                return
+        if again:
+            self._resync_sub(sub)
 
     def _sync_frames(self, sub: Subscription, sync: Sync) -> list[tuple[dict, Position]]:
         pos, mode, channel = sync.position, sub.mode, sub.channel
@@ -173,34 +185,60 @@ class Hub:
 
     # -- dispatch -------------------------------------------------------------------------------------------
     def dispatch(self, messages: Iterable[Message]) -> None:
-        """Hand messages read from the live streams to the matching subscriptions, in stream order."""
+        """Hand messages read from the live streams to the matching subscriptions, in stream order.
+
+        A message whose dispatch raises is skipped, its channel resynchronised and ``on_error`` told; the
+        other messages go on as if it had not been there."""
         for msg in messages:
-            record = self.channels.get(msg.channel)
-            if record is None:
-                continue
-            if record.epoch == msg.epoch and msg.key <= record.last:
-                continue  # already seen (a reader restarted from an older id)
-            hole = bool(record.epoch) and (record.epoch != msg.epoch or msg.seq != record.seq + 1)
-            record.epoch, record.seq, record.last = msg.epoch, msg.seq, msg.key
-            if hole:
-                # Something between the last message and this one never reached us (the live stream was
-                # trimmed past a lagging reader, or Redis lost its data): never a silent hole.
-                self._resync_channel(record, msg.channel)
-                continue
-            if record.state_key is not None:
-                self._advance_state(record, msg)
-            for sub in record.subs.values():
-                if sub.buffer is not None:
-                    sub.buffer.append(msg)
-            if self.throttle is None:
-                self._send(Outgoing(msg.channel, (msg,)))
-                continue
-            pokes: list[int] = []
-            if self.throttle.spreads(msg.channel):
-                pokes = [cid for cid, s in record.subs.items() if s.mode == "poke" and _live(s)]
-            for out in self.throttle.offer(msg, pokes):
-                self._send(out)
+            try:
+                self._dispatch(msg)
+            except Exception as exc:  # one bad message must not take the rest of the batch with it
+                self.failed(msg, exc)
         self._timer()
+
+    def _dispatch(self, msg: Message) -> None:
+        record = self.channels.get(msg.channel)
+        if record is None:
+            return
+        if record.epoch == msg.epoch and msg.key <= record.last:
+            return  # already seen (a reader restarted from an older id)
+        hole = bool(record.epoch) and (record.epoch != msg.epoch or msg.seq != record.seq + 1)
+        record.epoch, record.seq, record.last = msg.epoch, msg.seq, msg.key
+        for sub in record.subs.values():
+            if sub.buffer is not None:
+                sub.buffer.append(msg)  # the handshake's start() checks it against what its read saw
+        if hole:
+            # Something between the last message and this one never reached us (the live stream was
+            # trimmed past a lagging reader, or Redis lost its data): never a silent hole.
+            self._resync_channel(record, msg.channel)
+            return
+        if record.state_key is not None:
+            self._advance_state(record, msg)
+        if self.throttle is None:
+            self._send(Outgoing(msg.channel, (msg,)))
+            return
+        pokes: list[int] = []
+        if self.throttle.spreads(msg.channel):
+            pokes = [cid for cid, s in record.subs.items() if s.mode == "poke" and _live(s)]
+        for out in self.throttle.offer(msg, pokes):
+            self._send(out)
+
+    def failed(self, msg: Message | None, exc: Exception) -> None:
+        """Count a message skipped because it raised `exc` (None: an entry that was not even a message) and
+        resynchronise its channel: its subscribers did not get it, and must not miss it silently."""
+        self.dispatch_errors += 1
+        record = self.channels.get(msg.channel) if msg is not None else None
+        if msg is not None and record is not None:
+            self._resync_channel(record, msg.channel)
+        if self.on_error is not None:
+            self.on_error(msg, exc)
+
+    def resync(self, channel: str) -> None:
+        """Snapshot/reset every subscription of ``channel``: messages of it may have been lost on the way to us
+        (the reader fell behind its shard's live stream)."""
+        record = self.channels.get(channel)
+        if record is not None:
+            self._resync_channel(record, channel)
 
     def due(self) -> float | None:
         """When :meth:`flush` has something to send (None: nothing is held)."""
@@ -239,7 +277,7 @@ class Hub:
         """One message to every live subscription of its channel: the hot path of fan-out. The same as
         :meth:`_deliver` for a single message, without the per-subscription lists and tuples (bench/)."""
         key, epoch, seq, channel, ts = msg.key, msg.epoch, msg.seq, msg.channel, msg.ts
-        position = msg.position
+        position, prev = msg.position, seq - 1  # every subscription must have got `prev` (or its snapshot) last
         sse_frames: dict[str, bytes] = {}  # mode -> frame (no tuple keys: no allocation per subscription)
         ws_frames: dict[str, bytes] = {}
         n = 0
@@ -249,8 +287,11 @@ class Hub:
             if sub.epoch == epoch:
                 if key <= sub.last:
                     continue
-            elif sub.epoch:
-                self._resync_sub(sub)
+                if sub.seq != prev:
+                    self._hole(record, sub)
+                    continue
+            elif sub.epoch or sub.seq != prev:
+                self._hole(record, sub)
                 continue
             sub.last, sub.seq, sub.epoch = key, seq, epoch
             conn = sub.conn
@@ -268,10 +309,10 @@ class Hub:
         fresh = [m for m in messages if not (m.epoch == sub.epoch and m.key <= sub.last)]
         if not fresh:
             return
-        if sub.epoch and any(m.epoch != sub.epoch for m in fresh):
-            self._resync_sub(sub)
-            return
         first_seq = fresh[0].seq
+        if (sub.epoch and any(m.epoch != sub.epoch for m in fresh)) or (not spread and first_seq != sub.seq + 1):
+            self._hole(self.channels[sub.channel], sub)
+            return
         if spread and sub.seq and fresh[0].epoch == sub.epoch:
             first_seq = sub.seq + 1  # a spread poke stands for every change since the last one it got
         last = fresh[-1]
@@ -326,6 +367,16 @@ class Hub:
             record.state, record.state_json = orjson.loads(msg.change), msg.change
         record.state_key = msg.key
 
+    def _hole(self, record: ChannelRecord, sub: Subscription) -> None:
+        """`sub` got a message that is not the next after what it last got (its snapshot included): those
+        between were lost on the way to the hub. Never a silent hole."""
+        if sub.channel in sub.conn.resync:
+            return  # it is waiting for its resync already (what it missed meanwhile was dropped for it)
+        if sub.mode == "state":
+            self._resync_channel(record, sub.channel)  # the hub's copy of the state missed them too
+        else:
+            self._resync_sub(sub)
+
     def _resync_channel(self, record: ChannelRecord, channel: str) -> None:
         record.state = record.state_json = record.state_key = None
         if self.throttle is not None:
@@ -341,7 +392,9 @@ class Hub:
         conn.wake()
 
     def hold(self, sub: Subscription) -> None:
-        """A resync's step 1 (see the module docstring): buffer live messages from now, then read, then start()."""
+        """A resync's step 1 (see the module docstring): buffer live messages from now, then read, then start().
+        The read covers every resync asked for until now; one asked for during it is done after it."""
+        sub.conn.resync.discard(sub.channel)
         if sub.buffer is None:
             sub.buffer = []
 

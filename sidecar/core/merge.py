@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "MergeError", "apply", "compose", "is_empty_patch"]
+__all__ = ["MAX_DEPTH", "MergeError", "apply", "check_depth", "compose", "is_empty_patch"]
 
 # Patches come from outside. Bounding how deeply they nest bounds our recursion (and a serialiser's)
 # far below Python's recursion limit, whatever a hostile client sends.
@@ -42,7 +42,7 @@ def apply(target: Any, patch: Any) -> Any:
         >>> apply({"a": "b", "c": {"d": "e"}}, {"a": None, "c": {"f": "g"}})
         {'c': {'d': 'e', 'f': 'g'}}
     """
-    _check_depth(patch)
+    check_depth(patch)
     return _apply(target, patch)
 
 
@@ -69,8 +69,8 @@ def compose(first: Any, second: Any) -> Any | None:
         >>> compose({"b": None}, {"b": {"d": 3}}) is None
         True
     """
-    _check_depth(first)
-    _check_depth(second)
+    check_depth(first)
+    check_depth(second)
     return _compose(first, second)
 
 
@@ -113,8 +113,11 @@ def _compose(first: Any, second: Any) -> Any | None:
     return result
 
 
-def _check_depth(value: Any) -> None:
-    """Raise MergeError if ``value`` nests objects and arrays deeper than MAX_DEPTH; never recurses."""
+def check_depth(value: Any) -> None:
+    """Raise MergeError if ``value`` nests objects and arrays deeper than MAX_DEPTH; never recurses.
+
+    Publishing checks patches with it, so that every patch in Redis can be applied (sidecar/publish.py).
+    """
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         node, depth = stack.pop()

@@ -10,6 +10,7 @@ import random
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,6 +48,13 @@ def decode(frame: bytes) -> dict:
     n = frame[1] & 0x7F
     start = 2 if n < 126 else 4 if n == 126 else 10
     return orjson.loads(frame[start:])
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
 
 
 def received(conn: Connection) -> list[dict]:
@@ -110,9 +118,91 @@ def test_a_hole_in_seq_resynchronises_instead_of_skipping() -> None:
     hub.dispatch([message("c:1", 4, change={"a": 4})])  # seq 3 never arrived
     assert [f["seq"] for f in messages(received(conn))] == [2]
     assert conn.resync == {"c:1"}
+    hub.hold(conn.subs["c:1"])  # the relay's resync: hold, read, start
     hub.start(conn.subs["c:1"], Sync(at(4), 4, b'{"a": 4}', resumed=True, gap=True, resync=True))
     snapshot = received(conn)
     assert [(f["type"], f["seq"], f["reason"]) for f in snapshot] == [("snapshot", 4, "gap")]
+
+
+@pytest.mark.parametrize("transport", [SSE, WS])
+@pytest.mark.parametrize("mode", ["diff", "state", "event", "poke"])
+def test_the_first_live_message_after_subscribing_is_checked_against_the_snapshot(transport: str, mode: str) -> None:
+    hub = Hub()
+    conn = subscribed(hub, "c:1", mode, transport, state={}, seq=1)
+    hub.dispatch([message("c:1", 3, change={"a": 3})])  # seq 2 never reached the hub
+    assert conn.drain() == [] and conn.resync == {"c:1"}
+
+
+def test_a_fresh_channel_must_start_at_seq_1() -> None:
+    hub = Hub()
+    conn = subscribed(hub, "c:1", "event")  # nothing was published when it subscribed
+    hub.dispatch([message("c:1", 2)])
+    assert conn.drain() == [] and conn.resync == {"c:1"}
+
+
+def test_the_broadcast_checks_each_subscription_against_what_it_last_got() -> None:
+    hub = Hub()
+    early = subscribed(hub, "c:1", state={}, seq=1)
+    late = subscribed(hub, "c:1", state={"a": 4}, seq=4)
+    hub.dispatch([message("c:1", 5, change={"a": 5})])  # the first live message: 2 to 4 were lost for `early`
+    assert early.drain() == [] and early.resync == {"c:1"}
+    assert [f["seq"] for f in messages(received(late))] == [5] and late.resync == set()
+
+
+def test_a_coalesced_delivery_is_checked_against_what_the_subscription_last_got() -> None:
+    hub, clock = throttled(c=ChannelPolicy(window=0.1))
+    conn = subscribed(hub, "c:1", state={}, seq=1)
+    hub.dispatch([message("c:1", 2, change={"n": 2})])  # opens the window
+    conn.drain()
+    conn.subs["c:1"].seq = 1  # as if 2 had not reached it: the held 3 no longer follows
+    hub.dispatch([message("c:1", 3, change={"n": 3})])
+    run_until(hub, clock, 1001)
+    assert conn.drain() == [] and conn.resync == {"c:1"}
+
+
+def test_a_message_held_during_the_handshake_that_does_not_follow_the_read_resyncs() -> None:
+    hub = Hub()
+    conn = hub.connect(Connection(WS, lambda: None))
+    sub = hub.subscribe(conn, "c:1", "diff")
+    hub.dispatch([message("c:1", 4, change={"n": 4})])  # live, mid-read; 3 was lost
+    hub.start(sub, Sync(at(2), 2, b'{"n": 2}'))
+    assert [f["type"] for f in received(conn)] == ["subscribed"]
+    assert conn.resync == {"c:1"}
+
+
+def test_a_resync_asked_for_during_a_resync_read_is_done_after_it() -> None:
+    hub = Hub()
+    conn = subscribed(hub, "c:1", state={}, seq=1, max_frames=1)
+    hub.dispatch([message("c:1", 2, change={"n": 2}), message("c:1", 3, change={"n": 3})])  # dropped
+    sub = conn.subs["c:1"]
+    hub.hold(sub)  # the resync's read begins (it sees seq 3) ...
+    hub.resync("c:1")  # ... and meanwhile the reader finds that it fell off the shard's live stream
+    hub.start(sub, Sync(at(3), 3, b'{"n": 3}', resumed=True, gap=True, resync=True))
+    assert [(f["type"], f["seq"]) for f in received(conn)] == [("snapshot", 3)]
+    assert conn.resync == {"c:1"}  # another read follows: the first may predate what was lost
+
+
+def test_a_message_that_fails_dispatch_costs_only_itself_and_resynchronises_its_channel() -> None:
+    hub = Hub()
+    errors: list[tuple[str, type]] = []
+    hub.on_error = lambda msg, exc: errors.append((msg.channel, type(exc)))
+    poisoned = subscribed(hub, "p:1", "state", state={}, seq=1)
+    bystander = subscribed(hub, "c:1", state={}, seq=1)
+    batch = [message("c:1", 2, change={"n": 2}), message("p:1", 2, change=nested(merge.MAX_DEPTH + 1))]
+    batch += [message("c:1", seq, change={"n": seq}) for seq in range(3, 33)]
+    hub.dispatch(batch)
+    assert [f["seq"] for f in messages(received(bystander))] == list(range(2, 33))
+    assert poisoned.resync == {"p:1"} and errors == [("p:1", merge.MergeError)] and hub.dispatch_errors == 1
+
+
+def test_a_message_held_during_the_handshake_that_fails_costs_only_a_resync() -> None:
+    hub = Hub()
+    conn = hub.connect(Connection(WS, lambda: None))
+    sub = hub.subscribe(conn, "c:1", "state")
+    hub.dispatch([message("c:1", 2, change=nested(merge.MAX_DEPTH + 1))])  # mid-read: the hub has no state yet
+    hub.start(sub, Sync(at(1), 1, b"{}"))  # its state starts here, and the held patch cannot be applied
+    assert [f["type"] for f in received(conn)] == ["subscribed"]
+    assert conn.resync == {"c:1"} and hub.dispatch_errors == 1
 
 
 def test_a_slow_consumer_loses_its_backlog_and_gets_a_snapshot_instead() -> None:
@@ -123,6 +213,7 @@ def test_a_slow_consumer_loses_its_backlog_and_gets_a_snapshot_instead() -> None
     assert slow.drain() == [] and slow.resync == {"c:1"} and slow.dropped == 4
     assert [f["seq"] for f in messages(received(fast))] == [2, 3, 4, 5, 6]  # the others lose nothing
     assert hub.take_counts() == {("dropped", "c:1"): 4}
+    hub.hold(slow.subs["c:1"])
     hub.start(slow.subs["c:1"], Sync(at(6), 6, b'{"n": 6}', resumed=True, gap=True, resync=True))
     hub.dispatch([message("c:1", 7, change={"n": 7})])
     frames = received(slow)
