@@ -32,6 +32,7 @@ import reprlib
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -164,7 +165,7 @@ def progress(current: float, total: float | None = None, message: str | None = N
     step = {"current": current, "total": total, "message": message}
     changes = {"status": "PROGRESS", "progress": step}
     data = {"status": "PROGRESS", "progress": {k: v for k, v in step.items() if v is not None}}
-    return _publish(binding, task_channel(task_id), "task-progress", changes, data)
+    return _publish(binding, "task-progress", [(task_channel(task_id), "task-progress", changes, data)])
 
 
 # -- signal handlers ------------------------------------------------------------------------------------
@@ -178,6 +179,15 @@ class _Run:
 
 
 _runs: dict[str, _Run] = {}  # task id -> its run, from prerun to postrun (threads pool: dict ops are atomic)
+# Task id -> the worker's Request, from task_received while Celery holds it. A prefork worker's main process
+# reports hard time limits and lost children itself: it never saw task_prerun, but its Request knows when the
+# pool accepted the task, and carries the task's context (retries, chain, chord).
+_received: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+# (task id, attempt) of the outcomes published lately: Celery fires task_failure twice for a hard time limit on
+# prefork (on_timeout, then again when the killed child is reaped), both in the worker's main process.
+_outcomes: OrderedDict[tuple[str, int], None] = OrderedDict()
+_outcomes_lock = threading.Lock()
+OUTCOMES_KEPT = 10_000
 _connected = False
 _connect_lock = threading.Lock()
 
@@ -189,6 +199,7 @@ def _connect_signals() -> None:
             return
         # Strong references: the handlers are module functions; dispatch_uid makes a reconnect a no-op.
         for signal, handler in (
+            (signals.task_received, _on_received),
             (signals.task_prerun, _on_prerun),
             (signals.task_postrun, _on_postrun),
             (signals.task_success, _on_success),
@@ -198,6 +209,12 @@ def _connect_signals() -> None:
         ):
             signal.connect(handler, weak=False, dispatch_uid=f"sidecar.celery_hooks.{handler.__name__}")
         _connected = True
+
+
+def _on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    task_id = getattr(request, "id", None)
+    if task_id:
+        _received[task_id] = request
 
 
 def _on_prerun(
@@ -225,7 +242,7 @@ def _on_prerun(
         data["retries"] = changes["retries"] = retries
         # A new attempt: drop what the previous one left in the state (null deletes, RFC 7386).
         changes.update(progress=None, reason=None)
-    _publish(binding, task_channel(task_id), "task-started", changes, data)
+    _publish(binding, "task-started", [(task_channel(task_id), "task-started", changes, data)])
 
 
 def _on_postrun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
@@ -257,22 +274,33 @@ def _finished(
     binding: _Binding, task: Any, task_id: str, call: tuple[tuple[Any, ...], dict[str, Any]],
     status: str, field: str, value: Any,
 ) -> None:  # fmt: skip
-    """A run's end: the lifecycle diff, and the job event on the task's business channels. `call` is the
-    arguments to format those channels with when prerun did not record them."""
+    """A run's end: the lifecycle diff, and the job event on the task's business channels; on failure also
+    the tasks that will now never run. `call` is the arguments to format the business channels with when
+    prerun did not record them."""
+    context = _context(task, task_id)
+    if not _first_outcome(task_id, context):
+        log.debug("sidecar: %s[%s]: outcome already published for this attempt", task.name, task_id)
+        return
     run = _runs.get(task_id)
     if run is not None:
         call = (run.args, run.kwargs)
-    changes = {"task_id": task_id, "name": task.name, "status": status, field: value, "runtime": _runtime(run)}
+    changes = {"task_id": task_id, "name": task.name, "status": status, field: value, "runtime": _runtime(task_id)}
     job = {"task_id": task_id, "task": task.name, "status": status, field: value}
     name, job_event = ("task-succeeded", "job-finished") if status == "SUCCESS" else ("task-failed", "job-failed")
+    diffs = [(task_channel(task_id), name, changes)] if _lifecycle(task) else []
+    if status == "FAILURE":
+        for never_id, never_name in _never_run(context):
+            if _lifecycle(task.app.tasks.get(never_name)) and _first_outcome(never_id, None):
+                patch = {"task_id": never_id, "name": never_name, "status": status, "error": value}
+                diffs.append((task_channel(never_id), name, {**patch, "upstream": task_id}))
     events = [(channel, job_event, job) for channel in _business_channels(task, task_id, *call)]
-    _publish(binding, task_channel(task_id), name, changes, changes, events, _lifecycle(task))
+    _publish(binding, name, diffs, events)
 
 
 def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
     binding = _binding_of_task(sender)
     task_id = getattr(request, "id", None)
-    if binding is None or not task_id or not _lifecycle(sender):
+    if binding is None or not task_id or not _lifecycle(sender) or not _first_outcome(task_id, request):
         return
     changes = {
         "task_id": task_id,
@@ -281,7 +309,7 @@ def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: 
         "reason": _truncate(_safe_str(reason) if reason is not None else "", MESSAGE_MAX_CHARS),
         "retries": (getattr(request, "retries", 0) or 0) + 1,  # the attempt about to be scheduled
     }
-    _publish(binding, task_channel(task_id), "task-retried", changes, changes)
+    _publish(binding, "task-retried", [(task_channel(task_id), "task-retried", changes)])
 
 
 def _on_revoked(
@@ -293,6 +321,8 @@ def _on_revoked(
         _runs.pop(task_id, None)
     if binding is None or not task_id or not _lifecycle(sender):
         return
+    if not _first_outcome(task_id, getattr(request, "_context", request)):
+        return
     changes = {
         "task_id": task_id,
         "name": sender.name,
@@ -300,33 +330,31 @@ def _on_revoked(
         "terminated": bool(terminated),
         "expired": bool(expired),
     }
-    _publish(binding, task_channel(task_id), "task-revoked", changes, changes)
+    _publish(binding, "task-revoked", [(task_channel(task_id), "task-revoked", changes)])
 
 
 # -- helpers -------------------------------------------------------------------------------------------
 
 
+Diff = tuple[str, str, Mapping[str, Any]] | tuple[str, str, Mapping[str, Any], Any]  # channel, event, changes[, data]
+
+
 def _publish(
-    binding: _Binding,
-    channel: str,
-    name: str,
-    changes: Mapping[str, Any],
-    data: Any,
-    events: Sequence[tuple[str, str, Any]] = (),
-    lifecycle: bool = True,
+    binding: _Binding, name: str, diffs: Sequence[Diff], events: Sequence[tuple[str, str, Any]] = ()
 ) -> Published | None:
-    """The lifecycle diff and the business events in one round trip; a failure is logged, never raised."""
-    if not lifecycle and not events:
+    """Lifecycle diffs (data: the changes, unless given) and business events in one round trip; returns the
+    first diff's position. A failure is logged, never raised."""
+    channels = [diff[0] for diff in diffs] + [ch for ch, _, _ in events]
+    if not channels:
         return None
-    channels = ([channel] if lifecycle else []) + [ch for ch, _, _ in events]
     try:
         pub = binding.publisher()
         with pub.batch() as batch:
-            if lifecycle:
-                batch.diff(channel, name, changes, data=data)
+            for channel, event, changes, *data in diffs:
+                batch.diff(channel, event, changes, data=data[0] if data else changes)
             for ch, event, payload in events:
                 batch.event(ch, event, data=payload)
-        return batch.results[0] if lifecycle else None
+        return batch.results[0] if diffs else None
     except Exception as exc:  # Redis down, bad channel name: the user's task must go on
         log.warning("sidecar: could not publish %s to %s: %r", name, ", ".join(channels), exc)
         return None
@@ -416,11 +444,62 @@ def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _runtime(run: _Run | None) -> float | None:
-    return round(time.monotonic() - run.started, 6) if run is not None else None
+def _runtime(task_id: str) -> float | None:
+    """Seconds from task_prerun to now; where prerun ran in another process (prefork's main process reports
+    time limits and lost children), from when the pool accepted the task (Celery's wall-clock time_start)."""
+    run = _runs.get(task_id)
+    if run is not None:
+        return round(time.monotonic() - run.started, 6)
+    started = getattr(_received.get(task_id), "time_start", None)
+    return round(max(0.0, time.time() - started), 6) if started else None
 
 
-def _lifecycle(task: Any) -> bool:
+def _context(task: Any, task_id: str) -> Any:
+    """The request context of the task's run: the task's own (in the process that runs it, or pushed there
+    by Celery), else the one of the Request this process received (a prefork worker's main process)."""
+    request = getattr(task, "request", None)
+    if getattr(request, "id", None) == task_id:
+        return request
+    received = _received.get(task_id)
+    return getattr(received, "_context", None) if received is not None else None
+
+
+def _first_outcome(task_id: str, context: Any) -> bool:
+    """True the first time an outcome of this attempt of the task is reported in this process."""
+    key = (task_id, getattr(context, "retries", 0) or 0)
+    with _outcomes_lock:
+        if key in _outcomes:
+            return False
+        _outcomes[key] = None
+        if len(_outcomes) > OUTCOMES_KEPT:
+            _outcomes.popitem(last=False)
+        return True
+
+
+def _never_run(context: Any) -> list[tuple[str, str]]:
+    """(id, name) of the tasks that will never run now that this one failed: the rest of its chain, and the
+    body of the chord it is a header task of. Walks them as Celery's backend does when it marks them FAILURE
+    (``Backend._fail_chain``): a chord in the chain stands for its body too."""
+    pending = list(getattr(context, "chain", None) or ())
+    body = getattr(context, "chord", None)
+    if body:
+        pending.append(body)
+    tasks = []
+    while pending:
+        sig = pending.pop()
+        if not isinstance(sig, Mapping):
+            continue
+        task_id = (sig.get("options") or {}).get("task_id")
+        if task_id and sig.get("task"):
+            tasks.append((str(task_id), str(sig["task"])))
+        if sig.get("subtask_type") == "chord":
+            body = (sig.get("kwargs") or {}).get("body")
+            if body:
+                pending.append(body)
+    return tasks
+
+
+def _lifecycle(task: Any) -> bool:  # None (a task this process does not know): the default, on
     return getattr(task, OPT_EVENTS, True) is not False
 
 

@@ -15,14 +15,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from celery import Celery
-from celery.exceptions import TaskRevokedError
+from celery import Celery, chain, chord
+from celery.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
 
 from sidecar.celery_hooks import enable_realtime, progress, task_channel
 from sidecar.publish import Publisher
 from tests.processes import EmbeddedRedis, WorkerProcess
 
 RESULT_TIMEOUT = 20.0
+HANG_TIME_LIMIT = 1.0  # tasks.jobs.hang's (not imported: that would make the reference app current here)
 STATE_TIMEOUT = 5.0
 
 
@@ -62,9 +63,8 @@ class Stack:
         return self.state_when(task_channel(task_id), lambda s: s.get("status") in terminal)
 
 
-@pytest.fixture
-def stack(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess]) -> Iterator[Stack]:
-    worker = celery_worker(redis_server.url)
+def make_stack(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess], pool: str) -> Iterator[Stack]:
+    worker = celery_worker(redis_server.url, pool=pool, concurrency=2 if pool == "prefork" else 4)
     client = Celery("tests-client", broker=redis_server.url, backend=redis_server.url, set_as_current=False)
     client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
     pub = Publisher.from_url(redis_server.url)
@@ -73,6 +73,24 @@ def stack(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProces
     finally:
         pub.store.redis.close()
         client.close()
+
+
+@pytest.fixture
+def stack(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess]) -> Iterator[Stack]:
+    yield from make_stack(redis_server, celery_worker, "threads")
+
+
+@pytest.fixture
+def prefork(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess]) -> Iterator[Stack]:
+    yield from make_stack(redis_server, celery_worker, "prefork")
+
+
+@pytest.fixture
+def pool_stack(
+    request: pytest.FixtureRequest, redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess]
+) -> Iterator[Stack]:
+    """A stack whose worker runs on the pool the test is parametrized with (``indirect=True``)."""
+    yield from make_stack(redis_server, celery_worker, request.param)
 
 
 def events(pub: Publisher, channel: str) -> list[str]:
@@ -184,6 +202,87 @@ def test_bulk_import_burst_ends_with_every_item_in_the_state(stack: Stack) -> No
     state = stack.state_when("import:burst", lambda s: s.get("imported") == 120)
     assert len(state["items"]) == 120
     assert len(stack.pub.history("import:burst")) == 120
+
+
+# -- failures the worker's main process reports (prefork), and tasks that will never run ----------------------
+
+
+def settled_history(pub: Publisher, channel: str, quiet: float = 1.5) -> list[dict[str, Any]]:
+    """The channel's history once nothing was added for ``quiet`` seconds (a duplicate would come late)."""
+    history = pub.history(channel)
+    deadline = time.monotonic() + RESULT_TIMEOUT
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        again = pub.history(channel)
+        if again == history:
+            return history
+        history = again
+    raise AssertionError(f"{channel}: history still growing: {history!r}")
+
+
+@pytest.mark.parametrize("pool_stack", ["prefork", "gevent"], indirect=True)
+def test_hard_time_limit_fails_the_task_once_with_its_runtime(pool_stack: Stack) -> None:
+    stack = pool_stack
+    user = f"u{uuid.uuid4().hex[:6]}"
+    with pytest.raises(TimeLimitExceeded) as raised:
+        stack.run("hang", user)
+    channel = task_channel(raised.value.task_id)  # type: ignore[attr-defined]
+
+    history = settled_history(stack.pub, channel)
+    assert [m["event"] for m in history] == ["task-started", "task-failed"]
+    failed = history[-1]["diff"]
+    assert failed["error"]["type"] == "TimeLimitExceeded"
+    assert HANG_TIME_LIMIT <= failed["runtime"] < HANG_TIME_LIMIT + 5
+    assert stack.pub.snapshot(channel).state["runtime"] == failed["runtime"]
+    assert [m["event"] for m in settled_history(stack.pub, f"user:{user}", quiet=0.1)] == ["job-failed"]
+
+
+def test_lost_prefork_child_fails_the_task_with_its_runtime(prefork: Stack) -> None:
+    with pytest.raises(WorkerLostError) as raised:
+        prefork.run("die")
+    channel = task_channel(raised.value.task_id)  # type: ignore[attr-defined]
+
+    history = settled_history(prefork.pub, channel)
+    assert [m["event"] for m in history] == ["task-started", "task-failed"]
+    failed = history[-1]["diff"]
+    assert failed["error"]["type"] == "WorkerLostError"
+    assert isinstance(failed["runtime"], float) and 0 <= failed["runtime"] < 5
+
+
+def test_a_chain_whose_first_task_fails_fails_the_channels_of_the_rest(stack: Stack) -> None:
+    sig = stack.client.signature
+    result = chain(
+        sig("tasks.jobs.fail", ("no paper",)), sig("tasks.jobs.echo"), sig("tasks.jobs.echo"), app=stack.client
+    )
+    result = result.apply_async()
+    with pytest.raises(ValueError, match="no paper"):
+        result.get(timeout=RESULT_TIMEOUT)
+    first, second, last = result.parent.parent.id, result.parent.id, result.id
+
+    for task_id in (second, last):  # the client follows the last one: the id apply_async returned
+        state = stack.final_state(task_id)
+        assert state == {
+            "task_id": task_id,
+            "name": "tasks.jobs.echo",
+            "status": "FAILURE",
+            "error": {"type": "ValueError", "message": "no paper"},
+            "upstream": first,
+        }
+        assert events(stack.pub, task_channel(task_id)) == ["task-failed"]
+    assert stack.final_state(first)["status"] == "FAILURE"
+
+
+def test_a_chord_whose_header_task_fails_fails_the_channel_of_its_body(stack: Stack) -> None:
+    sig = stack.client.signature
+    header = [sig("tasks.jobs.echo", (1,)), sig("tasks.jobs.fail", ("jammed",))]
+    result = chord(header, sig("tasks.jobs.echo"), app=stack.client).apply_async()
+    with pytest.raises(Exception, match="jammed"):
+        result.get(timeout=RESULT_TIMEOUT)
+
+    state = stack.final_state(result.id)
+    assert state["status"] == "FAILURE" and state["name"] == "tasks.jobs.echo"
+    assert state["error"] == {"type": "ValueError", "message": "jammed"}
+    assert stack.final_state(state["upstream"])["error"] == state["error"]  # the header task that failed
 
 
 # -- eager runs in this process (signals, options and failure handling without a worker) ---------------------
