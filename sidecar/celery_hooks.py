@@ -28,6 +28,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import reprlib
 import threading
 import time
@@ -44,13 +45,29 @@ from sidecar.config import Settings
 from sidecar.core.protocol import validate_channel
 from sidecar.publish import Published, Publisher
 
-__all__ = ["enable_realtime", "progress", "publisher", "task_channel"]
+__all__ = ["INFRASTRUCTURE_MESSAGE", "enable_realtime", "progress", "publisher", "task_channel"]
 
 log = logging.getLogger(__name__)
 
 RESULT_MAX_BYTES = 16 * 1024  # a larger result is published as a summary; the backend still has it whole
 SUMMARY_MAX_CHARS = 200
 MESSAGE_MAX_CHARS = 1_000
+# What clients see instead of an infrastructure error's message (docs/celery.md, "What reaches clients").
+INFRASTRUCTURE_MESSAGE = "withheld: an infrastructure error (the worker log has it)"
+# Exceptions of these packages (and every OSError) are infrastructure errors: their messages name hosts,
+# ports, connection strings and paths, so they never reach clients.
+INFRASTRUCTURE_PACKAGES = frozenset({
+    "redis", "kombu", "amqp", "socket", "ssl", "urllib3", "requests", "httpx", "psycopg", "psycopg2",
+    "pymysql", "MySQLdb", "sqlalchemy", "pymongo", "botocore",
+})  # fmt: skip
+# Cut from every other error message and retry reason: connection strings and URLs, IP addresses with their
+# ports, host.domain:port and localhost:port, absolute paths of two parts or more.
+_REDACTED = re.compile(
+    r"(?P<url>\b[A-Za-z][A-Za-z0-9+.-]*://\S+)"
+    r"|(?P<address>\[[0-9A-Fa-f:.]+\](?::\d+)?|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"
+    r"|\b(?:localhost|[\w-]+(?:\.[\w-]+)+):\d+\b)"
+    r"|(?P<path>(?<![\w.~])(?:/[\w.@-]+){2,}/?)"
+)
 
 # Task options (``@app.task(realtime_channels=[...], realtime_events=False)``); Celery turns unknown task
 # options into attributes of the task class, which is where we read them.
@@ -266,7 +283,7 @@ def _on_failure(
     if binding is None or not task_id:
         return
     # Type and message only: a traceback names files and locals, which browsers must never see.
-    error = _describe_error(exception)
+    error = _describe_error(exception, f"{sender.name}[{task_id}]")
     _finished(binding, sender, task_id, (tuple(args or ()), dict(kwargs or {})), "FAILURE", "error", error)
 
 
@@ -306,7 +323,7 @@ def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: 
         "task_id": task_id,
         "name": sender.name,
         "status": "RETRY",
-        "reason": _truncate(_safe_str(reason) if reason is not None else "", MESSAGE_MAX_CHARS),
+        "reason": _truncate(_describe_reason(reason, f"{sender.name}[{task_id}]"), MESSAGE_MAX_CHARS),
         "retries": (getattr(request, "retries", 0) or 0) + 1,  # the attempt about to be scheduled
     }
     _publish(binding, "task-retried", [(task_channel(task_id), "task-retried", changes)])
@@ -347,6 +364,7 @@ def _publish(
     channels = [diff[0] for diff in diffs] + [ch for ch, _, _ in events]
     if not channels:
         return None
+    pub: Publisher | None = None
     try:
         pub = binding.publisher()
         with pub.batch() as batch:
@@ -356,8 +374,25 @@ def _publish(
                 batch.event(ch, event, data=payload)
         return batch.results[0] if diffs else None
     except Exception as exc:  # Redis down, bad channel name: the user's task must go on
-        log.warning("sidecar: could not publish %s to %s: %r", name, ", ".join(channels), exc)
+        where = f" via {redis_address(pub)}" if pub is not None else ""
+        log.warning("sidecar: could not publish %s to %s%s: %s", name, ", ".join(channels), where, _explain(exc))
         return None
+
+
+def redis_address(pub: Publisher) -> str:
+    """``redis host:port/db`` (or ``redis unix:/path``) of the publisher's Redis, for the worker log: never
+    the password (the pool keeps it apart, it is not in the URL we print)."""
+    pool = getattr(pub.store.redis, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None) or {}
+    if kwargs.get("path"):
+        return f"redis unix:{kwargs['path']}"
+    return f"redis {kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+
+def _explain(exc: BaseException) -> str:
+    # redis-py 8's repr() of its errors is only "network:TimeoutError": name the class and say the message.
+    text = _safe_str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _business_channels(task: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
@@ -427,10 +462,41 @@ def _summary(value: Any) -> dict[str, str]:
     return {"type": name, "summary": _truncate(text, SUMMARY_MAX_CHARS)}
 
 
-def _describe_error(exc: BaseException | None) -> dict[str, str]:
+def _describe_error(exc: BaseException | None, task: str = "") -> dict[str, str]:
+    """What clients see of an exception: its class name and its message, the message withheld for
+    infrastructure errors (and logged here for ``task``) and cut of addresses and paths otherwise."""
     # Celery wraps exceptions it cannot pickle; the wrapper remembers the original class name.
-    name = getattr(exc, "exc_cls_name", None) or type(exc).__name__
-    return {"type": str(name), "message": _truncate(_safe_str(exc), MESSAGE_MAX_CHARS)}
+    name = str(getattr(exc, "exc_cls_name", None) or type(exc).__name__)
+    if _is_infrastructure(exc):
+        # Celery logs the failure too, but redis-py 8's repr() of its errors says no more than the class.
+        if task:
+            log.info("sidecar: %s: withheld from clients: %s: %s", task, name, _safe_str(exc))
+        message = INFRASTRUCTURE_MESSAGE
+    else:
+        message = _redact(_safe_str(exc))
+    return {"type": name, "message": _truncate(message, MESSAGE_MAX_CHARS)}
+
+
+def _describe_reason(reason: Any, task: str) -> str:
+    """Celery's retry reason (``Retry in 5s: ConnectionError('db gone')``), redacted like error messages."""
+    if reason is None:
+        return ""
+    exc = getattr(reason, "exc", None)
+    humanize = getattr(reason, "humanize", None)
+    if exc is not None and callable(humanize) and not getattr(reason, "message", None) and _is_infrastructure(exc):
+        return f"Retry {humanize()}: {_describe_error(exc, task)['type']}: {INFRASTRUCTURE_MESSAGE}"
+    return _redact(_safe_str(reason))
+
+
+def _is_infrastructure(exc: BaseException | None) -> bool:
+    if isinstance(exc, OSError):  # socket errors, builtin ConnectionError and TimeoutError, files
+        return True
+    modules = [getattr(exc, "exc_module", None)] + [kind.__module__ for kind in type(exc).__mro__]
+    return any(str(module).partition(".")[0] in INFRASTRUCTURE_PACKAGES for module in modules if module)
+
+
+def _redact(text: str) -> str:
+    return _REDACTED.sub(lambda match: f"<{match.lastgroup}>", text)
 
 
 def _safe_str(value: Any) -> str:

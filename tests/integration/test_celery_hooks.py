@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,10 +17,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery, chain, chord
 from celery.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
 
-from sidecar.celery_hooks import enable_realtime, progress, task_channel
+from sidecar.celery_hooks import INFRASTRUCTURE_MESSAGE, enable_realtime, progress, publisher, task_channel
+from sidecar.config import Settings
 from sidecar.publish import Publisher
 from tests.processes import EmbeddedRedis, WorkerProcess
 
@@ -362,6 +366,74 @@ def test_redis_down_never_fails_the_task_and_logs_the_channel(
     assert any("task-succeeded" in m and channel in m and "user:9" in m for m in messages)
 
 
+def test_infrastructure_error_reaches_clients_without_its_address_but_stays_in_the_log(
+    eager_app: Celery, pub: Publisher, free_port: Callable[[], int], caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+
+    @eager_app.task(name="t.store")
+    def store() -> None:
+        with redis.Redis("127.0.0.1", port, socket_connect_timeout=0.5) as dead:
+            dead.set("report", "done")  # a real refusal: "Error 111 connecting to 127.0.0.1:<port>. ..."
+
+    enable_realtime(eager_app, publisher=pub)
+    with caplog.at_level(logging.INFO):
+        task_id = store.apply().id
+
+    state = pub.snapshot(task_channel(task_id)).state
+    assert state["error"] == {"type": "ConnectionError", "message": INFRASTRUCTURE_MESSAGE}
+    seen_by_clients = json.dumps([state, pub.history(task_channel(task_id))])
+    assert str(port) not in seen_by_clients and "127.0.0.1" not in seen_by_clients
+    withheld = [r.getMessage() for r in caplog.records if r.name == "sidecar.celery_hooks"]
+    assert any(f"127.0.0.1:{port}" in m and task_id in m for m in withheld)  # ops still see it
+
+
+def test_addresses_urls_and_paths_are_cut_from_error_messages_and_retry_reasons(
+    eager_app: Celery, pub: Publisher
+) -> None:
+    @eager_app.task(name="t.leaky")
+    def leaky() -> None:
+        raise ValueError("cannot load /srv/app/conf/db.yml for redis://:hunter2@db.internal:6379/0 (10.0.0.7:6380)")
+
+    @eager_app.task(bind=True, name="t.retry_infra", max_retries=1, default_retry_delay=0)
+    def retry_infra(self: Any) -> str:
+        if not self.request.retries:
+            raise self.retry(exc=ConnectionError("no route to [fd00::7]:5432"))
+        return "ok"
+
+    enable_realtime(eager_app, publisher=pub)
+    failed = pub.snapshot(task_channel(leaky.apply().id)).state["error"]
+    retried = pub.history(task_channel(retry_infra.apply().id))
+
+    assert failed == {"type": "ValueError", "message": "cannot load <path> for <url> (<address>)"}
+    [reason] = [m["diff"]["reason"] for m in retried if m["event"] == "task-retried"]
+    assert reason == f"Retry in 0s: ConnectionError: {INFRASTRUCTURE_MESSAGE}"
+
+
+def test_a_failed_publish_is_logged_with_the_redis_and_the_channel_but_never_the_password(
+    eager_app: Celery, redis_server: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    @eager_app.task(name="t.hushed")
+    def hushed() -> str:
+        return "ok"
+
+    url = f"redis://:hunter2@127.0.0.1:{redis_server.port}/0"
+    enable_realtime(eager_app, settings=Settings(redis_url=url, redis_socket_timeout=0.3))
+    os.kill(redis_server.pid, signal.SIGSTOP)  # hung, not refused: a timeout's message names no address
+    try:
+        with caplog.at_level(logging.WARNING, logger="sidecar.celery_hooks"):
+            result = hushed.apply()
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+        publisher(eager_app).close()
+
+    assert result.get() == "ok"
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings and all(f"127.0.0.1:{redis_server.port}/0" in m for m in warnings)
+    assert "task-started" in warnings[0] and task_channel(result.id) in warnings[0]
+    assert not any("hunter2" in record.getMessage() for record in caplog.records)
+
+
 def test_enable_realtime_twice_publishes_each_step_once(eager_app: Celery, pub: Publisher) -> None:
     @eager_app.task(name="t.once")
     def once() -> None:
@@ -382,7 +454,7 @@ def test_retried_task_shows_retry_then_starts_afresh(eager_app: Celery, pub: Pub
     def flaky(self: Any) -> str:
         if not self.request.retries:
             progress(1, 2, "half way")
-            raise self.retry(exc=ConnectionError("database went away"))
+            raise self.retry(exc=LookupError("row 7 is locked"))
         return "ok"
 
     enable_realtime(eager_app, publisher=pub)
@@ -391,7 +463,7 @@ def test_retried_task_shows_retry_then_starts_afresh(eager_app: Celery, pub: Pub
     history = pub.history(task_channel(task_id))
     retried = next(m for m in history if m["event"] == "task-retried")
     assert retried["diff"]["status"] == "RETRY"
-    assert "database went away" in retried["diff"]["reason"]
+    assert retried["diff"]["reason"] == "Retry in 0s: LookupError('row 7 is locked')"
     state = pub.snapshot(task_channel(task_id)).state
     assert state["status"] == "SUCCESS" and state["retries"] == 1
     assert "progress" not in state and "reason" not in state  # the new attempt cleared the old one's
