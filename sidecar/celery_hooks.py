@@ -42,8 +42,9 @@ from typing import Any
 from celery import Celery, current_task, signals
 
 from sidecar.config import Settings
+from sidecar.core.breaker import CLOSED, Breaker
 from sidecar.core.protocol import validate_channel
-from sidecar.publish import Published, Publisher
+from sidecar.publish import Published, Publisher, PublishError
 
 __all__ = ["INFRASTRUCTURE_MESSAGE", "enable_realtime", "progress", "publisher", "task_channel"]
 
@@ -84,30 +85,75 @@ def task_channel(task_id: str) -> str:
 
 
 class _Binding:
-    """How one app's tasks reach Redis. The Publisher is made on first use and again in a forked child."""
+    """How one app's tasks reach Redis. The Publisher is made on first use and again in a forked child.
+
+    Publishing from tasks has a deadline (``task_publish_timeout``, the made Publisher's socket timeout) and a
+    circuit breaker: after a failure, nothing is sent for ``task_publish_cooldown`` seconds, then one trial.
+    A hung Redis thus costs a task one deadline, then nothing while the breaker is open."""
 
     def __init__(self, app: Celery, publisher: Publisher | None, settings: Settings | None) -> None:
         self._app = weakref.ref(app)
         self._given = publisher
         self._settings = settings
-        self._lock = threading.Lock()
         self._pid = 0
+        self._forked()
+
+    def _forked(self) -> None:
+        # Prefork imports the app in the parent and forks afterwards: a child must neither share the
+        # parent's sockets nor wait on a lock some parent thread held at fork time. It starts closed.
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
         self._publisher: Publisher | None = None
+        self._breaker: Breaker | None = None
 
     def publisher(self) -> Publisher:
+        lock = self._here()
         if self._given is not None:
             return self._given  # the caller's own: redis-py's pool already resets itself after a fork
-        pid = os.getpid()
-        if self._pid != pid:
-            # Prefork imports the app in the parent and forks afterwards: a child must neither share the
-            # parent's sockets nor wait on a lock some parent thread held at fork time.
-            self._lock = threading.Lock()
-            self._publisher = None
-            self._pid = pid
-        with self._lock:
+        with lock:
             if self._publisher is None:
-                self._publisher = Publisher.from_settings(self._resolve_settings())
+                settings = self._resolve_settings()
+                self._publisher = Publisher.from_settings(
+                    settings.replace(redis_socket_timeout=settings.task_publish_timeout)
+                )
             return self._publisher
+
+    def allow(self) -> bool:
+        """May a publish go to Redis now (the breaker is closed, or this is its trial)?"""
+        with self._here():
+            return self._breaker_now().allow(time.monotonic())
+
+    def failed(self) -> float:
+        """A publish found Redis away: open the breaker; returns the cool-down."""
+        with self._here():
+            breaker = self._breaker_now()
+            breaker.failed(time.monotonic())
+            return breaker.cooldown
+
+    def succeeded(self, pub: Publisher) -> None:
+        with self._here():
+            breaker = self._breaker_now()
+            was_open = breaker.state != CLOSED
+            dropped = breaker.succeeded()
+        if was_open:
+            log.warning(
+                "sidecar: %s answers again; %d publishes were dropped while it did not", redis_address(pub), dropped
+            )
+
+    def retry_in(self) -> float:
+        with self._here():
+            return self._breaker_now().retry_in(time.monotonic())
+
+    def _here(self) -> threading.Lock:
+        """This process's lock (a forked child starts afresh)."""
+        if self._pid != os.getpid():
+            self._forked()
+        return self._lock
+
+    def _breaker_now(self) -> Breaker:  # under the lock
+        if self._breaker is None:
+            self._breaker = Breaker(self._resolve_settings().task_publish_cooldown)
+        return self._breaker
 
     def _resolve_settings(self) -> Settings:
         settings = self._settings or Settings.from_env()
@@ -361,22 +407,40 @@ def _publish(
 ) -> Published | None:
     """Lifecycle diffs (data: the changes, unless given) and business events in one round trip; returns the
     first diff's position. A failure is logged, never raised."""
-    channels = [diff[0] for diff in diffs] + [ch for ch, _, _ in events]
+    channels = ", ".join([diff[0] for diff in diffs] + [ch for ch, _, _ in events])
     if not channels:
         return None
-    pub: Publisher | None = None
     try:
         pub = binding.publisher()
-        with pub.batch() as batch:
-            for channel, event, changes, *data in diffs:
-                batch.diff(channel, event, changes, data=data[0] if data else changes)
-            for ch, event, payload in events:
-                batch.event(ch, event, data=payload)
-        return batch.results[0] if diffs else None
-    except Exception as exc:  # Redis down, bad channel name: the user's task must go on
-        where = f" via {redis_address(pub)}" if pub is not None else ""
-        log.warning("sidecar: could not publish %s to %s%s: %s", name, ", ".join(channels), where, _explain(exc))
+        batch = pub.batch()
+        for channel, event, changes, *data in diffs:
+            batch.diff(channel, event, changes, data=data[0] if data else changes)
+        for ch, event, payload in events:
+            batch.event(ch, event, data=payload)
+    except Exception as exc:  # a bad channel name, no Redis URL: nothing to send, Redis is not in question
+        log.warning("sidecar: could not publish %s to %s: %s", name, channels, _explain(exc))
         return None
+    if not binding.allow():
+        log.warning(
+            "sidecar: dropped %s to %s: %s did not answer; next try in %.1f s",
+            name, channels, redis_address(pub), binding.retry_in(),
+        )  # fmt: skip
+        return None
+    try:
+        results = batch.send()
+    except PublishError as exc:  # refused by Redis (a state too large): Redis answered
+        binding.succeeded(pub)
+        log.warning("sidecar: could not publish %s to %s via %s: %s", name, channels, redis_address(pub), _explain(exc))
+        return None
+    except Exception as exc:  # Redis away (refused, timed out) or erring: the user's task must go on
+        cooldown = binding.failed()
+        log.warning(
+            "sidecar: could not publish %s to %s via %s: %s; not publishing for %g s",
+            name, channels, redis_address(pub), _explain(exc), cooldown,
+        )  # fmt: skip
+        return None
+    binding.succeeded(pub)
+    return results[0] if diffs else None
 
 
 def redis_address(pub: Publisher) -> str:

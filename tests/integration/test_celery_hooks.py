@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -287,6 +288,50 @@ def test_a_chord_whose_header_task_fails_fails_the_channel_of_its_body(stack: St
     assert state["status"] == "FAILURE" and state["name"] == "tasks.jobs.echo"
     assert state["error"] == {"type": "ValueError", "message": "jammed"}
     assert stack.final_state(state["upstream"])["error"] == state["error"]  # the header task that failed
+
+
+# -- a hung Redis under a real worker ---------------------------------------------------------------------
+
+
+def test_a_hung_redis_costs_a_task_one_short_deadline_and_publishing_resumes_after_the_cooldown(
+    redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    # The broker and result backend live on another Redis: only the sidecar's Redis hangs.
+    with EmbeddedRedis(tmp_path / "broker") as broker:
+        worker = celery_worker(
+            redis_server.url,
+            CELERY_BROKER_URL=broker.url,
+            CELERY_RESULT_BACKEND=broker.url,
+            SIDECAR_TASK_PUBLISH_TIMEOUT="0.25",
+            SIDECAR_TASK_PUBLISH_COOLDOWN="1",
+        )
+        client = Celery("tests-client", broker=broker.url, backend=broker.url, set_as_current=False)
+        client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+        stack = Stack(client, Publisher.from_url(redis_server.url), worker)
+        try:
+            os.kill(redis_server.pid, signal.SIGSTOP)  # hung, not refused: connects, never answers
+            try:
+                started = time.monotonic()
+                hung_id = stack.run("report", "hung", steps=6, delay=0.1)  # 0.6 s of work, 8 publishes
+                elapsed = time.monotonic() - started
+            finally:
+                os.kill(redis_server.pid, signal.SIGCONT)
+            time.sleep(1.2)  # the cool-down: the next publish is the trial
+            after_id = stack.run("report", "after", steps=1, delay=0)
+
+            assert elapsed < 0.6 + 0.25 + 1.5  # the work, one deadline, and scheduling slack on a busy machine
+            assert stack.pub.snapshot(task_channel(hung_id)) is None  # everything of the hung run was dropped
+            assert stack.final_state(after_id)["status"] == "SUCCESS"
+            log = worker.log_text()
+            address = f"redis 127.0.0.1:{redis_server.port}/0"
+            assert f"could not publish task-started to {task_channel(hung_id)} via {address}: TimeoutError" in log
+            assert log.count(f"dropped task-progress to {task_channel(hung_id)}") == 6
+            assert f"dropped task-succeeded to {task_channel(hung_id)}, user:hung" in log
+            assert f"{address} answers again; 7 publishes were dropped" in log
+        finally:
+            stack.pub.close()
+            client.close()
+            worker.stop()
 
 
 # -- eager runs in this process (signals, options and failure handling without a worker) ---------------------
