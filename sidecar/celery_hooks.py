@@ -17,7 +17,8 @@ Example::
 Each lifecycle step is a *diff* of the task channel's state (RFC 7386 merge patch), so the channel keeps the
 task's state and a client that subscribes after the end still learns the outcome. The event ``data`` carries
 the same fields, so event-mode clients get them too. Publishing never fails a task: a Redis error is logged
-as a warning naming the channel, and the task goes on.
+as a warning naming the channel and the Redis, and the task goes on; a hung Redis costs a task one short
+deadline, then nothing while a circuit breaker is open. Clients never see infrastructure errors' messages.
 
 This is the only module of the package that imports celery (docs/celery.md has the event shapes).
 """
