@@ -446,11 +446,17 @@ def test_addresses_urls_and_paths_are_cut_from_error_messages_and_retry_reasons(
             raise self.retry(exc=ConnectionError("no route to [fd00::7]:5432"))
         return "ok"
 
+    @eager_app.task(name="t.plain")
+    def plain() -> None:
+        raise ValueError("step 3 of 5 at 12:30: 1/2 done, and/or ratio:10 (Retry in 5s)")
+
     enable_realtime(eager_app, publisher=pub)
     failed = pub.snapshot(task_channel(leaky.apply().id)).state["error"]
     retried = pub.history(task_channel(retry_infra.apply().id))
+    untouched = pub.snapshot(task_channel(plain.apply().id)).state["error"]
 
     assert failed == {"type": "ValueError", "message": "cannot load <path> for <url> (<address>)"}
+    assert untouched["message"] == "step 3 of 5 at 12:30: 1/2 done, and/or ratio:10 (Retry in 5s)"
     [reason] = [m["diff"]["reason"] for m in retried if m["event"] == "task-retried"]
     assert reason == f"Retry in 0s: ConnectionError: {INFRASTRUCTURE_MESSAGE}"
 
