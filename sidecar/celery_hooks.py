@@ -138,7 +138,7 @@ class _Binding:
             dropped = breaker.succeeded()
         if was_open:
             log.warning(
-                "sidecar: %s answers again; %d publishes were dropped while it did not", redis_address(pub), dropped
+                "sidecar: %s answers again; %d publishes were dropped while it did not", _redis_address(pub), dropped
             )
 
     def retry_in(self) -> float:
@@ -424,27 +424,29 @@ def _publish(
     if not binding.allow():
         log.warning(
             "sidecar: dropped %s to %s: %s did not answer; next try in %.1f s",
-            name, channels, redis_address(pub), binding.retry_in(),
+            name, channels, _redis_address(pub), binding.retry_in(),
         )  # fmt: skip
         return None
     try:
         results = batch.send()
     except PublishError as exc:  # refused by Redis (a state too large): Redis answered
         binding.succeeded(pub)
-        log.warning("sidecar: could not publish %s to %s via %s: %s", name, channels, redis_address(pub), _explain(exc))
+        log.warning(
+            "sidecar: could not publish %s to %s via %s: %s", name, channels, _redis_address(pub), _explain(exc)
+        )
         return None
     except Exception as exc:  # Redis away (refused, timed out) or erring: the user's task must go on
         cooldown = binding.failed()
         log.warning(
             "sidecar: could not publish %s to %s via %s: %s; not publishing for %g s",
-            name, channels, redis_address(pub), _explain(exc), cooldown,
+            name, channels, _redis_address(pub), _explain(exc), cooldown,
         )  # fmt: skip
         return None
     binding.succeeded(pub)
     return results[0] if diffs else None
 
 
-def redis_address(pub: Publisher) -> str:
+def _redis_address(pub: Publisher) -> str:
     """``redis host:port/db`` (or ``redis unix:/path``) of the publisher's Redis, for the worker log: never
     the password (the pool keeps it apart, it is not in the URL we print)."""
     pool = getattr(pub.store.redis, "connection_pool", None)

@@ -469,7 +469,7 @@ def test_a_failed_publish_is_logged_with_the_redis_and_the_channel_but_never_the
         return "ok"
 
     url = f"redis://:hunter2@127.0.0.1:{redis_server.port}/0"
-    enable_realtime(eager_app, settings=Settings(redis_url=url, redis_socket_timeout=0.3))
+    enable_realtime(eager_app, settings=Settings(redis_url=url, task_publish_timeout=0.3))
     os.kill(redis_server.pid, signal.SIGSTOP)  # hung, not refused: a timeout's message names no address
     try:
         with caplog.at_level(logging.WARNING, logger="sidecar.celery_hooks"):
