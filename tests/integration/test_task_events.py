@@ -98,3 +98,4 @@ def test_a_client_following_a_failed_chain_by_its_returned_id_sees_the_failure(s
     sse.close()
     with pytest.raises(ValueError, match="out of toner"):
         result.get(timeout=30)
+    result.forget()  # and its parent: unsubscribed now, not when GC finds them after Redis stopped
