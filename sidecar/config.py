@@ -53,6 +53,10 @@ class Settings:
     subscribe_rate: float = 20.0  # subscribes per second per connection, sustained ...
     subscribe_burst: int = 100  # ... after a burst of this many (a page subscribing to all it shows at once)
 
+    # Celery workers (docs/celery.md): what a notification may cost a task when Redis hangs
+    task_publish_timeout: float = 0.25  # seconds: the hooks' Redis socket timeout (connect, send, reply)
+    task_publish_cooldown: float = 5.0  # seconds the hooks stop publishing after a failure, before one trial
+
     # Auth (docs/security.md). Secrets are kept out of repr() so that logging settings cannot leak them.
     jwt_secret: str | None = dataclasses.field(default=None, repr=False)  # HS256 shared secret, >= 32 bytes
     jwt_public_key: str | None = None  # PEM text or a PEM file's path: RS256/ES256 tokens

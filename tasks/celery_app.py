@@ -4,7 +4,9 @@ Run a worker (the pool goes on the command line: set only in config, a gevent po
 
     REDIS_URL=redis://127.0.0.1:6379/0 celery -A tasks.celery_app:app worker -P threads -c 4
 
-The broker, the result backend and the sidecar's streams share one Redis here; they need not.
+The broker, the result backend and the sidecar's streams share one Redis here; they need not: Celery itself
+reads ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND`` from the environment over the URLs given below,
+while the hooks keep publishing to ``REDIS_URL`` (the tests use that to hang the sidecar's Redis alone).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Demo jobs: a report with progress, a failure, the sprint example, an import burst and an echo.
+"""Demo jobs: a report with progress, failures of every kind, the sprint example, an import burst and an echo.
 
 Task names are ``tasks.jobs.<function>``; send them with ``app.send_task("tasks.jobs.report", (42,))``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, date, datetime
 from typing import Any
@@ -13,6 +14,7 @@ from sidecar.celery_hooks import progress, publisher
 from tasks.celery_app import app
 
 IMPORT_CHUNK = 50  # diffs per round trip in bulk_import
+HANG_TIME_LIMIT = 1.0  # seconds: hang()'s hard time limit
 
 
 @app.task(bind=True, realtime_channels=["user:{user_id}"])
@@ -28,6 +30,20 @@ def report(self: Any, user_id: int | str, steps: int = 5, delay: float = 0.2) ->
 def fail(message: str) -> None:
     """Always fails: the channel shows FAILURE with the type and message, never the traceback."""
     raise ValueError(message)
+
+
+@app.task(time_limit=HANG_TIME_LIMIT, realtime_channels=["user:{user_id}"])
+def hang(user_id: int | str, seconds: float = 30.0) -> None:
+    """Sleeps past its hard time limit: the pool kills it (prefork: SIGKILL of the child) and fails it;
+    ``user:<user_id>`` hears ``job-failed``."""
+    time.sleep(seconds)
+
+
+@app.task
+def die(code: int = 1) -> None:
+    """Ends its process at once, as a crash or the OOM killer would: prefork reports ``WorkerLostError``.
+    Only for prefork, where the process is a pool child; on threads or solo it takes the worker down."""
+    os._exit(code)
 
 
 @app.task

@@ -108,11 +108,12 @@ def sidecar_process(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
 
 @pytest.fixture
 def celery_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Factory: ``start(redis_url, **env)`` runs a Celery worker (threads pool) and waits for "ready."."""
+    """Factory: ``start(redis_url, pool="threads", concurrency=4, **env)`` runs a Celery worker on that pool
+    (``-P``) and waits for "ready."."""
     started: list[WorkerProcess] = []
 
-    def start(redis_url: str, **env: str) -> WorkerProcess:
-        proc = WorkerProcess(redis_url, tmp_path, env)
+    def start(redis_url: str, pool: str = "threads", concurrency: int = 4, **env: str) -> WorkerProcess:
+        proc = WorkerProcess(redis_url, tmp_path, env, pool=pool, concurrency=concurrency)
         started.append(proc)
         return proc
 

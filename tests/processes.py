@@ -122,17 +122,24 @@ class SidecarProcess(ManagedProcess):
 
 
 class WorkerProcess(ManagedProcess):
-    """A Celery worker for ``tasks.celery_app:app`` (threads pool), ready when it logs "ready."."""
+    """A Celery worker for ``tasks.celery_app:app`` on ``pool`` (``-P``), ready when it logs "ready."."""
 
     stop_timeout = 10.0  # warm shutdown waits for running tasks
 
     def __init__(
-        self, redis_url: str, log_dir: Path, env: Mapping[str, object] = {}, ready_timeout: float = 30.0
+        self,
+        redis_url: str,
+        log_dir: Path,
+        env: Mapping[str, object] = {},
+        ready_timeout: float = 30.0,
+        pool: str = "threads",
+        concurrency: int = 4,
     ) -> None:
         self.node = f"test-{uuid.uuid4().hex[:8]}"
+        self.pool = pool
         argv = [
             sys.executable, "-m", "celery", "-A", "tasks.celery_app:app", "worker",
-            "-P", "threads", "-c", "4", "--without-heartbeat", "--without-gossip", "--without-mingle",
+            "-P", pool, "-c", str(concurrency), "--without-heartbeat", "--without-gossip", "--without-mingle",
             "-l", "info", "-n", f"{self.node}@%h",
         ]  # fmt: skip
         super().__init__(f"worker {self.node}", argv, child_env(redis_url, env), log_dir / f"{self.node}.log")

@@ -7,22 +7,28 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery
-from celery.exceptions import TaskRevokedError
+import redis
+from celery import Celery, chain, chord
+from celery.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
 
-from sidecar.celery_hooks import enable_realtime, progress, task_channel
+from sidecar.celery_hooks import INFRASTRUCTURE_MESSAGE, enable_realtime, progress, publisher, task_channel
+from sidecar.config import Settings
 from sidecar.publish import Publisher
 from tests.processes import EmbeddedRedis, WorkerProcess
 
 RESULT_TIMEOUT = 20.0
+HANG_TIME_LIMIT = 1.0  # tasks.jobs.hang's (not imported: that would make the reference app current here)
 STATE_TIMEOUT = 5.0
 
 
@@ -62,9 +68,8 @@ class Stack:
         return self.state_when(task_channel(task_id), lambda s: s.get("status") in terminal)
 
 
-@pytest.fixture
-def stack(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess]) -> Iterator[Stack]:
-    worker = celery_worker(redis_server.url)
+def make_stack(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess], pool: str) -> Iterator[Stack]:
+    worker = celery_worker(redis_server.url, pool=pool, concurrency=2 if pool == "prefork" else 4)
     client = Celery("tests-client", broker=redis_server.url, backend=redis_server.url, set_as_current=False)
     client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
     pub = Publisher.from_url(redis_server.url)
@@ -73,6 +78,24 @@ def stack(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProces
     finally:
         pub.store.redis.close()
         client.close()
+
+
+@pytest.fixture
+def stack(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess]) -> Iterator[Stack]:
+    yield from make_stack(redis_server, celery_worker, "threads")
+
+
+@pytest.fixture
+def prefork(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess]) -> Iterator[Stack]:
+    yield from make_stack(redis_server, celery_worker, "prefork")
+
+
+@pytest.fixture
+def pool_stack(
+    request: pytest.FixtureRequest, redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess]
+) -> Iterator[Stack]:
+    """A stack whose worker runs on the pool the test is parametrized with (``indirect=True``)."""
+    yield from make_stack(redis_server, celery_worker, request.param)
 
 
 def events(pub: Publisher, channel: str) -> list[str]:
@@ -186,6 +209,133 @@ def test_bulk_import_burst_ends_with_every_item_in_the_state(stack: Stack) -> No
     assert len(stack.pub.history("import:burst")) == 120
 
 
+# -- failures the worker's main process reports (prefork), and tasks that will never run ----------------------
+
+
+def settled_history(pub: Publisher, channel: str, quiet: float = 1.5) -> list[dict[str, Any]]:
+    """The channel's history once nothing was added for ``quiet`` seconds (a duplicate would come late)."""
+    history = pub.history(channel)
+    deadline = time.monotonic() + RESULT_TIMEOUT
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        again = pub.history(channel)
+        if again == history:
+            return history
+        history = again
+    raise AssertionError(f"{channel}: history still growing: {history!r}")
+
+
+@pytest.mark.parametrize("pool_stack", ["prefork", "gevent"], indirect=True)
+def test_hard_time_limit_fails_the_task_once_with_its_runtime(pool_stack: Stack) -> None:
+    stack = pool_stack
+    user = f"u{uuid.uuid4().hex[:6]}"
+    with pytest.raises(TimeLimitExceeded) as raised:
+        stack.run("hang", user)
+    channel = task_channel(raised.value.task_id)  # type: ignore[attr-defined]
+
+    history = settled_history(stack.pub, channel)
+    assert [m["event"] for m in history] == ["task-started", "task-failed"]
+    failed = history[-1]["diff"]
+    assert failed["error"]["type"] == "TimeLimitExceeded"
+    assert HANG_TIME_LIMIT - 0.1 <= failed["runtime"] < HANG_TIME_LIMIT + 5  # gevent starts its timer before accepting
+    assert stack.pub.snapshot(channel).state["runtime"] == failed["runtime"]
+    assert [m["event"] for m in settled_history(stack.pub, f"user:{user}", quiet=0.1)] == ["job-failed"]
+
+
+def test_lost_prefork_child_fails_the_task_with_its_runtime(prefork: Stack) -> None:
+    with pytest.raises(WorkerLostError) as raised:
+        prefork.run("die")
+    channel = task_channel(raised.value.task_id)  # type: ignore[attr-defined]
+
+    history = settled_history(prefork.pub, channel)
+    assert [m["event"] for m in history] == ["task-started", "task-failed"]
+    failed = history[-1]["diff"]
+    assert failed["error"]["type"] == "WorkerLostError"
+    assert isinstance(failed["runtime"], float) and 0 <= failed["runtime"] < 5
+
+
+def test_a_chain_whose_first_task_fails_fails_the_channels_of_the_rest(stack: Stack) -> None:
+    sig = stack.client.signature
+    result = chain(
+        sig("tasks.jobs.fail", ("no paper",)), sig("tasks.jobs.echo"), sig("tasks.jobs.echo"), app=stack.client
+    )
+    result = result.apply_async()
+    with pytest.raises(ValueError, match="no paper"):
+        result.get(timeout=RESULT_TIMEOUT)
+    first, second, last = result.parent.parent.id, result.parent.id, result.id
+
+    for task_id in (second, last):  # the client follows the last one: the id apply_async returned
+        state = stack.final_state(task_id)
+        assert state == {
+            "task_id": task_id,
+            "name": "tasks.jobs.echo",
+            "status": "FAILURE",
+            "error": {"type": "ValueError", "message": "no paper"},
+            "upstream": first,
+        }
+        assert events(stack.pub, task_channel(task_id)) == ["task-failed"]
+    assert stack.final_state(first)["status"] == "FAILURE"
+    result.forget()  # and its parents: unsubscribed now, not when GC finds them after Redis stopped
+
+
+def test_a_chord_whose_header_task_fails_fails_the_channel_of_its_body(stack: Stack) -> None:
+    sig = stack.client.signature
+    header = [sig("tasks.jobs.echo", (1,)), sig("tasks.jobs.fail", ("jammed",))]
+    result = chord(header, sig("tasks.jobs.echo"), app=stack.client).apply_async()
+    with pytest.raises(Exception, match="jammed"):
+        result.get(timeout=RESULT_TIMEOUT)
+
+    state = stack.final_state(result.id)
+    assert state["status"] == "FAILURE" and state["name"] == "tasks.jobs.echo"
+    assert state["error"] == {"type": "ValueError", "message": "jammed"}
+    assert stack.final_state(state["upstream"])["error"] == state["error"]  # the header task that failed
+    result.forget()
+
+
+# -- a hung Redis under a real worker ---------------------------------------------------------------------
+
+
+def test_a_hung_redis_costs_a_task_one_short_deadline_and_publishing_resumes_after_the_cooldown(
+    redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    # The broker and result backend live on another Redis: only the sidecar's Redis hangs.
+    with EmbeddedRedis(tmp_path / "broker") as broker:
+        worker = celery_worker(
+            redis_server.url,
+            CELERY_BROKER_URL=broker.url,
+            CELERY_RESULT_BACKEND=broker.url,
+            SIDECAR_TASK_PUBLISH_TIMEOUT="0.25",
+            SIDECAR_TASK_PUBLISH_COOLDOWN="1",
+        )
+        client = Celery("tests-client", broker=broker.url, backend=broker.url, set_as_current=False)
+        client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+        stack = Stack(client, Publisher.from_url(redis_server.url), worker)
+        try:
+            os.kill(redis_server.pid, signal.SIGSTOP)  # hung, not refused: connects, never answers
+            try:
+                started = time.monotonic()
+                hung_id = stack.run("report", "hung", steps=6, delay=0.1)  # 0.6 s of work, 8 publishes
+                elapsed = time.monotonic() - started
+            finally:
+                os.kill(redis_server.pid, signal.SIGCONT)
+            time.sleep(1.2)  # the cool-down: the next publish is the trial
+            after_id = stack.run("report", "after", steps=1, delay=0)
+
+            assert elapsed < 0.6 + 0.25 + 1.5  # the work, one deadline, and scheduling slack on a busy machine
+            assert stack.pub.snapshot(task_channel(hung_id)) is None  # everything of the hung run was dropped
+            assert stack.final_state(after_id)["status"] == "SUCCESS"
+            log = worker.log_text()
+            address = f"redis 127.0.0.1:{redis_server.port}/0"
+            assert f"could not publish task-started to {task_channel(hung_id)} via {address}: TimeoutError" in log
+            assert log.count(f"dropped task-progress to {task_channel(hung_id)}") == 6
+            assert f"dropped task-succeeded to {task_channel(hung_id)}, user:hung" in log
+            assert f"{address} answers again; 7 publishes were dropped" in log
+        finally:
+            stack.pub.close()
+            client.close()
+            worker.stop()
+
+
 # -- eager runs in this process (signals, options and failure handling without a worker) ---------------------
 
 
@@ -263,6 +413,80 @@ def test_redis_down_never_fails_the_task_and_logs_the_channel(
     assert any("task-succeeded" in m and channel in m and "user:9" in m for m in messages)
 
 
+def test_infrastructure_error_reaches_clients_without_its_address_but_stays_in_the_log(
+    eager_app: Celery, pub: Publisher, free_port: Callable[[], int], caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+
+    @eager_app.task(name="t.store")
+    def store() -> None:
+        with redis.Redis("127.0.0.1", port, socket_connect_timeout=0.5) as dead:
+            dead.set("report", "done")  # a real refusal: "Error 111 connecting to 127.0.0.1:<port>. ..."
+
+    enable_realtime(eager_app, publisher=pub)
+    with caplog.at_level(logging.INFO):
+        task_id = store.apply().id
+
+    state = pub.snapshot(task_channel(task_id)).state
+    assert state["error"] == {"type": "ConnectionError", "message": INFRASTRUCTURE_MESSAGE}
+    seen_by_clients = json.dumps([state, pub.history(task_channel(task_id))])
+    assert str(port) not in seen_by_clients and "127.0.0.1" not in seen_by_clients
+    withheld = [r.getMessage() for r in caplog.records if r.name == "sidecar.celery_hooks"]
+    assert any(f"127.0.0.1:{port}" in m and task_id in m for m in withheld)  # ops still see it
+
+
+def test_addresses_urls_and_paths_are_cut_from_error_messages_and_retry_reasons(
+    eager_app: Celery, pub: Publisher
+) -> None:
+    @eager_app.task(name="t.leaky")
+    def leaky() -> None:
+        raise ValueError("cannot load /srv/app/conf/db.yml for redis://:hunter2@db.internal:6379/0 (10.0.0.7:6380)")
+
+    @eager_app.task(bind=True, name="t.retry_infra", max_retries=1, default_retry_delay=0)
+    def retry_infra(self: Any) -> str:
+        if not self.request.retries:
+            raise self.retry(exc=ConnectionError("no route to [fd00::7]:5432"))
+        return "ok"
+
+    @eager_app.task(name="t.plain")
+    def plain() -> None:
+        raise ValueError("step 3 of 5 at 12:30: 1/2 done, and/or ratio:10 (Retry in 5s)")
+
+    enable_realtime(eager_app, publisher=pub)
+    failed = pub.snapshot(task_channel(leaky.apply().id)).state["error"]
+    retried = pub.history(task_channel(retry_infra.apply().id))
+    untouched = pub.snapshot(task_channel(plain.apply().id)).state["error"]
+
+    assert failed == {"type": "ValueError", "message": "cannot load <path> for <url> (<address>)"}
+    assert untouched["message"] == "step 3 of 5 at 12:30: 1/2 done, and/or ratio:10 (Retry in 5s)"
+    [reason] = [m["diff"]["reason"] for m in retried if m["event"] == "task-retried"]
+    assert reason == f"Retry in 0s: ConnectionError: {INFRASTRUCTURE_MESSAGE}"
+
+
+def test_a_failed_publish_is_logged_with_the_redis_and_the_channel_but_never_the_password(
+    eager_app: Celery, redis_server: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    @eager_app.task(name="t.hushed")
+    def hushed() -> str:
+        return "ok"
+
+    url = f"redis://:hunter2@127.0.0.1:{redis_server.port}/0"
+    enable_realtime(eager_app, settings=Settings(redis_url=url, task_publish_timeout=0.3))
+    os.kill(redis_server.pid, signal.SIGSTOP)  # hung, not refused: a timeout's message names no address
+    try:
+        with caplog.at_level(logging.WARNING, logger="sidecar.celery_hooks"):
+            result = hushed.apply()
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+        publisher(eager_app).close()
+
+    assert result.get() == "ok"
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings and all(f"127.0.0.1:{redis_server.port}/0" in m for m in warnings)
+    assert "task-started" in warnings[0] and task_channel(result.id) in warnings[0]
+    assert not any("hunter2" in record.getMessage() for record in caplog.records)
+
+
 def test_enable_realtime_twice_publishes_each_step_once(eager_app: Celery, pub: Publisher) -> None:
     @eager_app.task(name="t.once")
     def once() -> None:
@@ -283,7 +507,7 @@ def test_retried_task_shows_retry_then_starts_afresh(eager_app: Celery, pub: Pub
     def flaky(self: Any) -> str:
         if not self.request.retries:
             progress(1, 2, "half way")
-            raise self.retry(exc=ConnectionError("database went away"))
+            raise self.retry(exc=LookupError("row 7 is locked"))
         return "ok"
 
     enable_realtime(eager_app, publisher=pub)
@@ -292,7 +516,7 @@ def test_retried_task_shows_retry_then_starts_afresh(eager_app: Celery, pub: Pub
     history = pub.history(task_channel(task_id))
     retried = next(m for m in history if m["event"] == "task-retried")
     assert retried["diff"]["status"] == "RETRY"
-    assert "database went away" in retried["diff"]["reason"]
+    assert retried["diff"]["reason"] == "Retry in 0s: LookupError('row 7 is locked')"
     state = pub.snapshot(task_channel(task_id)).state
     assert state["status"] == "SUCCESS" and state["retries"] == 1
     assert "progress" not in state and "reason" not in state  # the new attempt cleared the old one's

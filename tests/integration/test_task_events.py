@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from celery import chain
 
 from tests.clients import SSEClient, WSClient
 
@@ -79,3 +80,22 @@ def test_business_channel_from_task_options_hears_job_finished(stack, celery_cli
     finished = ws.wait(lambda f: "job-finished" in events(f)) and ws.messages()[-1]
     assert finished["data"]["task_id"] == result.id and finished["data"]["status"] == "SUCCESS"
     ws.close()
+
+
+def test_a_client_following_a_failed_chain_by_its_returned_id_sees_the_failure(stack, celery_client):
+    sig = celery_client.signature
+    result = chain(sig("tasks.jobs.fail", ("out of toner",)), sig("tasks.jobs.echo"), app=celery_client).apply_async()
+    sse = SSEClient(stack.url, [f"task:{result.id}"], mode="state")  # the id apply_async returned: the last task's
+
+    def failure_seen(frames: list[dict]) -> bool:
+        return any(f["type"] in ("snapshot", "message") and (f.get("state") or {}).get("status") == "FAILURE"
+                   for f in frames)  # fmt: skip
+
+    frames = sse.wait(failure_seen)
+    state = next(f["state"] for f in frames if (f.get("state") or {}).get("status") == "FAILURE")
+    assert state["error"] == {"type": "ValueError", "message": "out of toner"}
+    assert state["upstream"] == result.parent.id
+    sse.close()
+    with pytest.raises(ValueError, match="out of toner"):
+        result.get(timeout=30)
+    result.forget()  # and its parent: unsubscribed now, not when GC finds them after Redis stopped
