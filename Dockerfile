@@ -1,6 +1,6 @@
 FROM python:3.11-slim
 
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 SIDECAR_HOST=0.0.0.0
 WORKDIR /app
 
 # The wheel ships the sidecar and the dashboard (as sidecar.dashboard); dashboard/ is its source folder.

@@ -21,6 +21,8 @@ class Settings:
     port: int = 8000
     dev: bool = False  # dev mode: may run without auth secrets, says so loudly
     data_dir: str = ".sidecar"  # embedded redis-server's data dir (AOF on)
+    workers: int = 1  # gunicorn worker processes (sidecar/gunicorn.conf.py), each a gevent worker with its own relay
+    worker_connections: int = 10_000  # connections per gunicorn gevent worker (gunicorn's own default, 1000, is few)
 
     # Redis layout
     key_prefix: str = "rt"

@@ -1,11 +1,13 @@
-# gunicorn -c sidecar/gunicorn.conf.py   (REDIS_URL and SIDECAR_* in the environment)
+# gunicorn -c sidecar/gunicorn.conf.py   (REDIS_URL and SIDECAR_* in the environment, read by Settings only)
 import logging
-import os
+import sys
+from typing import Any
 
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from sidecar import logs
+from sidecar.auth import InsecureConfig, check_startup
 from sidecar.config import Settings
 
 settings = Settings.from_env()
@@ -41,11 +43,29 @@ def post_worker_init(worker: Worker) -> None:
         handler.addFilter(ClientErrorsAtInfo())
 
 
+def on_starting(server: Any) -> None:
+    """Refuse open production settings in the master, once, in one line (as `sidecar serve` does), before any
+    worker would fail on them with a traceback each."""
+    try:
+        check_startup(settings)
+    except InsecureConfig as exc:
+        server.log.critical("not starting: %s", exc)
+        sys.exit(2)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """A worker that stops cleanly stops its relay, whose last stats record says so (the dashboard shows the
+    replica as stopped, not stale)."""
+    app = sys.modules.get("sidecar.wsgi")
+    if app is not None:
+        app.app.extensions["relay"].stop()
+
+
 wsgi_app = "sidecar.wsgi:app"
 worker_class = Worker  # one greenlet per connection; the worker patches before loading the app
-workers = int(os.environ.get("SIDECAR_WORKERS", "1"))
-worker_connections = int(os.environ.get("SIDECAR_WORKER_CONNECTIONS", "10000"))  # default 1000 is too few
-bind = f"{os.environ.get('SIDECAR_HOST', '0.0.0.0')}:{os.environ.get('SIDECAR_PORT', '8000')}"
+workers = settings.workers
+worker_connections = settings.worker_connections
+bind = f"{settings.host}:{settings.port}"  # loopback unless SIDECAR_HOST says otherwise (the image: 0.0.0.0)
 timeout = 30
 graceful_timeout = 5
 keepalive = max(1, round(settings.idle_timeout))  # whole seconds; also bounds a kept-alive request head

@@ -351,6 +351,7 @@ def read_close(sock: socket.socket, data: bytes) -> int:
         data = data[2 + size :]
 
 
+FD_SLACK = 2  # descriptors the relay may open on its own during a test (a pooled Redis connection)
 CLOSE_TRIGGERS = {"not JSON": (ws_frame(0x1, b"not json"), 1007), "binary": (ws_frame(0x2, b"\x00"), 1003)}
 
 
@@ -370,10 +371,11 @@ def test_the_server_ends_tcp_after_closing_a_websocket_itself(sidecar, trigger, 
         clients.append(sock)
     wait = (0.5 if answer == "answers the close" else CLOSE_TIMEOUT) + SLACK
     cut_within(clients, wait)
+    # Ten sockets held would be ten descriptors; the relay may open a Redis connection of its own meanwhile.
     deadline = time.monotonic() + 2
-    while open_fds(sidecar.worker_pid) > baseline and time.monotonic() < deadline:
+    while open_fds(sidecar.worker_pid) > baseline + FD_SLACK and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert open_fds(sidecar.worker_pid) <= baseline
+    assert open_fds(sidecar.worker_pid) <= baseline + FD_SLACK
 
 
 # -- SSE peers that leave ---------------------------------------------------------------------------------------
