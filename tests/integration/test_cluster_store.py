@@ -2,7 +2,7 @@
 one node, batches split per master, a master's failover and a slot's migration while publishing.
 
 The relay's reader is not cluster-aware yet, so no sidecar process runs here: these tests drive the store and
-the publisher directly.
+the publisher (and a real Celery worker) directly.
 """
 
 from __future__ import annotations
@@ -12,18 +12,23 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import orjson
 import pytest
 import redis
+from celery import Celery
 
+from dashboard.feed import DashboardConfig, StatsFeed, redis_client
+from sidecar.celery_hooks import task_channel
 from sidecar.config import Settings
 from sidecar.core.protocol import Position, shard_of
 from sidecar.core.slots import balanced_tags, key_slot
 from sidecar.publish import Publisher
+from sidecar.stats import RECORD_FIELD
 from sidecar.store import PublishNotConfirmed, Store, connect
 from tests.cluster import ClusterNode, RedisClusterNodes
-from tests.processes import EmbeddedRedis
+from tests.processes import EmbeddedRedis, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +125,18 @@ def test_compaction_state_channels_and_policy_work_on_a_cluster(store: Store, pu
     assert store.read_policy() == (2, None, 13.0)
 
 
+def test_the_dashboard_reads_the_stats_stream_from_the_cluster(cluster_url: str, store: Store) -> None:
+    now = time.time()
+    record = {"v": 1, "replica": "r1", "ts": now, "dt": 1.0}
+    store.redis.xadd(store.stats_key, {RECORD_FIELD: orjson.dumps(record)})
+    config = DashboardConfig.from_env({"REDIS_URL": cluster_url})
+    client = redis_client(config)
+    assert isinstance(client, redis.RedisCluster)
+    feed = StatsFeed(client, config.stats_key)
+    assert feed.poll(now) == 1 and feed.error is None
+    client.close()
+
+
 def test_a_batch_across_shards_reaches_all_three_masters_in_one_pipeline_each(
     redis_cluster: RedisClusterNodes, store: Store, publisher: Publisher
 ) -> None:
@@ -144,6 +161,28 @@ def test_a_batch_across_shards_reaches_all_three_masters_in_one_pipeline_each(
     for channel in channels:
         assert [m.seq for m in store.history(channel)] == [1, 2, 3]
         assert store.snapshot(channel).state == {"r0": 0, "r1": 1, "r2": 2}  # type: ignore[union-attr]
+
+
+def test_a_celery_task_lifecycle_publishes_to_the_cluster(
+    cluster_url: str,
+    store: Store,
+    redis_server: EmbeddedRedis,
+    celery_client: Celery,
+    celery_worker: Callable[..., WorkerProcess],
+) -> None:
+    celery_worker(cluster_url, CELERY_BROKER_URL=redis_server.url)  # the broker stays a plain Redis
+    result = celery_client.send_task("tasks.jobs.report", kwargs={"user_id": 7, "steps": 2, "delay": 0.01})
+    assert result.get(timeout=20)["rows"] == 200
+    channel = task_channel(result.id)
+    deadline = time.monotonic() + 10
+    while (snap := store.snapshot(channel)) is None or snap.state.get("status") != "SUCCESS":
+        assert time.monotonic() < deadline, snap
+        time.sleep(0.05)
+    assert snap.state["result"]["rows"] == 200 and snap.state["progress"]["current"] == 2
+    history = store.history(channel)
+    assert [m.event for m in history] == ["task-started", "task-progress", "task-progress", "task-succeeded"]
+    assert [m.seq for m in history] == [1, 2, 3, 4]
+    assert [m.event for m in store.history("user:7")] == ["job-finished"]  # the task's realtime_channels
 
 
 def wait_forgotten(cluster: RedisClusterNodes, old: ClusterNode, timeout: float = 15.0) -> None:
