@@ -28,7 +28,7 @@ from sidecar.publish import Publisher
 from sidecar.stats import RECORD_FIELD
 from sidecar.store import PublishNotConfirmed, Store, connect
 from tests.cluster import ClusterNode, RedisClusterNodes
-from tests.processes import EmbeddedRedis, WorkerProcess
+from tests.processes import EmbeddedRedis, WorkerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +76,9 @@ def test_a_cluster_url_and_a_plain_url_of_a_cluster_node_both_give_a_cluster_cli
     single = connect(redis_server.url, SETTINGS)
     assert type(single) is redis.Redis
     single.close()
+    down = connect(f"redis://127.0.0.1:{free_port()}/0", SETTINGS)  # a relay may start before its Redis
+    assert type(down) is redis.Redis
+    down.close()
 
 
 def test_publishes_on_every_shard_read_back_as_on_one_node(
@@ -231,6 +234,29 @@ def test_publishing_through_a_master_failover_fails_clearly_then_works_without_a
             snaps.append(reads.snapshot(hit))
     assert snaps and snaps[-1].seq == 6  # type: ignore[union-attr]
     reads.redis.close()
+
+
+def test_a_publish_whose_reply_is_lost_is_reported_unknown_and_never_sent_twice(
+    redis_cluster: RedisClusterNodes, cluster_url: str
+) -> None:
+    settings = SETTINGS.replace(redis_socket_timeout=0.5)
+    store = Store(connect(cluster_url, settings), settings)
+    publisher = Publisher(store)
+    channel = channel_in_shard(2, "stuck")
+    publisher.event(channel, "first")
+    stuck = redis_cluster.master_for_slot(slot_of_shard(2))
+    stuck.pause()  # SIGSTOP: the socket stays open, the script is sent, no reply comes (well under the failover)
+    try:
+        with pytest.raises(PublishNotConfirmed) as failed:
+            publisher.event(channel, "second")
+    finally:
+        stuck.resume()
+    assert failed.value.unknown == [channel] and failed.value.not_sent == []
+    assert "may or may not be published" in str(failed.value)
+    # The paused node ran what it had received once it woke up: the publish happened, once.
+    assert publisher.event(channel, "third").seq == 3
+    assert [(m.seq, m.event) for m in store.history(channel)] == [(1, "first"), (2, "second"), (3, "third")]
+    store.redis.close()
 
 
 def migrate_slot(cluster: RedisClusterNodes, slot: int, target: ClusterNode, pause: float) -> int:
