@@ -46,6 +46,7 @@ from sidecar.config import Settings
 from sidecar.core.breaker import CLOSED, Breaker
 from sidecar.core.protocol import validate_channel
 from sidecar.publish import Published, Publisher, PublishError
+from sidecar.store import PublishNotConfirmed
 
 __all__ = ["INFRASTRUCTURE_MESSAGE", "enable_realtime", "progress", "publisher", "task_channel"]
 
@@ -457,9 +458,11 @@ def _redis_address(pub: Publisher) -> str:
 
 
 def _explain(exc: BaseException) -> str:
-    # redis-py 8's repr() of its errors is only "network:TimeoutError": name the class and say the message.
+    # redis-py 8's repr() of its errors is only "network:TimeoutError": name the class and say the message. A
+    # batch the store could not confirm is named by what cut it (its message says which channels it left unsure).
+    kind = type(exc.__cause__ if isinstance(exc, PublishNotConfirmed) and exc.__cause__ else exc).__name__
     text = _safe_str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{kind}: {text}" if text else kind
 
 
 def _business_channels(task: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:

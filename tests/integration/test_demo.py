@@ -105,8 +105,12 @@ def test_the_demo_honours_sidecar_port_resets_the_last_policy_and_stops_in_depen
 
         job = requests.post(f"{base}/demo/jobs/report", timeout=5).json()
         pub = Publisher.from_url(url)
-        wait_for(lambda: ((pub.snapshot(job["channel"]) or Publisher).state or {}).get("status") == "PROGRESS", 10,
-                 "the report to run")  # fmt: skip
+
+        def running() -> bool:
+            snap = pub.snapshot(job["channel"])  # None until the worker's first publish on the channel
+            return snap is not None and (snap.state or {}).get("status") == "PROGRESS"
+
+        wait_for(running, 10, "the report to run")
         assert demo.ctrl_c() == 0
     finally:
         demo.kill()
