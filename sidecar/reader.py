@@ -33,7 +33,7 @@ from typing import Any, cast
 
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import MovedError, RedisClusterException
+from redis.exceptions import AskError, MovedError, RedisClusterException
 
 from sidecar.config import Settings
 from sidecar.core.protocol import Message, stream_key
@@ -176,8 +176,11 @@ class Reader:
                 loop.address = (exc.host, int(exc.port))
                 log.info("shard stream %s moved to %s:%s", loop.keys[0], exc.host, exc.port)
                 continue
+            except AskError:  # the slot is being migrated and the stream has gone: MOVED follows shortly
+                time.sleep(0.05)
+                continue
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, RedisClusterException) as exc:
-                # ResponseError: CLUSTERDOWN, TRYAGAIN, ASK (a slot being migrated), LOADING; all pass.
+                # ResponseError: CLUSTERDOWN, TRYAGAIN, LOADING and the like; all pass.
                 kicked, loop.kicked = loop.kicked, False
                 self._drop(loop)
                 loop.address = None
@@ -189,7 +192,7 @@ class Reader:
                                 str(exc)[:200])  # fmt: skip
                 self.reconnects += 1
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 1.0)
                 self._refresh()
                 continue
             backoff = 0.05
