@@ -27,11 +27,10 @@ if __package__ in (None, ""):  # `panel serve dashboard/app.py` runs this file a
 import orjson  # noqa: E402
 import pandas as pd  # noqa: E402
 import panel as pn  # noqa: E402
-import redis  # noqa: E402
 from bokeh.models import ColumnDataSource, DataRange1d, HoverTool  # noqa: E402
 from bokeh.plotting import figure  # noqa: E402
 
-from .feed import DashboardConfig, StatsFeed  # noqa: E402
+from .feed import DashboardConfig, StatsFeed, redis_client  # noqa: E402
 from .policy import AdminAPI, PolicyView, read_policy, with_rule  # noqa: E402
 from .sources import LATENCY_BOUNDS_MS, Point, ReplicaRow, Window, bucket_labels  # noqa: E402
 
@@ -51,7 +50,7 @@ def shared_feed(config: DashboardConfig) -> StatsFeed:
     """One :class:`StatsFeed` per process and Redis, shared by every session."""
 
     def make() -> StatsFeed:
-        client = redis.Redis.from_url(config.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = redis_client(config, timeout=1.0)
         return StatsFeed(
             client, config.stats_key, span=max(config.window, max(WINDOWS.values())), stale_after=config.stale_after
         )

@@ -3,7 +3,7 @@
 Example::
 
     config = DashboardConfig.from_env()
-    feed = StatsFeed(redis.Redis.from_url(config.redis_url), config.stats_key)
+    feed = StatsFeed(redis_client(config), config.stats_key)
     feed.poll(time.time())          # then feed.window has the records of the last minutes
 """
 
@@ -15,10 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from sidecar.config import Settings
 from sidecar.embedded import recorded_url
+from sidecar.store import connect
 
 from .sources import Record, Window, parse_record
 
@@ -114,9 +113,14 @@ class DashboardConfig:
         )
 
 
+def redis_client(config: DashboardConfig, timeout: float = 5.0) -> Any:
+    """A client of the sidecar's Redis, one node or a cluster, made as the sidecar makes its own."""
+    return connect(config.redis_url, Settings(redis_url=config.redis_url, redis_socket_timeout=timeout, redis_pool=4))
+
+
 def recent_records(config: DashboardConfig, seconds: float = 600.0) -> list[Record]:
     """The records of the last ``seconds``, straight from Redis (for notebooks and scripts)."""
-    client = redis.Redis.from_url(config.redis_url, socket_timeout=5.0)
+    client = redis_client(config, timeout=5.0)
     try:
         return read_records(client, config.stats_key, since=time.time() - seconds)
     finally:

@@ -25,6 +25,7 @@ class Settings:
     # Redis layout
     key_prefix: str = "rt"
     shards: int = 16
+    shard_tags: str = "balanced"  # shards' hash tags: spread evenly over a cluster's slots; "bare": {0}..{n-1}
     live_len: int = 10_000  # entries kept in each shard's live stream
     history_len: int = 1_000  # entries kept in each channel's history stream
     history_ttl: int = 86_400  # seconds a channel's history survives without a publish

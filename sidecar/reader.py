@@ -214,7 +214,7 @@ class Reader:
             kwargs["host"], kwargs["port"] = loop.address or (node.host, node.port)
             connection_class: Any = cluster.get_redis_connection(node).connection_pool.connection_class
         else:
-            pool = self.redis.connection_pool
+            pool = cast(redis.Redis, self.redis).connection_pool
             kwargs, connection_class = dict(pool.connection_kwargs), pool.connection_class
         kwargs["socket_timeout"] = self.settings.redis_socket_timeout + self.settings.read_block_ms / 1000
         own = redis.ConnectionPool(connection_class=connection_class, max_connections=1, **kwargs)
@@ -359,7 +359,7 @@ class Reader:
         answer is left out (`strict`: raises)."""
         found: dict[str, tuple[str, int | None] | None] = {}
         if not self.cluster:
-            groups: list[tuple[redis.Redis, list[str]]] = [(self.watch_redis, keys)]
+            groups: list[tuple[redis.Redis, list[str]]] = [(cast(redis.Redis, self.watch_redis), keys)]
         else:
             cluster = cast(RedisCluster, self.watch_redis)
             by_node: dict[str, tuple[redis.Redis, list[str]]] = {}

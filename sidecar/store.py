@@ -1,13 +1,13 @@
 """The Redis side: key layout (every key name is made here), the publish script, snapshot and history reads.
 
-Layout for channel C in shard k (every key of one publish shares the hash tag `{k}`, so the script is valid on
-Redis Cluster):
-    <prefix>:{k}:live        the shard's live stream, read by every sidecar replica
-    <prefix>:{k}:n           the shard's publish counter: each live entry carries it as `n`, so a reader that
+Layout for channel C in shard k (every key of one publish shares the shard's hash tag `{t}`, so the script is
+valid on Redis Cluster; `t` is balanced_tags(shards)[k], or `k` itself with SIDECAR_SHARD_TAGS=bare):
+    <prefix>:{t}:live        the shard's live stream, read by every sidecar replica
+    <prefix>:{t}:n           the shard's publish counter: each live entry carries it as `n`, so a reader that
                              finds a jump in it knows that the stream was trimmed past it (or lost a tail)
-    <prefix>:{k}:h:C         C's history stream: the same entries with the same ids, bounded by length and TTL
-    <prefix>:{k}:m:C         C's meta hash: seq, epoch, id, ts, base (JSON state), gen, st (has state)
-    <prefix>:{k}:p:C         C's merge patches published since `base` was written, folded by compaction
+    <prefix>:{t}:h:C         C's history stream: the same entries with the same ids, bounded by length and TTL
+    <prefix>:{t}:m:C         C's meta hash: seq, epoch, id, ts, base (JSON state), gen, st (has state)
+    <prefix>:{t}:p:C         C's merge patches published since `base` was written, folded by compaction
     <prefix>:stats           replicas' per-second stats records
     <prefix>:throttle        the throttle policy set by ops
 The snapshot is `base` with the pending patches applied in order, folded in Python so JSON stays exact
@@ -16,19 +16,29 @@ The snapshot is `base` with the pending patches applied in order, folded in Pyth
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode
+from redis.exceptions import AskError, MovedError, NoScriptError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
 from sidecar.config import Settings
 from sidecar.core import merge
 from sidecar.core.protocol import Message, Position, ProtocolError, shard_of, stream_key
+from sidecar.core.slots import balanced_tags
+
+Client = redis.Redis | redis.RedisCluster
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+SHARD_TAGS = ("balanced", "bare")
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +86,31 @@ redis.call('EXPIRE', KEYS[3], ARGV[11])
 return {id, seq, epoch, pending}
 """
 
-# Fold the first ARGV[3] pending patches into base, unless a full-state publish replaced base meanwhile.
+# Fold the first ARGV[3] pending patches into base, unless a full-state publish replaced base meanwhile. The
+# LTRIM comes last: it may delete the list, and on a cluster a script that touches a missing key of a migrating
+# slot fails midway.
 COMPACT_SCRIPT = """
 if (redis.call('HGET', KEYS[1], 'gen') or '0') ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'base', ARGV[1])
+local size = #ARGV[1]
+for _, patch in ipairs(redis.call('LRANGE', KEYS[2], tonumber(ARGV[3]), -1)) do size = size + #patch end
+redis.call('HSET', KEYS[1], 'base', ARGV[1], 'sb', size)
 redis.call('HINCRBY', KEYS[1], 'gen', 1)
 redis.call('LTRIM', KEYS[2], tonumber(ARGV[3]), -1)
-local size = #ARGV[1]
-for _, patch in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do size = size + #patch end
-redis.call('HSET', KEYS[1], 'sb', size)
 return 1
+"""
+
+# A channel's meta and pending patches, read at one point (atomic). A script rather than MULTI, so that on a
+# cluster a read is one routed command: redis-py follows MOVED and ASK for it and refreshes its slot map after a
+# lost node, which it does not do for a transaction without retries.
+READ_SCRIPT = """
+return {redis.call('HMGET', KEYS[1], 'id', 'seq', 'epoch', 'base', 'st', 'gen'), redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
+
+# The throttle policy: `doc` set (ARGV[1] == '1') or removed, `at`, and the new version.
+POLICY_SCRIPT = """
+if ARGV[1] == '1' then redis.call('HSET', KEYS[1], 'doc', ARGV[2]) else redis.call('HDEL', KEYS[1], 'doc') end
+redis.call('HSET', KEYS[1], 'at', ARGV[3])
+return redis.call('HINCRBY', KEYS[1], 'v', 1)
 """
 
 
@@ -134,7 +159,15 @@ class CatchUp:
     snapshot: Snapshot
 
 
-def connect(url: str, settings: Settings, block_ms: int = 0) -> redis.Redis:
+def connect(url: str, settings: Settings, block_ms: int = 0) -> Client:
+    """The one way every part (relay, reader, publisher, dashboard) gets its Redis client.
+
+    `redis+cluster://h1:p1,h2:p2` (or `rediss+cluster://`) is a Redis Cluster known by seed nodes; a plain
+    `redis://` URL of a node whose INFO says cluster_enabled:1 is one too (one INFO round trip here; a node that
+    cannot be reached is taken as a single Redis, since most are)."""
+    scheme, _, rest = url.partition("://")
+    if scheme in CLUSTER_SCHEMES:
+        return _connect_cluster(CLUSTER_SCHEMES[scheme], rest, settings, block_ms)
     # redis-py's default socket timeout would cut a blocking XREAD: give blocking clients their block time.
     # No automatic retries: a publish script retried after a lost reply would run twice, and a request during
     # an outage should fail fast (503) rather than hang; callers that can retry (the reader) do it themselves.
@@ -151,22 +184,81 @@ def connect(url: str, settings: Settings, block_ms: int = 0) -> redis.Redis:
     )
     client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True
+    if scheme in ("redis", "rediss"):
+        try:
+            enabled = client.info("cluster").get("cluster_enabled")
+        except redis.RedisError:
+            enabled = 0
+        if enabled in (1, "1"):
+            client.close()
+            return _connect_cluster(scheme, rest, settings, block_ms)
     return client
+
+
+def _connect_cluster(scheme: str, rest: str, settings: Settings, block_ms: int) -> redis.RedisCluster:
+    # rest is [user:pass@]h1:p1,h2:p2[/db][?options]: the first seed with the options makes a URL redis-py
+    # parses (password, TLS), the others are more seeds. The same rules as connect(): no retries (MOVED and ASK
+    # are still followed: a redirected command did not run), a blocking pool per node, and a lost connection
+    # refreshes the topology, so the next command finds a promoted replica.
+    auth, _, hosts = rest.rpartition("@")
+    match = re.match(r"([^/?]*)(.*)", hosts)
+    seeds, tail = (match.group(1), match.group(2)) if match else (hosts, "")
+    nodes = [_seed(seed) for seed in seeds.split(",") if seed]
+    if not nodes:
+        raise ValueError("a Redis Cluster URL needs at least one host:port")
+    first = f"{scheme}://{auth + '@' if auth else ''}{nodes[0].host}:{nodes[0].port}{tail}"
+    return redis.RedisCluster(
+        url=first,
+        startup_nodes=nodes[1:],
+        retry=Retry(NoBackoff(), 0),
+        require_full_coverage=False,  # the other masters keep serving while one shard fails over
+        connection_pool_class=redis.BlockingConnectionPool,
+        max_connections=settings.redis_pool,
+        timeout=settings.redis_socket_timeout,
+        socket_timeout=settings.redis_socket_timeout + block_ms / 1000,
+        socket_connect_timeout=settings.redis_socket_timeout,
+    )
+
+
+def _seed(text: str) -> ClusterNode:
+    # host:port, host, [v6]:port or [v6]
+    host, colon, port = text.rpartition(":") if not text.endswith("]") else ("", "", "")
+    if not colon:
+        host, port = text, ""
+    return ClusterNode(host.strip("[]"), int(port or 6379))
+
+
+class PublishNotConfirmed(redis.ConnectionError):
+    """A batch's node was lost: `unknown` channels may or may not have been published (the reply was lost; a
+    publish is never sent twice), `not_sent` channels were not. The batch's other messages were published."""
+
+    def __init__(self, message: str, unknown: list[str], not_sent: list[str]) -> None:
+        super().__init__(message)
+        self.unknown = unknown
+        self.not_sent = not_sent
 
 
 class Store:
     """Every Redis read and write of the relay. Thread/greenlet safe (redis-py pools connections)."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: Client, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
         self.prefix = settings.key_prefix
+        self.cluster = client if isinstance(client, redis.RedisCluster) else None
+        if settings.shard_tags not in SHARD_TAGS:
+            raise ValueError(f"SIDECAR_SHARD_TAGS must be one of {', '.join(SHARD_TAGS)}, not {settings.shard_tags!r}")
+        # One layout on a cluster and a single node alike, so that publishers and relays always agree.
+        bare = settings.shard_tags == "bare"
+        self.tags = tuple(map(str, range(settings.shards))) if bare else balanced_tags(settings.shards)
         self._publish = client.register_script(PUBLISH_SCRIPT)
         self._compact = client.register_script(COMPACT_SCRIPT)
+        self._read = client.register_script(READ_SCRIPT)
+        self._policy = client.register_script(POLICY_SCRIPT)
 
     # -- key names ------------------------------------------------------------------------------------------
     def shard_tag(self, shard: int) -> str:
-        return f"{self.prefix}:{{{shard}}}"
+        return f"{self.prefix}:{{{self.tags[shard]}}}"
 
     def live_key(self, shard: int) -> str:
         return f"{self.shard_tag(shard)}:live"
@@ -194,14 +286,8 @@ class Store:
 
     def write_policy(self, doc: bytes | None, at: float) -> int:
         """Store a policy document (None: back to the settings) and return its version; replicas poll it."""
-        pipe = self.redis.pipeline(transaction=True)
-        if doc is None:
-            pipe.hdel(self.throttle_key, "doc")
-        else:
-            pipe.hset(self.throttle_key, "doc", doc)
-        pipe.hset(self.throttle_key, "at", repr(at))
-        pipe.hincrby(self.throttle_key, "v", 1)
-        return int(pipe.execute()[-1])
+        args: list[bytes | str] = ["0", b"", repr(at)] if doc is None else ["1", doc, repr(at)]
+        return int(self._policy(keys=[self.throttle_key], args=args))
 
     # -- writes ---------------------------------------------------------------------------------------------
     def publish_args(
@@ -219,12 +305,9 @@ class Store:
         """Run the publish script once per item, all in one round trip.
 
         A message that would take its channel's state past `max_state_bytes` is not published (the others
-        are): ProtocolError("state-too-large") once the whole batch has been sent."""
-        pipe = self.redis.pipeline(transaction=False)
-        for item in items:
-            keys, args = self.publish_args(*item)
-            self._publish(keys=keys, args=args, client=pipe)
-        replies = pipe.execute(raise_on_error=False)
+        are): ProtocolError("state-too-large") once the whole batch has been sent. On a cluster, one round
+        trip per master that owns some of the items; a lost master raises PublishNotConfirmed."""
+        replies = self._run_publishes([self.publish_args(*item) for item in items])
         published, refused = [], []
         for item, reply in zip(items, replies, strict=True):
             if isinstance(reply, Exception):
@@ -235,7 +318,10 @@ class Store:
             stream_id, seq, epoch, pending = reply
             channel = item[0]
             if pending > self.settings.compact_after:
-                self.compact(channel)
+                # Housekeeping: the message is published whatever happens here (an error would invite a retry,
+                # a double publish), and a failed compaction is tried again at the next publish.
+                with contextlib.suppress(redis.RedisError):
+                    self.compact(channel)
             published.append(Published(channel, stream_id.decode(), int(seq), epoch.decode()))
         if refused:
             raise ProtocolError(
@@ -254,20 +340,111 @@ class Store:
         if text.split()[-1] == "0":
             return None
         self.compact(item[0])
-        keys, args = self.publish_args(*item)
-        try:
-            return self._publish(keys=keys, args=args)
-        except redis.ResponseError as again:
-            if str(again).startswith("STATETOOLARGE"):
-                return None
-            raise
+        again = self._run_publishes([self.publish_args(*item)])[0]
+        if isinstance(again, redis.ResponseError) and str(again).startswith("STATETOOLARGE"):
+            return None
+        if isinstance(again, Exception):
+            raise again
+        return again
+
+    def _run_publishes(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """The publish script's reply (or error) for each call, in one plain pipeline per node owning some of
+        their slots (redis-py's cluster pipeline runs no scripts). A reply saying the script did not run (MOVED,
+        ASK, TRYAGAIN during a slot migration, NOSCRIPT) is sent again where the cluster says, within the socket
+        timeout. A connection lost after sending is never retried: the script may have run."""
+        replies: list[Any] = [None] * len(calls)
+        todo: dict[int, str] = dict.fromkeys(range(len(calls)), "")  # call -> the node an ASK sent it to
+        refused: set[str] = set()
+        unknown: list[int] = []
+        not_sent: list[int] = []
+        first_error: Exception | None = None
+        deadline = time.monotonic() + self.settings.redis_socket_timeout
+        while todo:
+            groups: dict[str, list[int]] = {}
+            for i, ask in todo.items():
+                groups.setdefault(ask or self._node_of(calls[i][0][0]), []).append(i)
+            again: dict[int, str] = {}
+            moved = busy = False
+            for name, indexes in groups.items():
+                client = self._node_client(name)
+                try:
+                    conn = client.connection_pool.get_connection()  # raises before anything is sent
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    if self.cluster is None or name in refused:
+                        not_sent.extend(indexes)
+                        first_error = first_error or exc
+                        continue
+                    refused.add(name)  # once more after a topology refresh: a replica may have taken over
+                    moved = True
+                    again.update(dict.fromkeys(indexes, ""))
+                    continue
+                pipe = client.pipeline(transaction=False)
+                pipe.connection = conn
+                for i in indexes:
+                    if todo[i]:
+                        pipe.execute_command("ASKING")
+                    keys, args = calls[i]
+                    pipe.evalsha(self._publish.sha, len(keys), *keys, *args)
+                try:
+                    out = iter(pipe.execute(raise_on_error=False))
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    unknown.extend(indexes)
+                    first_error = first_error or exc
+                    moved = True
+                    continue
+                for i in indexes:
+                    if todo[i]:
+                        next(out)  # ASKING's OK
+                    reply = next(out)
+                    if isinstance(reply, NoScriptError):
+                        client.script_load(PUBLISH_SCRIPT)
+                        again[i] = todo[i]
+                    elif isinstance(reply, MovedError | TryAgainError) and time.monotonic() < deadline:
+                        # Not run. MOVED: the slot has a new owner. TRYAGAIN: a multi-key script in a slot whose
+                        # keys are half migrated (it runs once the migration is over).
+                        again[i] = ""
+                        moved = moved or isinstance(reply, MovedError)
+                        busy = busy or isinstance(reply, TryAgainError)
+                    elif isinstance(reply, AskError) and time.monotonic() < deadline:
+                        again[i] = f"{reply.host}:{reply.port}"  # not run: the importing node takes it, once
+                    else:
+                        replies[i] = reply
+            if moved:
+                self._refresh()
+            if busy:
+                time.sleep(0.02)
+            todo = again
+        if unknown or not_sent:
+            lost = sorted({calls[i][1][0] for i in unknown})
+            unsent = sorted({calls[i][1][0] for i in not_sent})
+            text = [f"{', '.join(lost)}: may or may not be published (not retried: it could run twice)"] if lost else []
+            text += [f"{', '.join(unsent)}: not published (nothing was sent; safe to retry)"] if unsent else []
+            raise PublishNotConfirmed(f"{first_error}; {'; '.join(text)}", lost, unsent) from first_error
+        return replies
+
+    def _node_of(self, key: str) -> str:
+        return self.cluster.get_node_from_key(key).name if self.cluster is not None else ""
+
+    def _node_client(self, name: str) -> redis.Redis:
+        if self.cluster is None:
+            return cast("redis.Redis", self.redis)
+        node = self.cluster.get_node(node_name=name)
+        if node is None:  # an ASK to a node not seen yet
+            self._refresh()
+            node = self.cluster.get_node(node_name=name)
+        if node is None:
+            raise redis.ConnectionError(f"Redis Cluster node {name} is unknown")
+        return self.cluster.get_redis_connection(node)
+
+    def _refresh(self) -> None:
+        """Reload the cluster's slot map (after MOVED, or a lost master: its replica may have taken over)."""
+        if self.cluster is not None:
+            with contextlib.suppress(redis.RedisError, RedisClusterException):  # the next command tries again
+                self.cluster.nodes_manager.initialize()
 
     def compact(self, channel: str) -> None:
         k = self.keys(channel)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hmget(k.meta, "base", "gen")
-        pipe.lrange(k.patches, 0, -1)
-        (base, gen), patches = pipe.execute()
+        (*_, base, _, gen), patches = self._read(keys=[k.meta, k.patches])
         state = _fold(channel, base, patches)
         self._compact(keys=[k.meta, k.patches], args=[orjson.dumps(state), gen or b"0", len(patches)])
 
@@ -276,10 +453,7 @@ class Store:
         """The channel's current state and position; None if the channel has no meta (never published,
         expired, or lost with Redis' data)."""
         k = self.keys(channel)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hmget(k.meta, "id", "seq", "epoch", "base", "st")
-        pipe.lrange(k.patches, 0, -1)
-        (stream_id, seq, epoch, base, has_state), patches = pipe.execute()
+        (stream_id, seq, epoch, base, has_state, _), patches = self._read(keys=[k.meta, k.patches])
         if epoch is None:
             return None
         if stream_id is None:  # a meta hash without a publish cannot happen; be safe

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from celery import Celery
 
+from tests.cluster import RedisClusterNodes
 from tests.processes import EmbeddedRedis
 
 
@@ -30,3 +32,19 @@ def celery_client(redis_server: EmbeddedRedis) -> Iterator[Celery]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
+    """A real Redis Cluster (tests/cluster.py): 3 masters with a replica each, every node stopped by its pid."""
+    nodes = RedisClusterNodes(tmp_path / "cluster")
+    try:
+        yield nodes.start()
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisClusterNodes) -> str:
+    """``redis+cluster://`` with the masters as seed nodes: what a deployment sets REDIS_URL to."""
+    return "redis+cluster://" + ",".join(n.addr for n in redis_cluster.masters())
