@@ -367,7 +367,8 @@ class StatsCollector(Collector):
 
     Names (docs/dashboard.md): ``sidecar_<counter>_total{pattern}`` for every key of :data:`COUNTERS`,
     ``sidecar_subscribers{pattern}``, ``sidecar_connections{transport}``, the
-    ``sidecar_delivery_latency_seconds`` histogram, and per shard ``sidecar_reader_position_timestamp_seconds``.
+    ``sidecar_delivery_latency_seconds`` histogram, and per shard ``sidecar_reader_position_timestamp_seconds``,
+    ``sidecar_reader_lag_seconds``, ``sidecar_reader_idle_seconds`` and ``sidecar_reader_stuck``.
     """
 
     def __init__(self, stats: Stats) -> None:
