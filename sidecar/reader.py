@@ -113,7 +113,8 @@ class Reader:
         keys = store.live_keys()
         self.loops = [Loop([key]) for key in keys] if self.cluster else [Loop(keys)]
         self.loop_of = {key: loop for loop in self.loops for key in loop.keys}
-        self.thread: threading.Thread | None = None  # the watchdog
+        self.thread: threading.Thread | None = None  # the first loop (on one node, the only one)
+        self.watchdog: threading.Thread | None = None
 
     def start(self) -> None:
         """Start from the current end of every shard, then read in the background."""
@@ -125,15 +126,16 @@ class Reader:
         for i, loop in enumerate(self.loops):
             loop.thread = threading.Thread(target=self._run, args=(loop,), name=f"sidecar-reader-{i}", daemon=True)
             loop.thread.start()
-        self.thread = threading.Thread(target=self._watch, name="sidecar-reader-watchdog", daemon=True)
-        self.thread.start()
+        self.thread = self.loops[0].thread
+        self.watchdog = threading.Thread(target=self._watch, name="sidecar-reader-watchdog", daemon=True)
+        self.watchdog.start()
 
     def stop(self) -> None:
         self.running = False
 
     @property
     def alive(self) -> bool:
-        threads = [loop.thread for loop in self.loops] + [self.thread]
+        threads = [loop.thread for loop in self.loops] + [self.watchdog]
         return self.running and all(t is not None and t.is_alive() for t in threads)
 
     @property
