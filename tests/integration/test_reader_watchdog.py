@@ -1,4 +1,5 @@
-"""The reader's watchdog on one Redis node: a reader whose connection goes deaf is found and reconnected.
+"""The reader's watchdog on one Redis node: a reader whose connection goes deaf is found and reconnected, and a
+Redis that lost what the reader read has the shard's clients resynchronised at once.
 
 A deaf connection is made for real: the sidecar reaches Redis through a loopback TCP relay that, once told to,
 stops passing replies to the connections whose last command was a blocking XREAD (the reader's), while every
@@ -128,5 +129,30 @@ def test_a_deaf_reader_turns_healthz_unready_within_the_stall_bound_and_recovers
         time.sleep(0.1)
     metrics = requests.get(sidecar.url + "/metrics", timeout=5).text
     assert "sidecar_reader_watchdog_reconnects_total 1.0" in metrics.splitlines()
+    pub.close()
+    ws.close()
+
+
+def test_a_redis_that_lost_its_data_resyncs_live_clients_without_waiting_for_a_publish(redis_server, sidecar_process):
+    sidecar = sidecar_process(redis_server.url)
+    pub = Publisher.from_url(redis_server.url)
+    ws = WSClient(sidecar.ws_url)
+    ws.subscribe("lost:1")
+    ws.wait(lambda f: ws.of_type("subscribed"))
+    for i in range(3):
+        pub.diff("lost:1", "tick", {"i": i})
+    ws.wait(lambda f: len(ws.messages()) == 3)
+    redis_server.kill()
+    for path in redis_server.data_dir.iterdir():  # its AOF and snapshot: the restarted Redis is empty
+        if path.is_file() and (path.suffix in (".aof", ".rdb") or path.name.startswith("appendonly")):
+            path.unlink()
+    redis_server.start()
+    # The stream's head is now behind what the reader read: the watchdog resyncs the shard's subscribers.
+    ws.wait(lambda f: ws.of_type("reset"), timeout=15)
+    reset = ws.of_type("reset")[0]
+    assert (reset["channel"], reset["seq"], reset["reason"]) == ("lost:1", 0, "gap")
+    pub.diff("lost:1", "tick", {"i": 3})
+    ws.wait(lambda f: ws.messages()[-1]["diff"] == {"i": 3})
+    assert ws.messages()[-1]["seq"] == 1 and len(ws.of_type("reset")) + len(ws.of_type("snapshot")) == 1
     pub.close()
     ws.close()
