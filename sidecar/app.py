@@ -157,10 +157,14 @@ def metrics() -> Response:
 def healthz() -> Response:
     relay = relay_of()
     ok = relay.healthy()
+    # Per shard: lag_ms is head id time - position id time, idle_s the seconds since its loop's last reply.
+    shards = [{"shard": g.shard, "lag_ms": g.lag_ms, "idle_s": g.idle, "stuck": g.stuck} for g in relay.reader.lags()]
     body = {
         "ok": ok,
         "reader": relay.reader.alive and relay.reader.healthy,
+        "stuck": [s["shard"] for s in shards if s["stuck"]],
         "connections": len(relay.hub.connections),
+        "shards": shards,
     }
     return Response(orjson.dumps(body), status=200 if ok else 503, mimetype="application/json")
 

@@ -39,6 +39,7 @@ class Settings:
     # Reader
     read_block_ms: int = 1_000
     read_count: int = 1_000
+    reader_stall: float = 5.0  # seconds a shard's stream may move on while its reader reads none of it
 
     # Connections
     keepalive: float = 15.0  # seconds between SSE comments / WebSocket pings on an idle socket

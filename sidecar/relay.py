@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
+
 from sidecar.config import Settings
 from sidecar.control import Control, policy_from_settings
 from sidecar.core.connection import Connection, Subscription
@@ -20,6 +22,8 @@ from sidecar.stats import Stats
 from sidecar.store import Store, connect
 
 log = logging.getLogger(__name__)
+
+RESYNC_ATTEMPTS = 4  # reads of a resync's snapshot before its error reaches the connection (0.2 + 0.4 + 0.6 s)
 
 
 class Relay:
@@ -51,6 +55,10 @@ class Relay:
     def healthy(self) -> bool:
         if not self.reader.alive or not self.reader.healthy:
             return False
+        if self.reader.cluster:
+            # No PING: redis-py sends it to every node, and a paused one would hold /healthz for the socket timeout.
+            # The reader's watchdog reads every master each second (1 s timeouts): a lost shard makes it unhealthy.
+            return True
         try:
             return bool(self.store.redis.ping())
         except Exception:
@@ -81,12 +89,24 @@ class Relay:
                 continue
             self.hub.hold(sub)  # register first, then read: what arrives during the read is kept
             try:
-                sync = self.read(channel, None)
+                sync = self._read_retrying(channel)
             except BaseException:
                 conn.resync.add(channel)  # still owed (hold() took the request)
                 raise
             sync.resumed = sync.gap = sync.resync = True
             self.hub.start(sub, sync)
+
+    def _read_retrying(self, channel: str) -> Sync:
+        """A resync's read, tried again after a lost connection: a resync often follows a failover, and on a
+        cluster the first command to a lost master is the one that makes redis-py refresh its slot map."""
+        for attempt in range(RESYNC_ATTEMPTS):
+            try:
+                return self.read(channel, None)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if attempt == RESYNC_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _dispatch_failed(self, msg: Message | None, exc: Exception) -> None:
         """Log a message the hub skipped, once per cause (a bad message may come by the thousand); the hub
@@ -111,6 +131,9 @@ class Relay:
         """The reader found that messages of `shard` were lost before it read them: snapshot/reset every local
         subscriber of the shard's channels, whether or not they publish again."""
         for channel in [c for c in self.hub.channels if shard_of(c, self.settings.shards) == shard]:
+            # Forget the channel's last message: after a lost tail (a lossy failover) the next one follows on
+            # from what Redis kept, with a lower seq, and must not count as one more hole (a second resync).
+            self.hub.channels[channel].epoch = ""
             self.hub.resync(channel)
 
     def read(self, channel: str, since: Position | None) -> Sync:

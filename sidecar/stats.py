@@ -367,7 +367,8 @@ class StatsCollector(Collector):
 
     Names (docs/dashboard.md): ``sidecar_<counter>_total{pattern}`` for every key of :data:`COUNTERS`,
     ``sidecar_subscribers{pattern}``, ``sidecar_connections{transport}``, the
-    ``sidecar_delivery_latency_seconds`` histogram, and per shard ``sidecar_reader_position_timestamp_seconds``.
+    ``sidecar_delivery_latency_seconds`` histogram, and per shard ``sidecar_reader_position_timestamp_seconds``,
+    ``sidecar_reader_lag_seconds``, ``sidecar_reader_idle_seconds`` and ``sidecar_reader_stuck``.
     """
 
     def __init__(self, stats: Stats) -> None:
@@ -402,6 +403,10 @@ class StatsCollector(Collector):
              hub.frames_encoded),
             (gauge, "sidecar_reader_healthy", "1 while the shard reader reads.", int(reader.alive and reader.healthy)),
             (counter, "sidecar_reader_reconnects", "Reader reconnects to Redis.", reader.reconnects),
+            (counter, "sidecar_reader_watchdog_reconnects", "Reader connections the watchdog closed because their "
+             "shard's stream moved on while they read nothing.", reader.kicks),
+            (counter, "sidecar_reader_lost_tails", "Times a shard's stream lost entries the reader had read (a lossy "
+             "failover); its subscribers were resynchronised.", reader.lost_tails),
             (counter, "sidecar_dispatch_errors", "Messages skipped because they could not be dispatched (their "
              "subscribers were resynchronised).", hub.dispatch_errors),
             (gauge, "sidecar_pokes_pending", "Pokes waiting to be sent.", stats.gauges["pokes_pending"]),
@@ -418,6 +423,17 @@ class StatsCollector(Collector):
             last = reader.last_ids.get(key, "0-0")
             position.add_metric([str(shard)], int(last.partition("-")[0] or 0) / 1000)
         yield position
+        lag = GaugeMetricFamily("sidecar_reader_lag_seconds", "Time between the newest entry of each shard's stream "
+                                "and the last one the reader took.", labels=["shard"])  # fmt: skip
+        idle = GaugeMetricFamily("sidecar_reader_idle_seconds", "Seconds since each shard's reader loop last got a "
+                                 "reply from Redis.", labels=["shard"])  # fmt: skip
+        stuck = GaugeMetricFamily("sidecar_reader_stuck", "1 while a shard's reader is stuck (/healthz is not ready).",
+                                  labels=["shard"])  # fmt: skip
+        for g in reader.lags():
+            lag.add_metric([str(g.shard)], g.lag_ms / 1000)
+            idle.add_metric([str(g.shard)], g.idle)
+            stuck.add_metric([str(g.shard)], int(g.stuck))
+        yield from (lag, idle, stuck)
         cumulative, buckets = 0, []
         for bound, n in zip(stats.latency.bounds, stats.latency.counts):
             cumulative += n

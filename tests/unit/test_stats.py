@@ -14,6 +14,7 @@ from sidecar.core.connection import SSE, WS, Connection
 from sidecar.core.hub import Hub, Sync
 from sidecar.core.protocol import Message, Position
 from sidecar.core.throttle import Policy, Throttle
+from sidecar.reader import Lag
 from sidecar.stats import (
     CONTENT_TYPE_LATEST,
     LATENCY_BOUNDS_MS,
@@ -47,7 +48,7 @@ SHARDS = ["rt:{0}:live", "rt:{1}:live"]
 
 def fake_relay(settings: Settings) -> SimpleNamespace:
     reader = SimpleNamespace(read_by_channel={}, messages_read=0, alive=True, healthy=True, reconnects=0,
-                             last_ids=dict.fromkeys(SHARDS, "0-0"))  # fmt: skip
+                             last_ids=dict.fromkeys(SHARDS, "0-0"), kicks=0, lost_tails=0, lags=list)  # fmt: skip
     store, control = SimpleNamespace(live_keys=lambda: SHARDS), SimpleNamespace(stuck_closed=0)
     throttle = Throttle(Policy(), lambda: T0)
     return SimpleNamespace(settings=settings, hub=Hub(), reader=reader, throttle=throttle, store=store, control=control)
@@ -221,6 +222,8 @@ def test_the_exposition_parses_with_counters_gauges_and_a_cumulative_histogram(r
     stats.count("rejected", "task:9")
     relay.reader.last_ids[SHARDS[1]] = "1800000000123-4"
     relay.reader.reconnects = 2
+    relay.reader.kicks = 1
+    relay.reader.lags = lambda: [Lag(0, 0, 0.5, False), Lag(1, 1500, 6.25, True)]
     got = families(stats)
     pattern = (("pattern", "orders:*"),)
     assert got["sidecar_published"][("sidecar_published_total", pattern)] == 2
@@ -239,6 +242,16 @@ def test_the_exposition_parses_with_counters_gauges_and_a_cumulative_histogram(r
     assert got["sidecar_reader_position_timestamp_seconds"] == {
         ("sidecar_reader_position_timestamp_seconds", (("shard", "0"),)): 0,
         ("sidecar_reader_position_timestamp_seconds", (("shard", "1"),)): 1_800_000_000.123,
+    }
+    assert got["sidecar_reader_watchdog_reconnects"] == {("sidecar_reader_watchdog_reconnects_total", ()): 1}
+    assert got["sidecar_reader_lag_seconds"] == {
+        ("sidecar_reader_lag_seconds", (("shard", "0"),)): 0,
+        ("sidecar_reader_lag_seconds", (("shard", "1"),)): 1.5,
+    }
+    assert got["sidecar_reader_idle_seconds"][("sidecar_reader_idle_seconds", (("shard", "1"),))] == 6.25
+    assert got["sidecar_reader_stuck"] == {
+        ("sidecar_reader_stuck", (("shard", "0"),)): 0,
+        ("sidecar_reader_stuck", (("shard", "1"),)): 1,
     }
     latency = got["sidecar_delivery_latency_seconds"]
     buckets = {dict(labels)["le"]: v for (name, labels), v in latency.items() if name.endswith("_bucket")}
