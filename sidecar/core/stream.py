@@ -183,8 +183,8 @@ class Tracker:
             return []
         if body["type"] == "message":
             return self._message(ch, body)
-        if body["epoch"] == ch.epoch and stream_key(body["id"]) < stream_key(ch.id):
-            return []  # older than what we hold
+        if body["epoch"] == ch.epoch and stream_key(body["id"]) < stream_key(ch.id) and "reason" not in body:
+            return []  # older than what we hold (one with a reason is the server's word that it lost some)
         if body["type"] == "subscribed":
             if "state" not in body:
                 ch.id, ch.epoch, ch.seq = body["id"], body["epoch"], body["seq"]

@@ -327,7 +327,8 @@ export class ChannelTracker {
 
   frame(f) {
     if (f.type === "message") return this._message(f);
-    if (this.id !== null && f.epoch === this.epoch && compareIds(f.id, this.id) < 0) return []; // older
+    // Older than what we hold: dropped, unless it has a reason (the server's word that it lost some: a failover).
+    if (this.id !== null && f.epoch === this.epoch && compareIds(f.id, this.id) < 0 && !("reason" in f)) return [];
     if (f.type === "subscribed") {
       if (!("state" in f)) {
         this._place(f);
