@@ -201,10 +201,12 @@ class RedisClusterNodes:
 
         self._wait(ok, timeout, "cluster_state:ok")
 
-    def wait_promoted(self, old_master: ClusterNode, timeout: float = 30.0) -> ClusterNode:
-        """After `old_master` died or was paused: until no slot range names it, then the new owner."""
+    def wait_promoted(self, old_master: ClusterNode, timeout: float = 30.0, slot: int | None = None) -> ClusterNode:
+        """After `old_master` died or was paused (or was taken over): until no slot range names it, then the
+        owner of `slot` (default: the first slot it owned when called; give `slot` when the takeover may
+        already have happened by then)."""
         old = old_master.addr
-        owned = [(first, last) for first, last, n in self.slot_ranges() if n == old]
+        owned = [first for first, _, n in self.slot_ranges() if n == old]
 
         def moved() -> bool:
             try:
@@ -213,8 +215,9 @@ class RedisClusterNodes:
                 return False
 
         self._wait(moved, timeout, f"a replica of {old} to take over")
-        first = owned[0][0] if owned else 0
-        return self.master_for_slot(first)
+        if slot is None and not owned:
+            raise RuntimeError(f"{old} owned no slot when wait_promoted was called: give the slot to look up")
+        return self.master_for_slot(slot if slot is not None else owned[0])
 
     def _known(self, node: ClusterNode) -> int:
         with node.client() as c:
