@@ -58,9 +58,10 @@ def publish_at(url: str, rate: float, seconds: float, stop: threading.Event) -> 
     return sent
 
 
-def measure(ctx: Context, replicas: int, rate: float, seconds: float) -> dict:
+def measure(ctx: Context, replicas: int, rate: float, seconds: float, linger_ms: float = 0.0) -> dict:
     with ctx.redis(f"readers-{replicas}-{int(rate)}") as server:
-        sidecars = [SidecarProcess(server.url, ctx.log_dir) for _ in range(replicas)]
+        env = {"SIDECAR_READ_LINGER_MS": linger_ms}
+        sidecars = [SidecarProcess(server.url, ctx.log_dir, env) for _ in range(replicas)]
         try:
             client = redis.Redis.from_url(server.url)
             time.sleep(1.0)  # readers settled in their blocking reads
@@ -84,6 +85,7 @@ def measure(ctx: Context, replicas: int, rate: float, seconds: float) -> dict:
         "scenario": "readers",
         "replicas": replicas,
         "rate": rate,
+        "linger_ms": linger_ms,
         "achieved": round(sent / seconds),  # the model uses what was published, not what was asked for
         "published": sent,
         "redis_cpu": round(used / wall, 4),  # CPU seconds per second (1.0 = one core)
@@ -122,4 +124,11 @@ def run(ctx: Context) -> list[dict]:
                   f"{record['xread_per_s']} XREAD/s ({record['entries_per_xread']} entries each), "
                   f"each sidecar {record['sidecar_cpu']:.3f} core", flush=True)  # fmt: skip
             records.append(record)
-    return [*records, fit(records)]
+    model = fit(records)
+    for linger in (1.0, 2.0, 5.0):  # the read linger (SIDECAR_READ_LINGER_MS) against the 0 ms row above
+        record = measure(ctx, 2, 2000.0, seconds, linger)
+        print(f"  2 replicas at 2000/s, linger {linger:g} ms: Redis {record['redis_cpu']:.3f} core, "
+              f"{record['xread_per_s']} XREAD/s ({record['entries_per_xread']} entries each), "
+              f"each sidecar {record['sidecar_cpu']:.3f} core", flush=True)  # fmt: skip
+        records.append(record)
+    return [*records, model]

@@ -39,6 +39,7 @@ class Settings:
     # Reader
     read_block_ms: int = 1_000
     read_count: int = 1_000
+    read_linger_ms: float = 0.0  # after a read that brought entries, wait this long before the next; 0: read at once
     reader_stall: float = 5.0  # seconds a shard's stream may move on while its reader reads none of it
 
     # Connections

@@ -202,9 +202,15 @@ class Reader:
             now = self.clock()
             for key in loop.keys:
                 self.replied_at[key] = now
+            read = 0
             for stream, entries in replies or ():
                 if entries:
                     self._read(stream.decode(), entries)
+                    read = max(read, len(entries))
+            if read and read < self.settings.read_count and self.settings.read_linger_ms:
+                # Let entries gather: a blocking read returns with the first one, so without a linger each replica
+                # makes about one call per publish, and both Redis and the relay pay per call (docs/scaling.md).
+                time.sleep(self.settings.read_linger_ms / 1000)
 
     def _client(self, loop: Loop) -> redis.Redis:
         """A client with one connection of its own (the watchdog may close it), to the node that has the loop's
