@@ -138,13 +138,16 @@ class Session:
     """One connection's deadlines (keepalive, auth, token expiry), its writes and, for a WebSocket, its client
     frames: auth, subscribe (rate-limited), unsubscribe, ping."""
 
+    __slots__ = ("conn", "hub", "limits", "grant", "auth_deadline", "subscribes", "keepalive", "idle")  # memory
+
     def __init__(self, conn: Connection, hub: Hub, limits: Limits, grant: Grant | None, now: float) -> None:
         self.conn = conn
         self.hub = hub
         self.limits = limits
         self.grant = grant  # None until an auth frame brings a valid token (WebSocket only)
         self.auth_deadline = now + limits.auth_timeout
-        self.subscribes = TokenBucket(limits.subscribe_rate, limits.subscribe_burst, now)
+        # Made at the first subscribe (an SSE stream never has one): a full bucket then is the same bucket.
+        self.subscribes: TokenBucket | None = None
         self.keepalive = SSE_KEEPALIVE if conn.transport == SSE else WS_PING
         self.idle = False  # the last wait ran to its deadline: a keepalive is due if nothing else is written
 
@@ -234,6 +237,8 @@ class Session:
         self.conn.push(ws_text_frame(dumps(body)))
 
     def _subscribe(self, frame: dict, now: float) -> Subscribe:
+        if self.subscribes is None:
+            self.subscribes = TokenBucket(self.limits.subscribe_rate, self.limits.subscribe_burst, now)
         wait = self.subscribes.take(now)
         if wait:
             raise ProtocolError("rate-limited", f"too many subscribes; retry in {wait:.2f} s")
