@@ -23,31 +23,28 @@ from werkzeug.wsgi import get_input_stream
 
 from sidecar.auth import Auth, AuthError, Grant, bearer, presented_token
 from sidecar.config import Settings
-from sidecar.control import aborter, busy
+from sidecar.control import busy
 from sidecar.core.connection import SSE
 from sidecar.core.protocol import (
-    SSE_KEEPALIVE,
     ProtocolError,
     dumps,
+    error_body,
     loads_exact,
-    parse_cursor,
+    publish_fields,
     sse_frame,
     sse_id_line,
     sse_retry,
     validate_channel,
-    validate_mode,
 )
+from sidecar.core.session import Close, Session, Wait, Write, sse_request
 from sidecar.publish import Publisher, PublishError
 from sidecar.relay import Relay
 from sidecar.stats import CONTENT_TYPE_LATEST, exposition
-from sidecar.writer import Direct, drop_read_buffer, request_socket, writer
+from sidecar.writer import Sink, drop_read_buffer, request_socket, writer
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 api = Blueprint("api", __name__)
-
-PUBLISH_KINDS = {"event": None, "diff": "changes", "state": "state", "poke": None}
-
 
 def create_app(settings: Settings, relay: Relay | None = None) -> Flask:
     app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
@@ -82,8 +79,7 @@ def settings_of() -> Settings:
 
 
 def error(status: int, code: str, message: str, **headers: str) -> Response:
-    body = orjson.dumps({"error": code, "message": message})
-    return Response(body, status=status, mimetype="application/json", headers=headers)
+    return Response(error_body(code, message), status=status, mimetype="application/json", headers=headers)
 
 
 def read_body() -> bytes | None:
@@ -137,9 +133,6 @@ def request_grant() -> Grant:
     return current_app.extensions["auth"].grant(token)
 
 
-TOKEN_EXPIRED = orjson.dumps({"type": "error", "code": "token-expired", "message": "reconnect with a fresh token"})
-
-
 def _redis_down(exc: redis.RedisError) -> Response:
     log.warning("Redis unavailable: %s", type(exc).__name__)
     return error(503, "unavailable", "the relay cannot reach its store; retry shortly", **{"Retry-After": "1"})
@@ -174,15 +167,11 @@ def sse() -> Response:
     """Server-Sent Events: `?channel=a&channel=b&mode=diff`, resumed by `Last-Event-ID` (or `last_event_id`)."""
     settings, relay = settings_of(), relay_of()
     grant = request_grant()
-    channels = sorted({validate_channel(c) for c in request.args.getlist("channel")})
-    if not channels:
-        raise ProtocolError("no-channel", "give at least one ?channel=")
-    if len(channels) > settings.max_channels:
-        raise ProtocolError("too-many-channels", f"at most {settings.max_channels} channels per connection")
-    mode = validate_mode(request.args.get("mode", "diff"))
-    Auth.authorize(grant, channels)  # all or nothing: 403 if any channel is outside the grant
     cursor = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-    positions = parse_cursor(cursor, channels) if cursor else {}
+    channels, mode, positions = sse_request(
+        request.args.getlist("channel"), request.args.get("mode", "diff"), cursor, settings.max_channels,
+        lambda names: Auth.authorize(grant, names),  # all or nothing: 403 if any channel is outside the grant
+    )  # fmt: skip
 
     retry = relay.control.admit(channels)  # before any Redis read: a refused client costs next to nothing
     if retry is not None:
@@ -190,7 +179,7 @@ def sse() -> Response:
         return Response(body, status=503, mimetype="application/json", headers={"Retry-After": after})
     wakeup = threading.Event()
     conn = relay.connection(SSE, wakeup.set)
-    conn.abort = aborter(request.environ)
+    client = request_socket(request.environ)  # take it before drop_read_buffer
     try:
         relay.subscribe(conn, channels, mode, positions)
     except BaseException:
@@ -199,53 +188,52 @@ def sse() -> Response:
     ready = orjson.dumps({"type": "ready", "channels": channels, "mode": mode})
     conn.push(sse_id_line(conn.cursor()) + sse_frame("ready", ready))
     retry_ms = int(settings.sse_retry_ms * random.uniform(1.0, 2.0))  # jittered: no synchronized reconnects
-
-    client = request_socket(request.environ) if request.method == "GET" else None
+    session = Session(conn, relay.hub, settings, grant, time.time())
+    direct = request.method == "GET"  # a HEAD's body is not written
     drop_read_buffer(request.environ)  # 8 KB per stream, never read again
     chunked = request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"  # both gevent.pywsgi and gunicorn chunk then
 
     def stream() -> Iterator[bytes]:
-        direct: Direct | None = None
-        peer = writer.watch(client, wakeup.set)  # a client that leaves is gone now, not at the next keepalive
+        sink: Sink | None = None
+        # A client that leaves is gone now, not at the next keepalive.
+        peer = writer.watch(client, wakeup.set) if direct else None
         try:
             yield sse_retry(retry_ms)
             # The headers are out: from here on the writer's pass writes our frames (sidecar/writer.py).
-            direct = writer.attach(conn, client, chunked, wakeup.set, relay.stats.observe_write)
+            sink = writer.sink(conn, client, wakeup.set, relay.stats.observe_write, chunked=chunked, direct=direct)
             while peer is None or not peer.gone:
-                if conn.resync:
-                    relay.resync(conn)
-                frames = conn.drain()
-                if frames or (direct is not None and (direct.pending or direct.broken)):
+                action = session.next(time.time(), sink.owed)
+                if isinstance(action, Write):
                     with conn.writing(time.monotonic()):  # a write that lasts is a stuck peer (control.py)
-                        yield from _write(direct, b"".join(frames))
-                    if frames:
+                        sink.write(action.data)
+                        out = sink.take()
+                        if out:
+                            yield out
+                    if action.frames:
                         relay.stats.observe_write(conn)
-                    continue
-                if grant.expired(time.time()):
-                    yield from _write(direct, sse_frame("error", TOKEN_EXPIRED))  # never outlive the token
+                elif isinstance(action, Wait):
+                    if not wakeup.wait(max(0.0, action.deadline - time.time())):
+                        session.timer_fired()
+                    wakeup.clear()
+                elif isinstance(action, Close):
+                    sink.write(action.data)  # never outlive the token
+                    out = sink.take()
+                    if out:
+                        yield out
                     return
-                if not wakeup.wait(grant.wait(settings.keepalive, time.time())):
-                    with conn.writing(time.monotonic()):
-                        yield from _write(direct, SSE_KEEPALIVE)
-                wakeup.clear()
+                else:
+                    relay.resync(conn)
         except OSError:
             pass  # a direct write found the client gone
         finally:
+            if sink is not None:
+                sink.close()
             if peer is not None:
                 peer.stop()
             relay.hub.disconnect(conn)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return Response(stream(), mimetype="text/event-stream", headers=headers, direct_passthrough=True)
-
-
-def _write(direct: Direct | None, data: bytes) -> Iterator[bytes]:
-    """Yield `data` to the WSGI server, or write it straight to the socket once the stream is direct."""
-    if direct is None:
-        if data:
-            yield data
-    else:
-        direct.send_all(direct.frame(data))
 
 
 @api.get("/channels/<channel>/state")
@@ -290,23 +278,8 @@ def publish() -> Response:
 
 
 def _publish_item(publisher: Publisher, index: int, item: Any) -> Any:
-    where = f"message {index}: " if index else ""
-    if not isinstance(item, dict):
-        raise PublishError("bad-request", f"{where}each message is a JSON object")
-    kind = item.get("kind", "diff" if "changes" in item else "state" if "state" in item else "event")
-    if not isinstance(kind, str) or kind not in PUBLISH_KINDS:
-        raise PublishError("bad-kind", f"{where}kind must be one of {', '.join(PUBLISH_KINDS)}")
-    field = PUBLISH_KINDS[kind]
-    if field and field not in item:
-        raise PublishError("bad-request", f'{where}a {kind} message needs "{field}"')
-    unknown = set(item) - {"channel", "event", "kind", "data", field} - {None}
-    if unknown:
-        fields = ", ".join(sorted(unknown))
-        raise PublishError("bad-request", f"{where}fields not allowed in a {kind} message: {fields}")
+    channel, kind, event, data, body = publish_fields(index, item)  # ProtocolError: a 400 like PublishError's
     try:
-        return publisher.item(
-            item.get("channel"), kind, item.get("event", "changed" if kind == "poke" else None),
-            item.get("data"), item.get(field) if field else None,
-        )  # fmt: skip
+        return publisher.item(channel, kind, event, data, body)
     except PublishError as exc:
-        raise PublishError(exc.code, where + exc.message) from None
+        raise PublishError(exc.code, (f"message {index}: " if index else "") + exc.message) from None

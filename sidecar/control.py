@@ -13,12 +13,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import socket
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection
 from typing import Any
 
 import orjson
@@ -58,27 +56,6 @@ def busy(retry: float) -> tuple[bytes, str, str]:
     reason = f"too many connections; retry in {ms} ms"
     body = orjson.dumps({"error": "busy", "message": reason, "retry_ms": ms})
     return body, reason, str(max(1, math.ceil(retry)))
-
-
-def aborter(environ: Mapping[str, Any]) -> Callable[[], None] | None:
-    """What ends the request's socket from outside, for a stuck SSE stream (gevent.pywsgi and gunicorn)."""
-    sock = environ.get("gunicorn.socket")
-    if sock is None:
-        rfile = getattr(environ.get("wsgi.input"), "rfile", None)
-        sock = getattr(getattr(rfile, "raw", None), "_sock", None)
-    return socket_aborter(sock) if isinstance(sock, socket.socket) else None
-
-
-def socket_aborter(sock: socket.socket) -> Callable[[], None]:
-    # The OS socket under gevent's: the writer blocked in sendall then wakes to EPIPE, an ordinary disconnect
-    # (gevent's own shutdown() would cancel it with EBADF, which the WSGI server logs as a failure).
-    raw = getattr(sock, "_sock", sock)
-
-    def abort() -> None:
-        with contextlib.suppress(OSError):
-            raw.shutdown(socket.SHUT_RDWR)  # the peer gets what was sent, then the end of the stream
-
-    return abort
 
 
 class Control:

@@ -24,47 +24,90 @@ import gevent
 from sidecar.core.connection import Connection
 
 
-class Direct:
-    """One connection's socket, written by the :class:`Writer` pass, or by the connection's greenlet when the
-    pass could not finish (`pending`). Whoever writes holds `conn.writing()`, so writes never interleave."""
+class Sink:
+    """Who writes one connection's socket, built once per connection by its front (:meth:`Writer.sink`).
 
-    __slots__ = ("writer", "conn", "sock", "chunked", "wake_owner", "on_write", "pending", "broken")
+    Direct (a gevent socket): the :class:`Writer` pass writes queued frames, and the connection's greenlet
+    writes what the pass could not finish (`pending`). Otherwise the greenlet writes everything, through
+    `send` (a WebSocket's socket) or, when `send` is None, into `out` for the WSGI server (an SSE response's
+    body). Whoever writes holds `conn.writing()`, so writes never interleave. After :meth:`close` the pass
+    writes nothing more (a WebSocket's close frame must be the last thing sent)."""
+
+    __slots__ = ("writer", "conn", "sock", "direct", "chunked", "wake_owner", "on_write", "send", "pending",
+                 "broken", "closed", "out")  # fmt: skip
 
     def __init__(
-        self, writer: Writer, conn: Connection, sock: socket.socket, chunked: bool, wake_owner: Callable[[], None],
-        on_write: Callable[[Connection], None],
+        self, writer: Writer, conn: Connection, sock: socket.socket | None, direct: bool, chunked: bool,
+        wake_owner: Callable[[], None], on_write: Callable[[Connection], None], send: Callable[[bytes], Any] | None,
     ) -> None:  # fmt: skip
         self.writer = writer
         self.conn = conn
-        self.sock = sock  # the socket object, not its number: a closed socket's number may be a new client's
+        # The socket object, not its number: a closed socket's number may be a new client's. Never None if direct.
+        self.sock: Any = sock
+        self.direct = direct
         self.chunked = chunked
         self.wake_owner = wake_owner  # wakes the connection's greenlet
         self.on_write = on_write
+        self.send = send
         self.pending = b""  # the rest of a write the socket did not take; goes out before anything else
         self.broken = False  # a write failed: the peer is gone
+        self.closed = False
+        self.out = b""  # what the WSGI server is to write next (not direct, no `send`)
+        conn.wake = self.wake if direct else wake_owner  # the only place a connection's wake is set after connect
+        if sock is not None:
+            conn.abort = self.abort
+
+    @property
+    def owed(self) -> bool:
+        """The greenlet has a write to finish (or to fail: the peer is gone)."""
+        return bool(self.pending) or self.broken
 
     def wake(self) -> None:
-        """The connection's `wake` (the hub calls it when frames are queued or it needs a resync)."""
-        self.writer.mark(self)
+        """The connection's `wake` when direct (the hub calls it when frames are queued or it needs a resync)."""
+        if not self.closed:
+            self.writer.mark(self)
 
     def frame(self, data: bytes) -> bytes:
         return self.writer.chunk(data) if self.chunked and data else data
 
-    def send_all(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         """From the connection's greenlet: write what is pending, then `data`, waiting (cooperatively) while the
         socket is full. Raises OSError when the peer is gone or the socket was closed meanwhile."""
+        if not self.direct:
+            if self.send is None:
+                self.out = data
+            elif data:
+                self.send(data)
+            return
         if self.broken:
             raise BrokenPipeError("the peer is gone")
+        data = self.frame(data)
         data = self.pending + data if self.pending else data
         self.pending = b""
         self.sock.sendall(data)
+
+    def take(self) -> bytes:
+        """What :meth:`write` left for the WSGI server to write (empty when direct)."""
+        out, self.out = self.out, b""
+        return out
+
+    def abort(self) -> None:
+        """End the socket from outside, for a connection stuck in a write (control.py). The OS socket under
+        gevent's: the greenlet blocked in sendall then wakes to EPIPE, an ordinary disconnect (gevent's own
+        shutdown() would cancel it with EBADF, which the WSGI server logs as a failure)."""
+        with contextlib.suppress(AttributeError, OSError):
+            getattr(self.sock, "_sock", self.sock).shutdown(socket.SHUT_RDWR)  # the peer gets what was sent
+
+    def close(self) -> None:
+        """The greenlet is done with the socket: nothing is written through this sink any more."""
+        self.closed = True
 
 
 class Writer:
     """The per-process pass that writes every marked connection (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.marked: list[Direct] = []
+        self.marked: list[Sink] = []
         self.scheduled = False
         self._chunk_in = b""  # the last frame framed as a chunk, and its chunk: a frame shared by many
         self._chunk_out = b""  # connections is framed once, like the frame itself (sidecar/core/hub.py)
@@ -75,25 +118,25 @@ class Writer:
             self._chunk_in, self._chunk_out = data, b"%x\r\n%s\r\n" % (len(data), data)
         return self._chunk_out
 
-    def attach(
-        self, conn: Connection, sock: socket.socket | None, chunked: bool, wake_owner: Callable[[], None],
-        on_write: Callable[[Connection], None],
-    ) -> Direct | None:  # fmt: skip
-        """Write `conn` from the pass from now on; None (nothing changed) unless `sock` is a gevent socket (its
-        descriptor non-blocking)."""
-        if sock is None or sock.fileno() < 0 or os.get_blocking(sock.fileno()):
-            return None
-        direct = Direct(self, conn, sock, chunked, wake_owner, on_write)
-        conn.wake = direct.wake
-        return direct
+    def sink(
+        self, conn: Connection, sock: socket.socket | None, wake_owner: Callable[[], None],
+        on_write: Callable[[Connection], None], *, chunked: bool = False, send: Callable[[bytes], Any] | None = None,
+        direct: bool = True,
+    ) -> Sink:  # fmt: skip
+        """The one :class:`Sink` of `conn`, from now on what writes its socket: the pass, if `direct` and `sock`
+        is a gevent socket (its descriptor non-blocking); else its greenlet, through `send` (None: the WSGI
+        server, see :meth:`Sink.take`). `chunked`: frame direct writes as HTTP/1.1 chunks."""
+        direct = direct and _nonblocking(sock)
+        return Sink(self, conn, sock, direct, chunked, wake_owner, on_write, send)
 
     def watch(self, sock: socket.socket | None, on_gone: Callable[[], None]) -> PeerWatch | None:
         """A :class:`PeerWatch` on `sock`, or None unless it is a gevent socket (nothing to watch it with)."""
-        if sock is None or sock.fileno() < 0 or os.get_blocking(sock.fileno()):
+        if not _nonblocking(sock):
             return None
+        assert sock is not None
         return PeerWatch(sock, on_gone)
 
-    def mark(self, direct: Direct) -> None:
+    def mark(self, direct: Sink) -> None:
         self.marked.append(direct)
         if not self.scheduled:
             self.scheduled = True
@@ -103,6 +146,8 @@ class Writer:
         self.scheduled = False
         marked, self.marked = self.marked, []
         for direct in marked:
+            if direct.closed:
+                continue
             conn = direct.conn
             if direct.pending or direct.broken or conn.resync or conn.writing_since is not None:
                 direct.wake_owner()  # its greenlet is writing, or has to: it drains after that
@@ -127,6 +172,13 @@ class Writer:
 
 
 writer = Writer()  # one per process: the gevent hub's loop runs its pass
+
+
+def _nonblocking(sock: socket.socket | None) -> bool:
+    if sock is None:
+        return False
+    fd = sock.fileno()
+    return fd >= 0 and not os.get_blocking(fd)
 
 
 class PeerWatch:

@@ -28,43 +28,25 @@ from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import RemoteProtocolError
 
 from sidecar.app import error
-from sidecar.auth import AuthError, Grant, presented_token
-from sidecar.control import busy, socket_aborter
-from sidecar.core.connection import WS, Connection
-from sidecar.core.limits import TokenBucket
-from sidecar.core.protocol import (
-    WS_PING,
-    Position,
-    ProtocolError,
-    dumps,
-    parse_client_frame,
-    stream_key,
-    validate_channel,
-    validate_mode,
-    ws_text_frame,
+from sidecar.auth import AuthError, presented_token
+from sidecar.control import busy
+from sidecar.core.connection import WS
+from sidecar.core.protocol import ProtocolError
+from sidecar.core.session import (
+    CLOSE_TRY_AGAIN,
+    CLOSE_UNAUTHORIZED,
+    Authenticate,
+    Close,
+    Request,
+    Session,
+    Subscribe,
+    Wait,
+    Write,
 )
 from sidecar.writer import drop_read_buffer, writer
 
 log = logging.getLogger(__name__)
 sock = Sock()
-
-# RFC 6455 section 7.4.1 close codes.
-CLOSE_UNSUPPORTED = 1003
-CLOSE_INVALID = 1007
-CLOSE_POLICY = 1008
-CLOSE_TRY_AGAIN = 1013
-CLOSE_UNAUTHORIZED = 3000  # IANA WebSocket close code registry: "Unauthorized"
-
-
-FORBIDDEN = "the token does not grant this channel"
-
-
-class Closed(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
 
 def _closes_tcp(route: Callable[[Any], None]) -> Callable[[Any], None]:
     """After the route, the server ends the TCP connection itself (RFC 6455 section 5.5.1: once it has sent and
@@ -91,44 +73,43 @@ def websocket(ws: Any) -> None:
     settings = current_app.config["SETTINGS"]
     grant = g.get("grant")
     # Admission control: 1013 is "try again later" (RFC 6455 section 7.4.1). A socket without a token yet is
-    # admitted as a connection only when its auth frame brings one (Session.authenticate).
+    # admitted as a connection only when its auth frame brings one (_authenticate).
     retry = relay.control.admit() if grant is not None else relay.control.admit_unauthenticated()
     if retry is not None:
         ws.close(reason=CLOSE_TRY_AGAIN, message=busy(retry)[1])
-        _no_keepalive()
+        drop_read_buffer(request.environ)
         return
     conn = relay.connection(WS, ws.event.set)
     if grant is None:
         relay.control.unauthenticated.add(conn.id)
-    conn.abort = socket_aborter(ws.sock)
-    session = Session(relay, settings, conn, current_app.extensions["auth"], grant)
+    session = Session(conn, relay.hub, settings, grant, time.time())
     # Queued frames are written by the writer's pass (sidecar/writer.py); we write what it could not finish.
-    direct = writer.attach(conn, ws.sock, False, ws.event.set, relay.stats.observe_write)
+    sink = writer.sink(conn, ws.sock, ws.event.set, relay.stats.observe_write, send=ws.sock.sendall)
     drop_read_buffer(request.environ)  # simple-websocket reads the socket itself
-    send = ws.sock.sendall if direct is None else direct.send_all
+    close: Close | None = None
     try:
         try:
-            while ws.connected:
-                woke = ws.event.wait(session.wait(settings.keepalive, time.time()))
-                ws.event.clear()
-                while ws.input_buffer:
-                    session.handle(ws.input_buffer.pop(0))
-                session.check(time.time())
-                if conn.resync:
-                    relay.resync(conn)
-                frames = conn.drain()
-                if frames or (direct is not None and (direct.pending or direct.broken)):
+            while ws.connected and close is None:
+                action = session.next(time.time(), sink.owed)
+                if isinstance(action, Write):
                     with conn.writing(time.monotonic()):  # a write that lasts is a stuck peer (control.py)
-                        send(b"".join(frames))
-                    if frames:
+                        sink.write(action.data)
+                    if action.frames:
                         relay.stats.observe_write(conn)
-                elif not woke:
-                    with conn.writing(time.monotonic()):
-                        send(WS_PING)  # idle: keep intermediaries from closing us, learn if the peer left
+                elif isinstance(action, Wait):
+                    if not ws.event.wait(max(0.0, action.deadline - time.time())):
+                        session.timer_fired()
+                    ws.event.clear()
+                    while ws.input_buffer and close is None:
+                        close = _request(relay, session, session.receive(ws.input_buffer.pop(0), time.time()))
+                elif isinstance(action, Close):
+                    close = action
+                else:
+                    relay.resync(conn)
         finally:
-            conn.wake = ws.event.set  # no more direct writes: a close frame must be the last thing sent
-    except Closed as closed:
-        ws.close(reason=closed.code, message=closed.reason)
+            sink.close()  # no more writes from the pass: a close frame must be the last thing sent
+        if close is not None:
+            ws.close(reason=close.code, message=close.reason)
     except redis.RedisError:
         ws.close(reason=CLOSE_TRY_AGAIN, message="store unavailable, retry shortly")
     except OSError:
@@ -136,17 +117,29 @@ def websocket(ws: Any) -> None:
     finally:
         relay.control.unauthenticated.discard(conn.id)
         relay.hub.disconnect(conn)
-        _no_keepalive()
+        # gevent.pywsgi keeps the connection for a next request once the route returns, and would parse what
+        # the client still sends (its close reply, the rest of a too-large frame) as HTTP and log it as an error.
+        drop_read_buffer(request.environ)
 
 
-def _no_keepalive() -> None:
-    # gevent.pywsgi keeps the connection for a next request once the route returns, and would parse what the
-    # client still sends (its close reply, the rest of a too-large frame) as HTTP and log it as an error. It
-    # stops at a closed rfile, which it hands to upgrade requests as wsgi.input.
-    if request.environ.get("SERVER_SOFTWARE", "").startswith("gevent"):
-        stream: Any = request.environ.get("wsgi.input")
-        with contextlib.suppress(AttributeError, OSError):
-            getattr(stream, "rfile", stream).close()
+def _request(relay: Any, session: Session, asked: Request | None) -> Close | None:
+    """Carry out what a client frame asked for; a Close ends the socket."""
+    if isinstance(asked, Subscribe):
+        since = {asked.channel: asked.since} if asked.since else {}
+        try:
+            relay.subscribe(session.conn, [asked.channel], asked.mode, since)
+        except ProtocolError as exc:
+            session.error(exc, asked.channel)
+    elif isinstance(asked, Authenticate):
+        try:
+            grant = current_app.extensions["auth"].grant(asked.token)
+        except AuthError as exc:
+            return Close(CLOSE_UNAUTHORIZED, exc.message)
+        retry = relay.control.authorised(session.conn.id)  # its first token: now it counts as a connection
+        if retry is not None:
+            return Close(CLOSE_TRY_AGAIN, busy(retry)[1])
+        session.authorized(grant)
+    return asked if isinstance(asked, Close) else None
 
 
 NOT_WEBSOCKET = "this endpoint speaks WebSocket only (RFC 6455)"
@@ -208,95 +201,3 @@ def _malformed(environ: dict[str, Any]) -> str | None:
     except ValueError:  # UnicodeError included
         return "not a valid WebSocket upgrade: a header value or a permessage-deflate parameter is malformed"
     return None
-
-
-class Session:
-    """One socket's client frames: auth, subscribe, unsubscribe, ping; and its token's deadlines."""
-
-    def __init__(self, relay: Any, settings: Any, conn: Connection, auth: Any, grant: Grant | None) -> None:
-        self.relay = relay
-        self.settings = settings
-        self.conn = conn
-        self.auth = auth
-        self.grant = grant  # None until an auth frame brings a valid token
-        self.auth_deadline = time.time() + settings.auth_timeout
-        self.subscribes = TokenBucket(settings.subscribe_rate, settings.subscribe_burst, time.monotonic())
-
-    def wait(self, longest: float, now: float) -> float:
-        """How long the socket may sleep before a deadline (auth timeout, token expiry) needs a look."""
-        if self.grant is None:
-            return max(0.0, min(longest, self.auth_deadline - now))
-        return self.grant.wait(longest, now)
-
-    def check(self, now: float) -> None:
-        # A connection never outlives its token: the client reconnects (and resumes exactly) with a fresh one,
-        # or sends a fresh one as an auth frame before this one expires.
-        if self.grant is None and now >= self.auth_deadline:
-            raise Closed(CLOSE_UNAUTHORIZED, f"no token within {self.settings.auth_timeout:g} s")
-        if self.grant is not None and self.grant.expired(now):
-            raise Closed(CLOSE_UNAUTHORIZED, "the token has expired")
-
-    def authenticate(self, token: object) -> None:
-        try:
-            grant = self.auth.grant(token if isinstance(token, str) else None)
-        except AuthError as exc:
-            raise Closed(CLOSE_UNAUTHORIZED, exc.message) from None
-        retry = self.relay.control.authorised(self.conn.id)  # its first token: now it counts as a connection
-        if retry is not None:
-            raise Closed(CLOSE_TRY_AGAIN, busy(retry)[1])
-        self.grant = grant
-        for channel in [c for c in self.conn.subs if not grant.allows(c)]:  # a fresh token may grant less
-            self.relay.hub.unsubscribe(self.conn, channel)
-            self.reply({"type": "error", "code": "forbidden", "channel": channel, "message": FORBIDDEN})
-        self.reply({"type": "authorized", "expires": grant.expires})
-
-    def reply(self, body: dict) -> None:
-        self.conn.push(ws_text_frame(dumps(body)))
-
-    def handle(self, raw: str | bytes) -> None:
-        try:
-            frame = parse_client_frame(raw, self.settings.max_frame_bytes)
-        except ProtocolError as exc:
-            code = CLOSE_UNSUPPORTED if exc.code == "bad-frame" and isinstance(raw, bytes) else CLOSE_INVALID
-            raise Closed(code, exc.message) from None
-        op = frame["op"]
-        try:
-            if op == "subscribe":
-                self.subscribe(frame)
-            elif op == "unsubscribe":
-                channel = validate_channel(frame.get("channel"))
-                self.relay.hub.unsubscribe(self.conn, channel)
-                self.reply({"type": "unsubscribed", "channel": channel})
-            elif op == "ping":
-                self.reply({"type": "pong", "ts": time.time() * 1000})
-            elif op == "auth":
-                self.authenticate(frame.get("token"))
-            else:
-                raise ProtocolError("unknown-op", "op must be auth, subscribe, unsubscribe or ping")
-        except ProtocolError as exc:
-            body = {"type": "error", "code": exc.code, "message": exc.message}
-            if isinstance(frame.get("channel"), str):
-                body["channel"] = frame["channel"][:200]
-            self.reply(body)
-
-    def subscribe(self, frame: dict) -> None:
-        wait = self.subscribes.take(time.monotonic())
-        if wait:
-            raise ProtocolError("rate-limited", f"too many subscribes; retry in {wait:.2f} s")
-        channel = validate_channel(frame.get("channel"))
-        if self.grant is None:
-            raise ProtocolError("unauthorized", 'send {"op": "auth", "token": ...} first')
-        if not self.grant.allows(channel):
-            raise ProtocolError("forbidden", FORBIDDEN)
-        mode = validate_mode(frame.get("mode", "diff"))
-        since = frame.get("since")
-        position = None
-        if since is not None:
-            epoch = frame.get("epoch", "")
-            if not isinstance(since, str) or not isinstance(epoch, str):
-                raise ProtocolError("bad-since", '"since" is a stream id and "epoch" a string')
-            stream_key(since)
-            position = Position.parse(f"{since}~{epoch}")
-        if channel not in self.conn.subs and len(self.conn.subs) >= self.settings.max_channels:
-            raise ProtocolError("too-many-channels", f"at most {self.settings.max_channels} channels per connection")
-        self.relay.subscribe(self.conn, [channel], mode, {channel: position} if position else {})

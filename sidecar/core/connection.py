@@ -59,6 +59,7 @@ class Connection:
         self.drops: dict[str, int] = {}  # the same per channel, read and reset by the hub's owner
         self.writing_since: float | None = None  # when the socket write in progress began (see writing())
         self.abort: Callable[[], None] | None = None  # set by the caller: ends a socket stuck in a write
+        self.single_frames: SingleChannelFrames | None = None  # its hub's, shared by all its connections
         self._writing = _Writing(self)
 
     def cursor(self) -> str:
@@ -70,8 +71,8 @@ class Connection:
         if position is not None and channel is not None:
             self.positions[channel] = position
             if self.transport == SSE:
-                if len(self.subs) == 1 and channel in self.subs:
-                    frame = _single_channel_frame(frame, position)
+                if len(self.subs) == 1 and channel in self.subs and self.single_frames is not None:
+                    frame = self.single_frames(frame, position)
                 else:
                     frame = sse_id_line(self.cursor()) + frame
         queue = self.queue
@@ -137,10 +138,10 @@ class _Writing:
         self.conn.writing_since = None
 
 
-class _SingleChannelFrames:
+class SingleChannelFrames:
     """The SSE frame with its `id:` line for a connection with one channel: its cursor is the message's
-    position alone, so all such connections share the same bytes. One entry is enough: the deliveries of one
-    frame come one after the other."""
+    position alone, so all such connections share the same bytes. One entry per hub is enough: the deliveries
+    of one frame come one after the other."""
 
     __slots__ = ("frame", "position", "out")
 
@@ -154,6 +155,3 @@ class _SingleChannelFrames:
             self.frame, self.position = frame, position
             self.out = sse_id_line(position.encode()) + frame
         return self.out
-
-
-_single_channel_frame = _SingleChannelFrames()

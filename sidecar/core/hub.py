@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from sidecar.core import merge
-from sidecar.core.connection import SSE, WS, Connection, Subscription
+from sidecar.core.connection import SSE, WS, Connection, SingleChannelFrames, Subscription
 from sidecar.core.protocol import (
     ZERO_KEY,
     Message,
@@ -79,9 +79,11 @@ class Hub:
         self.frames_encoded = 0
         self.delivered = 0  # frames queued for connections, ever
         self.delivered_by_channel: dict[str, int] = {}  # the same, per channel (read and reset by stats)
+        self.single_frames = SingleChannelFrames()  # SSE frames of one-channel connections (connection.py)
 
     # -- connections and subscriptions -------------------------------------------------------------------
     def connect(self, conn: Connection) -> Connection:
+        conn.single_frames = self.single_frames
         self.connections[conn.id] = conn
         return conn
 

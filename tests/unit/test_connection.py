@@ -1,0 +1,34 @@
+"""A connection's SSE framing: one-channel connections share their frames, through their hub (no process-global
+cache: two hubs in one process, as the tests and an embedded relay run them, keep their own)."""
+
+from __future__ import annotations
+
+from sidecar.core.connection import SSE, Connection
+from sidecar.core.hub import Hub
+from tests.unit.test_hub import message, subscribed
+
+
+def test_one_channel_streams_of_a_hub_share_the_frame_with_its_id_line() -> None:
+    hub = Hub()
+    first, second = (subscribed(hub, "c:1", transport=SSE, state={}, seq=1) for _ in range(2))
+    hub.dispatch([message("c:1", 2, change={"n": 2})])
+    [a], [b] = first.drain(), second.drain()
+    assert a is b and a.startswith(b"id: 1002-0~e1\n")
+
+
+def test_hubs_keep_their_own_shared_frames_and_each_frames_its_own_position() -> None:
+    hubs = [Hub(), Hub()]
+    assert hubs[0].single_frames is not hubs[1].single_frames
+    conns = [subscribed(hub, "c:1", transport=SSE, state={}, seq=1) for hub in hubs]
+    for seq in (2, 3):
+        for hub in hubs:  # interleaved, like two relays' readers
+            hub.dispatch([message("c:1", seq, change={"n": seq})])
+    for conn in conns:
+        assert [f.split(b"\n", 1)[0] for f in conn.drain()] == [b"id: 1002-0~e1", b"id: 1003-0~e1"]
+
+
+def test_a_connection_outside_a_hub_still_frames_its_id_line() -> None:
+    conn = Connection(SSE, lambda: None)
+    conn.subs["c:1"] = None  # type: ignore[assignment]
+    conn.push(b"event: x\n\n", "c:1", message("c:1", 2).position)
+    assert conn.drain() == [b"id: 1002-0~e1\nevent: x\n\n"]
