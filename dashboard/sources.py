@@ -519,7 +519,8 @@ def latency_frame(records: Iterable[Record]) -> Any:
         for i, n in enumerate(r.lat)
         if n
     ]
-    return pd.DataFrame(rows, columns=["time", "replica", "le_ms", "writes"])
+    frame = pd.DataFrame(rows, columns=["time", "replica", "le_ms", "writes"])
+    return frame.astype({"time": "datetime64[ns]", "le_ms": float, "writes": int})  # typed even when empty
 
 
 def frame_percentile(frame: Any, q: float) -> float | None:
@@ -528,3 +529,17 @@ def frame_percentile(frame: Any, q: float) -> float | None:
     for bound, writes in zip(frame["le_ms"], frame["writes"]):
         counts[LATENCY_BOUNDS_MS.index(bound)] += writes
     return percentile(counts, q)
+
+
+def percentile_by(frame: Any, keys: Sequence[str], q: float) -> Any:
+    """The ``q``-th percentile (ms) per group of rows of :func:`latency_frame`: one row per group, columns
+    ``keys`` and ``p<q>_ms``. E.g. ``percentile_by(frame.assign(minute=frame.time.dt.floor("min")),
+    ["minute", "replica"], 99)``."""
+    import pandas as pd
+
+    name = f"p{q:g}_ms"
+    rows = [
+        {**dict(zip(keys, key if isinstance(key, tuple) else (key,))), name: frame_percentile(group, q)}
+        for key, group in frame.groupby(list(keys))
+    ]
+    return pd.DataFrame(rows, columns=[*keys, name])

@@ -350,3 +350,17 @@ def test_latency_frame_is_tidy_and_its_percentiles_merge_buckets():
     assert frame_percentile(frame, 50) == pytest.approx(1.0)  # the two replicas' buckets, merged
     assert frame_percentile(frame[frame.replica == "b"], 50) == pytest.approx(1.5)
     assert frame_percentile(frame.iloc[0:0], 50) is None
+
+
+def test_percentile_by_groups_and_an_empty_frame_has_the_columns():
+    from dashboard.sources import latency_frame, percentile_by
+
+    records = [rec("a", T0 + 1, lat=lat(b1=50)), rec("a", T0 + 2, lat=lat(b2=50)), rec("b", T0 + 1, lat=lat(b10=1))]
+    by_replica = percentile_by(latency_frame(records), ["replica"], 50)
+    assert by_replica.values.tolist() == [["a", pytest.approx(1.0)], ["b", pytest.approx(7.5)]]
+    empty = latency_frame([rec("a", T0 + 1)])
+    assert list(percentile_by(empty.assign(minute=empty.time.dt.floor("min")), ["minute", "replica"], 99).columns) == [
+        "minute",
+        "replica",
+        "p99_ms",
+    ]
