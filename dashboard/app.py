@@ -242,6 +242,9 @@ class Dashboard:
         src = self.sources["latency"]
         for q, color in (("p50", "#2ca02c"), ("p95", "#ff7f0e"), ("p99", "#d62728")):
             self.latency_fig.line("t", q, source=src, legend_label=q, line_width=2, color=color)
+        # Without a write every latency is NaN, which gives the y range no bounds and the plot no axes: an
+        # invisible point at 0..1 ms (in 1970, outside the x range) keeps the axes. It never changes the data shown.
+        self.latency_fig.scatter([0, 0], [0, 1], alpha=0, name="latency-axis-floor")
 
         self.hist_fig = figure(
             title=f"latency histogram, last {HISTOGRAM_SECONDS} s",
@@ -253,6 +256,7 @@ class Dashboard:
             toolbar_location=None,
         )
         self.hist_fig.vbar(x="bucket", top="count", source=self.histogram, width=0.8, color="#9467bd")
+        self.hist_fig.scatter([bucket_labels()[0]], [1], alpha=0)  # an empty histogram keeps a 0..1 axis
         self.hist_fig.add_tools(HoverTool(tooltips=[("bucket", "@bucket ms"), ("writes", "@count{0}")]))
         self.hist_fig.xaxis.major_label_orientation = 0.8
         self.hist_fig.xaxis.axis_label = "latency bucket (ms)"
