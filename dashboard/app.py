@@ -13,6 +13,7 @@ histogram with ``patch``: nothing is redrawn whole, except once when a click cha
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import time
@@ -27,23 +28,47 @@ if __package__ in (None, ""):  # `panel serve dashboard/app.py` runs this file a
 import orjson  # noqa: E402
 import pandas as pd  # noqa: E402
 import panel as pn  # noqa: E402
-from bokeh.models import ColumnDataSource, DataRange1d, HoverTool  # noqa: E402
+from bokeh.models import (  # noqa: E402
+    BasicTicker,
+    ColumnDataSource,
+    DataRange1d,
+    DataTable,
+    HoverTool,
+    Label,
+    NumeralTickFormatter,
+    Range1d,
+    TableColumn,
+)
 from bokeh.plotting import figure  # noqa: E402
 
+from sidecar.core.throttle import ChannelPolicy  # noqa: E402
+
 from .feed import DashboardConfig, StatsFeed, redis_client  # noqa: E402
-from .policy import AdminAPI, PolicyView, read_policy, with_rule  # noqa: E402
+from .policy import (  # noqa: E402
+    AdminAPI,
+    PolicyView,
+    channel_rows,
+    in_force,
+    limit_rows,
+    policy_fields,
+    read_policy,
+    rule_for,
+    with_rule,
+)
 from .sources import LATENCY_BOUNDS_MS, Point, ReplicaRow, Window, bucket_labels  # noqa: E402
+from .whatif import channel_policy, compare  # noqa: E402
 
 REFRESH_MS = 500
 HISTOGRAM_SECONDS = 10
 TOP_SECONDS = 10
-WINDOWS = {"5 min": 300, "10 min": 600, "15 min": 900}
-MAX_BINS = 3600  # points kept per series (rollover)
+WINDOWS = {"5 min": 300, "15 min": 900, "60 min": 3600}
 POLICY_EVERY = 2.0  # seconds between reads of the throttle policy
 REPLICA_COLUMNS = ["replica", "status", "SSE", "WS", "connections", "subscribers", "delivered/s", "reader",
                    "restarts", "uptime (s)"]  # fmt: skip
 CHANNEL_COLUMNS = ["pattern", "published/s", "delivered/s", "subscribers", "coalesced/s", "dropped/s",
                    "pokes delayed/s", "pulls/s"]  # fmt: skip
+WHATIF_COLUMNS = ["what", "in force", "proposed"]
+NOTE_KINDS = {"ok": "success", "error": "danger", "read-only": "warning", "hint": "info"}
 
 
 def shared_feed(config: DashboardConfig) -> StatsFeed:
@@ -88,18 +113,39 @@ def _columns(points: list[Point]) -> dict[str, dict[str, list[Any]]]:
     }
 
 
-def _figure(title: str, x_range: DataRange1d, height: int = 260) -> Any:
+def _figure(title: str, x_range: Range1d, y_label: str, height: int = 260, counts: bool = False) -> Any:
     fig = figure(
         title=title,
         x_axis_type="datetime",
         x_range=x_range,
+        y_range=DataRange1d(start=0, default_span=1),  # a zero baseline keeps small wiggles small
         height=height,
         sizing_mode="stretch_width",
         tools="pan,xwheel_zoom,reset,save",
         toolbar_location="right",
     )
-    fig.y_range.start = 0  # rates, counts and latencies: a zero baseline keeps small wiggles small
+    fig.xaxis.axis_label = "time (UTC)"
+    fig.yaxis.axis_label = y_label
+    if counts:
+        _integer_ticks(fig)
     return fig
+
+
+def _integer_ticks(fig: Any) -> None:
+    fig.yaxis.ticker = BasicTicker(min_interval=1)
+    fig.yaxis.formatter = NumeralTickFormatter(format="0,0")
+
+
+def _empty_label(fig: Any, name: str) -> Label:
+    """The sentence a plot shows while it has nothing to plot (instead of an empty -1..1 axis)."""
+    label = Label(name=f"empty-{name}", x=10, y=10, x_units="screen", y_units="screen", text="", text_color="#666666",
+                  text_font_size="13px", background_fill_color="white", background_fill_alpha=0.8)  # fmt: skip
+    fig.add_layout(label)
+    return label
+
+
+def _any(data: dict[str, list[Any]], columns: tuple[str, ...]) -> bool:
+    return any(any(v and v == v for v in data[c]) for c in columns)  # v == v: not NaN
 
 
 def _status(r: ReplicaRow) -> str:
@@ -123,16 +169,34 @@ def _table(columns: list[str], max_height: int, **options: Any) -> pn.widgets.Ta
         show_index=False,
         disabled=True,
         max_height=max_height,
-        layout="fit_data_stretch",
-        sizing_mode="stretch_width",
-        **options,
+        **{"layout": "fit_data_stretch", "sizing_mode": "stretch_width", **options},
     )
 
 
 def _legend(fig: Any) -> None:
-    fig.legend.location = "top_left"
-    fig.legend.background_fill_alpha = 0.6
-    fig.legend.click_policy = "hide"
+    """Beside the plot, not on its data."""
+    legend = fig.legend[0]
+    legend.click_policy = "hide"
+    legend.border_line_alpha = 0
+    fig.add_layout(legend, "right")
+
+
+def _csv(name: str, frame: Callable[[], pd.DataFrame]) -> pn.widgets.FileDownload:
+    """A button that downloads what a table or plot shows, as CSV (made when clicked)."""
+
+    def make() -> io.StringIO:
+        return io.StringIO(frame().to_csv(index=False))
+
+    return pn.widgets.FileDownload(callback=make, filename=f"{name}.csv", label=f"CSV: {name}",
+                                   button_type="light", width=150, height=30, margin=(0, 10))  # fmt: skip
+
+
+def _series_frame(source: ColumnDataSource) -> pd.DataFrame:
+    frame = pd.DataFrame(dict(source.data))
+    if "t" in frame:
+        frame["t"] = pd.to_datetime(frame["t"], unit="ms", utc=True)
+        frame = frame.rename(columns={"t": "time"})
+    return frame
 
 
 class Dashboard:
@@ -146,6 +210,8 @@ class Dashboard:
         self.admin = AdminAPI(config.sidecar_url, config.admin_key)
         self._policy_at = 0.0
         self.policy = PolicyView()
+        self.in_force, self.policy_source = config.defaults, "settings"
+        self.range = next((v for v in WINDOWS.values() if v >= config.window), max(WINDOWS.values()))
         self._build()
         now = clock()
         self._poll(now, force=True)
@@ -153,47 +219,55 @@ class Dashboard:
         self._reload()
         self._update_tables(now)
         self._update_policy(now, force=True)
+        self._update_whatif()
 
     # -- layout ---------------------------------------------------------------------------------------------
     def _build(self) -> None:
-        window = int(self.config.window)
         self.sources = {name: ColumnDataSource(data, name=name) for name, data in _columns([]).items()}
         self.histogram = ColumnDataSource(
             {"bucket": bucket_labels(), "count": [0.0] * len(LATENCY_BOUNDS_MS)}, name="histogram"
         )
 
-        # One x range for every time series: they scroll together, and the window choice sets it once.
-        self.x_range = DataRange1d(follow="end", follow_interval=window * 1000, range_padding=0)
-        self.rates_fig = _figure("messages/s (all channels)", self.x_range)
+        # One x range for every time series: they scroll together; live, it shows the chosen last minutes.
+        self.x_range = Range1d(start=0, end=1, name="x_range")
+        self.rates_fig = _figure("messages/s (all channels)", self.x_range, "messages/s")
         src = self.sources["rates"]
         self.rates_fig.line("t", "published", source=src, legend_label="published/s", line_width=2, color="#1f77b4")
         self.rates_fig.line(
             "t", "delivered", source=src, legend_label="delivered/s", line_width=2, color="#2ca02c", line_dash="dashed"
         )
 
-        self.latency_fig = _figure("latency publish \u2192 socket (ms, all channels)", self.x_range)
+        self.latency_fig = _figure("latency publish \u2192 socket (all channels)", self.x_range, "latency (ms)")
         src = self.sources["latency"]
         for q, color in (("p50", "#2ca02c"), ("p95", "#ff7f0e"), ("p99", "#d62728")):
             self.latency_fig.line("t", q, source=src, legend_label=q, line_width=2, color=color)
+        # Without a write every latency is NaN, which gives the y range no bounds and the plot no axes: an
+        # invisible point at 0..1 ms (in 1970, outside the x range) keeps the axes. It never changes the data shown.
+        self.latency_fig.scatter([0, 0], [0, 1], alpha=0, name="latency-axis-floor")
 
         self.hist_fig = figure(
-            title=f"latency histogram, last {HISTOGRAM_SECONDS} s (ms)",
+            title=f"latency histogram, last {HISTOGRAM_SECONDS} s",
             x_range=bucket_labels(),
+            y_range=DataRange1d(start=0, default_span=1),
             height=260,
             sizing_mode="stretch_width",
             tools="save",
             toolbar_location=None,
         )
         self.hist_fig.vbar(x="bucket", top="count", source=self.histogram, width=0.8, color="#9467bd")
+        self.hist_fig.scatter([bucket_labels()[0]], [1], alpha=0)  # an empty histogram keeps a 0..1 axis
         self.hist_fig.add_tools(HoverTool(tooltips=[("bucket", "@bucket ms"), ("writes", "@count{0}")]))
         self.hist_fig.xaxis.major_label_orientation = 0.8
+        self.hist_fig.xaxis.axis_label = "latency bucket (ms)"
+        self.hist_fig.yaxis.axis_label = "socket writes"
+        _integer_ticks(self.hist_fig)
 
-        self.conn_fig = _figure("connections by transport", self.x_range, height=220)
+        self.conn_fig = _figure("connections by transport", self.x_range, "connections", height=220, counts=True)
         src = self.sources["connections"]
         self.conn_fig.line("t", "sse", source=src, legend_label="SSE", line_width=2, color="#1f77b4")
         self.conn_fig.line("t", "ws", source=src, legend_label="WebSocket", line_width=2, color="#ff7f0e")
 
-        self.herd_fig = _figure("herd: pokes pending, pulls/s at the state endpoint", self.x_range, height=220)
+        self.herd_fig = _figure("herd: pokes and pulls", self.x_range, "pokes, pulls/s", height=220)
         src = self.sources["herd"]
         self.herd_fig.line("t", "pending", source=src, legend_label="pokes pending", line_width=2, color="#d62728")
         self.herd_fig.line("t", "pulled", source=src, legend_label="pulls/s", line_width=2, color="#1f77b4")
@@ -201,14 +275,28 @@ class Dashboard:
         self.figures = [self.rates_fig, self.latency_fig, self.conn_fig, self.herd_fig]
         for fig in self.figures:
             _legend(fig)
+        demo = f"{self.config.sidecar_url}/demo"
+        self.empty = {  # figure -> (its label, the source and columns it needs, what to say without them)
+            "rates": (_empty_label(self.rates_fig, "rates"), "rates", ("published", "delivered"),
+                      "Nothing published in this range: publish from a task, or open /demo and start a job"),
+            "latency": (_empty_label(self.latency_fig, "latency"), "latency", ("p50",),
+                        f"No frame written to a client in this range: open {demo} to see latency"),
+            "connections": (_empty_label(self.conn_fig, "connections"), "connections", ("sse", "ws"),
+                            f"No client connected: open {demo} to connect one"),
+            "herd": (_empty_label(self.herd_fig, "herd"), "herd", ("pending", "pulled", "poke_delayed"),
+                     "No pokes or pulls: poke_rate is 0, or no poke subscriber"),
+        }  # fmt: skip
+        self.hist_empty = _empty_label(self.hist_fig, "histogram")
 
         self.status = pn.pane.Alert("reading the stats stream\u2026", alert_type="info", sizing_mode="stretch_width")
         self.filter_label = pn.pane.Markdown("**Channels:** all", margin=(5, 10))
         self.clear_filter = pn.widgets.Button(name="Show all channels", button_type="light", disabled=True)
         self.clear_filter.on_click(lambda _: self.set_pattern(None))
-        default = next((k for k, v in WINDOWS.items() if v >= window), "15 min")
+        default = next(k for k, v in WINDOWS.items() if v == self.range)
         self.window_choice = pn.widgets.RadioButtonGroup(name="window", options=list(WINDOWS), value=default)
         self.window_choice.param.watch(self._on_window, "value")
+        self.pause = pn.widgets.Toggle(name="Pause", button_type="default", width=90)
+        self.pause.param.watch(self._on_pause, "value")
 
         sorters = [{"field": "published/s", "dir": "desc"}]
         self.channels_table = _table(CHANNEL_COLUMNS, 320, sortable=True, sorters=sorters, name="channels")
@@ -226,19 +314,36 @@ class Dashboard:
 
         self.policy_table = _table(["pattern"], 200)
         self.policy_table.on_click(self._on_rule_click)
+        self.limits_table = _table(["limit", "value"], 240)
         self.policy_state = pn.pane.Markdown("", margin=(0, 10))
-        self.policy_note = pn.pane.Alert("", alert_type="light", sizing_mode="stretch_width")
+        self.policy_note = pn.pane.Alert("", alert_type="info", sizing_mode="stretch_width")
         self.policy_pattern = pn.widgets.TextInput(name="pattern", placeholder="sprint:*")
         self.policy_body = pn.widgets.TextAreaInput(
             name="its policy (JSON)", placeholder='{"window": 0.25, "poke_rate": 200, "poke_floor": 1}', height=90
         )
         self.policy_apply = pn.widgets.Button(name="Apply", button_type="primary")
         self.policy_apply.on_click(self._on_apply)
+        for widget in (self.policy_pattern, self.policy_body):
+            widget.param.watch(lambda _: self._update_whatif(), "value")
+        self.whatif_source = ColumnDataSource({c: [] for c in ("what", "now", "new")}, name="whatif")
+        self.whatif_table = DataTable(
+            source=self.whatif_source,
+            columns=[TableColumn(field="what", title="over the recorded traffic", width=280),
+                     TableColumn(field="now", title="policy in force"), TableColumn(field="new", title="proposed")],
+            index_position=None, height=220, width=520, name="whatif_table", visible=False,
+        )  # fmt: skip  # not drawn (it misses updates of its source); it keeps the source in the page for tests
+        self.whatif_view = _table(WHATIF_COLUMNS, 260, name="whatif", width=560, height=260, sizing_mode="fixed")
+        self.whatif_note = pn.pane.Markdown("", margin=(0, 10), width=520)
         controls_ok, message = self.admin.available()
-        self.policy_note.object = message or (
-            "Click a pattern to edit it, or name a new one. Every replica applies a change within a second."
+        self._note(
+            message or "Click a pattern to edit it, or name a new one. Every replica applies a change within a second.",
+            "read-only" if message else "hint",
         )
-        self.policy_controls = pn.Row(self.policy_pattern, self.policy_body, self.policy_apply, visible=controls_ok)
+        self.policy_controls = pn.Row(
+            pn.Column(self.policy_pattern, self.policy_body, self.policy_apply),
+            pn.Column(self.whatif_note, self.whatif_view, pn.pane.Bokeh(self.whatif_table)),
+            visible=controls_ok,
+        )
 
     def panel(self) -> pn.viewable.Viewable:
         pane = dict(sizing_mode="stretch_width")
@@ -246,26 +351,59 @@ class Dashboard:
         def heading(text: str) -> pn.pane.Markdown:
             return pn.pane.Markdown(f"### {text}", margin=(0, 10))
 
+        def series(name: str) -> pn.widgets.FileDownload:
+            return _csv(name, lambda: _series_frame(self.sources[name]))
+
+        def table(name: str, widget: pn.widgets.Tabulator) -> pn.widgets.FileDownload:
+            return _csv(name, lambda: widget.value)
+
+        histogram = _csv("latency-histogram", lambda: pd.DataFrame(dict(self.histogram.data)))
+        whatif = _csv("whatif", lambda: self.whatif_view.value)
         return pn.Column(
-            pn.Row(pn.pane.Markdown("## sidecar: live traffic", margin=(0, 10)), pn.Spacer(), self.window_choice),
+            pn.Row(
+                pn.pane.Markdown("## sidecar: live traffic", margin=(0, 10)),
+                pn.Spacer(),
+                self.window_choice,
+                self.pause,
+            ),  # fmt: skip
             self.status,
             pn.Row(self.filter_label, self.clear_filter),
             pn.pane.Bokeh(self.rates_fig, **pane),
-            pn.Row(pn.pane.Bokeh(self.latency_fig, **pane), pn.pane.Bokeh(self.hist_fig, **pane), **pane),
+            series("rates"),
+            pn.Row(
+                pn.Column(pn.pane.Bokeh(self.latency_fig, **pane), series("latency"), **pane),
+                pn.Column(pn.pane.Bokeh(self.hist_fig, **pane), histogram, **pane),
+                **pane,
+            ),
             heading(f"Top channels (last {TOP_SECONDS} s; click a row to filter the plots)"),
             self.channels_table,
+            table("channels", self.channels_table),
             pn.Row(
-                pn.Column(heading("Connections"), self.transport_numbers, pn.pane.Bokeh(self.conn_fig, **pane), **pane),
-                pn.Column(heading("Herd"), self.herd_numbers, pn.pane.Bokeh(self.herd_fig, **pane), **pane),
+                pn.Column(
+                    heading("Connections"),
+                    self.transport_numbers,
+                    pn.pane.Bokeh(self.conn_fig, **pane),
+                    series("connections"),
+                    **pane,
+                ),  # fmt: skip
+                pn.Column(
+                    heading("Herd"), self.herd_numbers, pn.pane.Bokeh(self.herd_fig, **pane), series("herd"), **pane
+                ),  # fmt: skip
                 **pane,
             ),
             heading("Replicas"),
             self.replicas_table,
+            table("replicas", self.replicas_table),
             heading("Throttle policy"),
-            self.policy_table,
             self.policy_state,
+            pn.Row(
+                pn.Column(self.policy_table, table("policy", self.policy_table), **pane),
+                pn.Column(self.limits_table, table("limits", self.limits_table), width=320),
+                **pane,
+            ),
             self.policy_note,
             self.policy_controls,
+            whatif,
             sizing_mode="stretch_width",
         )
 
@@ -273,19 +411,32 @@ class Dashboard:
     def refresh(self) -> None:
         now = self.clock()
         self._poll(now)
+        if self.pause.value:  # frozen for a look (pan, zoom, export); the feed still reads for the others
+            return
         window = self.feed.window
         settled = window.settled(now)
         if settled > self.end:
-            start = max(self.end, settled - MAX_BINS)
+            start = max(self.end, settled - self.range)
             points = window.series(start, settled, self.pattern)
             for name, data in _columns(points).items():
-                self.sources[name].stream(data, rollover=MAX_BINS)
+                self.sources[name].stream(data, rollover=self.range)
             self.end = settled
             counts = window.histogram(settled, HISTOGRAM_SECONDS)
             self.histogram.patch({"count": [(slice(0, len(counts)), counts)]})
             self._update_numbers(points[-1])
+            self._follow()
         self._update_tables(now)
         self._update_policy(now)
+
+    def _follow(self) -> None:
+        """The x range: the chosen minutes up to the last settled second; the empty-plot sentences."""
+        self.x_range.update(start=_ms(self.end - self.range), end=_ms(self.end))
+        for label, source, columns, text in self.empty.values():
+            label.text = "" if _any(self.sources[source].data, columns) else text
+            label.visible = bool(label.text)
+        writes = any(self.histogram.data["count"])
+        self.hist_empty.text = "" if writes else f"No socket write in the last {HISTOGRAM_SECONDS} s"
+        self.hist_empty.visible = not writes
 
     def _poll(self, now: float, force: bool = False) -> None:
         feed = self.feed
@@ -293,16 +444,17 @@ class Dashboard:
             feed.poll(now)
 
     def _reload(self) -> None:
-        """Replace every series (first draw, or the channel filter changed)."""
+        """Replace every series (first draw, the channel filter or the time range changed, or a resume)."""
         window: Window = self.feed.window
         oldest = window.oldest()  # no flat line for the time before any replica reported
-        start = self.end if oldest is None else max(self.end - int(window.span), math.floor(oldest))
+        start = self.end - self.range if oldest is None else max(self.end - self.range, math.floor(oldest))
         points = window.series(start, self.end, self.pattern)
         for name, data in _columns(points).items():
             self.sources[name].data = data
         self.histogram.data = {"bucket": bucket_labels(), "count": window.histogram(self.end, HISTOGRAM_SECONDS)}
         if points:
             self._update_numbers(points[-1])
+        self._follow()
 
     def _update_numbers(self, last: Point) -> None:
         pending, spread, pulls, coalesced = self.herd_numbers.objects
@@ -353,13 +505,80 @@ class Dashboard:
             return
         self._policy_at = now
         try:
-            self.policy = read_policy(self.feed.client, self.config.throttle_key)
+            view = read_policy(self.feed.client, self.config.throttle_key)
         except Exception as exc:  # Redis down: the status line says so already
             self.policy_state.object = f"Cannot read `{self.config.throttle_key}`: {type(exc).__name__}"
             return
-        rows = [{"pattern": r.pattern, **r.fields()} for r in self.policy.rules]
-        self.policy_table.value = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["pattern"])
-        self.policy_state.object = self.policy.summary
+        changed = view != self.policy
+        self.policy = view
+        self.in_force, self.policy_source = in_force(view, self.config.defaults)
+        if changed or force:
+            self.policy_table.value = pd.DataFrame(channel_rows(self.in_force, self.policy_source))
+            limits = [{"limit": r["limit"], "value": f"{r['value']:g}"} for r in limit_rows(self.in_force)]
+            self.limits_table.value = pd.DataFrame(limits)  # as text: 1000 frames, not 1,000.0
+        if view.doc is None:
+            self.policy_state.object = ("No policy set by ops: every replica runs its settings' policy "
+                                        "(SIDECAR_COALESCE_WINDOW, SIDECAR_POKE_RATE, ...), shown here.")  # fmt: skip
+        else:
+            at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(view.updated)) if view.updated else "?"
+            self.policy_state.object = f"Policy version {view.version}, set by ops at {at}."
+
+    def _note(self, text: str, kind: str) -> None:
+        """The editor's message: green when it worked, red when it did not, amber when read-only."""
+        self.policy_note.alert_type = NOTE_KINDS[kind]
+        self.policy_note.object = text
+
+    def _proposed(self) -> tuple[str, ChannelPolicy] | str:
+        """The edited pattern and its rule, or what is wrong with them."""
+        pattern = self.policy_pattern.value.strip()
+        try:
+            policy = orjson.loads(self.policy_body.value or "{}")
+        except orjson.JSONDecodeError as exc:
+            return f"the policy is not JSON ({exc})"
+        if not pattern or not isinstance(policy, dict):
+            return 'give a pattern and a JSON object like {"window": 0.25}'
+        try:
+            return pattern, channel_policy(policy)
+        except ValueError as exc:
+            return str(exc)
+
+    def _show_whatif(self, rows: list[tuple[str, str, str]]) -> None:
+        self.whatif_source.data = {"what": [r[0] for r in rows], "now": [r[1] for r in rows],
+                                   "new": [r[2] for r in rows]}  # fmt: skip
+        self.whatif_view.value = pd.DataFrame(rows, columns=WHATIF_COLUMNS)
+
+    def _update_whatif(self) -> None:
+        """The edited rule against the one in force, replayed over the chosen minutes of the pattern's traffic."""
+        proposed = self._proposed()
+        if not self.policy_pattern.value.strip():
+            self.whatif_note.object = "Name a pattern and its policy to see what it would have done."
+            self._show_whatif([])
+            return
+        if isinstance(proposed, str):
+            self.whatif_note.object = f"No what-if: {proposed}."
+            self._show_whatif([])
+            return
+        pattern, rule = proposed
+        window = self.feed.window
+        labels = window.labels_under(pattern)
+        oldest = window.oldest()
+        start = self.end - self.range if oldest is None else max(self.end - self.range, math.floor(oldest))
+        if not labels or start >= self.end:
+            self.whatif_note.object = (f"No what-if: no traffic recorded under `{pattern}` in the last "
+                                       f"{self.range // 60} min (channels no configured pattern matches count as "
+                                       "`*`; SIDECAR_STATS_PATTERNS names more).")  # fmt: skip
+            self._show_whatif([])
+            return
+        points = window.series(start, self.end, labels)
+        rows = compare(points, rule_for(self.in_force, pattern), rule)
+        self.whatif_source.tags = [
+            {"start": start, "end": self.end, "labels": sorted(labels), "pattern": pattern, "rule": policy_fields(rule)}
+        ]
+        self._show_whatif(rows)
+        span = f"{time.strftime('%H:%M:%S', time.gmtime(start))}-{time.strftime('%H:%M:%S UTC', time.gmtime(self.end))}"
+        self.whatif_note.object = (f"**What-if** over {span} ({len(points)} s) of "
+                                   f"{', '.join(f'`{n}`' for n in sorted(labels))}: the relay's throttle replayed "
+                                   "on the recorded counts, as if on one channel (docs/dashboard.md).")  # fmt: skip
 
     # -- interaction ----------------------------------------------------------------------------------------
     def set_pattern(self, pattern: str | None) -> None:
@@ -377,32 +596,41 @@ class Dashboard:
         self.set_pattern(None if pattern == self.pattern else pattern)
 
     def _on_window(self, event: Any) -> None:
-        self.x_range.follow_interval = WINDOWS[event.new] * 1000
+        self.range = WINDOWS[event.new]
+        self._reload()
+        self._update_whatif()
+
+    def _on_pause(self, event: Any) -> None:
+        self.pause.name = "Resume" if event.new else "Pause"
+        self.pause.button_type = "warning" if event.new else "default"
+        if not event.new:  # back to live: what settled meanwhile, in one go
+            self.end = self.feed.window.settled(self.clock())
+            self._reload()
 
     def _on_rule_click(self, event: Any) -> None:
         try:
-            rule = self.policy.rules[event.row]
-        except (IndexError, TypeError):
+            row = self.policy_table.value.iloc[event.row]
+        except (IndexError, TypeError, AttributeError):
             return
-        self.policy_pattern.value = rule.pattern
-        self.policy_body.value = orjson.dumps(rule.policy).decode()
+        pattern = str(row["pattern"])
+        rule = self.in_force.channels.get(pattern)
+        self.policy_pattern.value = pattern
+        self.policy_body.value = orjson.dumps(policy_fields(rule) if rule else {}).decode()
 
     def _on_apply(self, _: Any) -> None:
-        pattern = self.policy_pattern.value.strip()
-        try:
-            policy = orjson.loads(self.policy_body.value or "{}")
-        except orjson.JSONDecodeError as exc:
-            self.policy_note.object = f"Not changed: the policy is not JSON ({exc})."
+        proposed = self._proposed()
+        if isinstance(proposed, str):
+            self._note(f"Not changed: {proposed}.", "error")
             return
-        if not pattern or not isinstance(policy, dict):
-            self.policy_note.object = 'Not changed: give a pattern and a JSON object like {"window": 0.25}.'
-            return
+        pattern, _rule = proposed
+        policy = orjson.loads(self.policy_body.value or "{}")
         base = self.policy.doc if self.policy.doc is not None else self.admin.current()
         ok, message = self.admin.put(with_rule(base, pattern, policy))
-        self.policy_note.object = message
+        self._note(message, "ok" if ok else "read-only" if message.startswith("Read-only") else "error")
         if not ok and message.startswith("Read-only"):
             self.policy_controls.visible = False
         self._update_policy(self.clock(), force=True)
+        self._update_whatif()
 
 
 def dashboard(config: DashboardConfig | None = None) -> pn.viewable.Viewable:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.config import Settings
+from sidecar.control import policy_from_settings
+from sidecar.core.throttle import Policy
 from sidecar.embedded import recorded_url
 from sidecar.store import connect
 
@@ -83,7 +85,8 @@ class StatsFeed:
 class DashboardConfig:
     """What the dashboard needs: the sidecar's settings (``REDIS_URL``, else the URL a running ``sidecar demo``
     recorded in ``SIDECAR_DATA_DIR``, ``SIDECAR_KEY_PREFIX``,
-    ``SIDECAR_STATS_INTERVAL``, ``SIDECAR_ADMIN_KEY``: enables the throttle controls), plus two of its own:
+    ``SIDECAR_STATS_INTERVAL``, ``SIDECAR_ADMIN_KEY``: enables the throttle controls, and the throttle settings
+    ``SIDECAR_COALESCE_WINDOW``... for the policy in force while ops set none), plus two of its own:
     ``SIDECAR_URL`` (a sidecar, for the admin API) and ``SIDECAR_DASHBOARD_WINDOW`` (seconds shown)."""
 
     redis_url: str
@@ -93,6 +96,7 @@ class DashboardConfig:
     window: float = 600.0
     sidecar_url: str = "http://127.0.0.1:8000"
     admin_key: str | None = None
+    defaults: Policy = Policy()  # the settings' policy: what replicas run while ops set none
 
     @property
     def stale_after(self) -> float:
@@ -110,6 +114,7 @@ class DashboardConfig:
             window=min(max(window, 60.0), 3600.0),
             sidecar_url=(environ.get("SIDECAR_URL") or f"http://{settings.host}:{settings.port}").rstrip("/"),
             admin_key=(settings.admin_key or "").split(",")[0].strip() or None,
+            defaults=policy_from_settings(settings),
         )
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import orjson
 import requests
 
+from sidecar.core.throttle import CHANNEL_LIMITS, LIMITS, ChannelPolicy, Policy, PolicyError
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -104,6 +106,51 @@ def with_rule(doc: Any, pattern: str, policy: dict[str, Any]) -> dict[str, Any]:
     channels = new.get("channels")
     new["channels"] = {**(channels if isinstance(channels, dict) else {}), pattern: policy}
     return new
+
+
+def in_force(view: PolicyView, defaults: Policy) -> tuple[Policy, str]:
+    """The policy the replicas run, and where it comes from: ops' document over the settings' policy
+    (``defaults``, as sidecar/control.py applies it), or the settings' policy when ops set none."""
+    if view.doc is None:
+        return defaults, "settings"
+    try:
+        return Policy.from_json(view.doc, defaults), "ops"
+    except PolicyError:
+        return defaults, "settings (ops' document is not valid)"
+
+
+def channel_rows(policy: Policy, source: str = "") -> list[dict[str, Any]]:
+    """One row per channel pattern, most specific first (the order patterns are matched in)."""
+    return [
+        {"pattern": pattern, **policy_fields(rule), "from": source}
+        for pattern, rule in sorted(policy.channels.items(), key=lambda kv: _specific(kv[0]))
+    ]
+
+
+def _specific(pattern: str) -> tuple[int, int, str]:
+    return (-len(pattern.replace("*", "")), pattern.count("*"), pattern)  # as Policy.match orders them
+
+
+def policy_fields(rule: ChannelPolicy) -> dict[str, float]:
+    """A pattern's rule as its JSON policy (for the editor)."""
+    return {name: getattr(rule, name) for name in CHANNEL_LIMITS}
+
+
+def limit_rows(policy: Policy) -> list[dict[str, Any]]:
+    """The replica-wide limits, one row each."""
+    return [{"limit": name, "value": getattr(policy, name)} for name in LIMITS]
+
+
+def rule_for(policy: Policy, pattern: str) -> ChannelPolicy:
+    """The rule a pattern's channels get now: its own, else the one its name matches (the default ``*``)."""
+    return policy.channels.get(pattern) or policy.match(pattern)[1]
+
+
+def policy_frame(policy: Policy, source: str = "") -> Any:
+    """The policy as a DataFrame: one row per channel pattern, for notebooks."""
+    import pandas as pd
+
+    return pd.DataFrame(channel_rows(policy, source))
 
 
 def _json(raw: Any) -> Any:

@@ -31,11 +31,13 @@ from typing import Any
 
 import orjson
 
+from sidecar.core.patterns import glob_match
 from sidecar.stats import COUNTERS, LATENCY_BOUNDS_MS, RECORD_FIELD, SUBSCRIBERS
 
 COUNT_KEYS = tuple(COUNTERS.values())  # "pub", "dlv", "coal", "drop", "delay", "adm", "rej", "pull"
 N_BUCKETS = len(LATENCY_BOUNDS_MS)
 QUANTILES = (50, 95, 99)
+Labels = str | frozenset[str] | None  # which channel labels a series counts: one, a set of them, or all
 
 
 # -- records ------------------------------------------------------------------------------------------------
@@ -64,15 +66,16 @@ class Record:
     def begin(self) -> float:
         return self.ts - self.dt
 
-    def counts(self, pattern: str | None = None) -> dict[str, int]:
-        """The counters of one pattern, or of all of them summed (``pattern`` None)."""
-        if pattern is not None:
+    def counts(self, pattern: Labels = None) -> dict[str, int]:
+        """The counters of one pattern, of several summed (a set of them), or of all (``pattern`` None)."""
+        if isinstance(pattern, str):
             entry = self.channels.get(pattern, {})
             return {k: entry.get(k, 0) for k in (*COUNT_KEYS, SUBSCRIBERS)}
         total = dict.fromkeys((*COUNT_KEYS, SUBSCRIBERS), 0)
-        for entry in self.channels.values():
-            for k in total:
-                total[k] += entry.get(k, 0)
+        for name, entry in self.channels.items():
+            if pattern is None or name in pattern:
+                for k in total:
+                    total[k] += entry.get(k, 0)
         return total
 
 
@@ -297,7 +300,7 @@ class Window:
         return math.floor(min(self.latest(r).ts for r in live))
 
     # -- time series ----------------------------------------------------------------------------------------
-    def series(self, start: int, end: int, pattern: str | None = None) -> list[Point]:
+    def series(self, start: int, end: int, pattern: Labels = None) -> list[Point]:
         """One :class:`Point` per second in ``[start, end)``; counts of ``pattern`` only if given (latency,
         connections and the herd gauges are per replica, not per channel, and are always the totals)."""
         if end <= start:
@@ -325,7 +328,7 @@ class Window:
         rows: list[Record],
         start: int,
         end: int,
-        pattern: str | None,
+        pattern: Labels,
         points: list[Point],
         published: list[float],
         covered: list[float],
@@ -360,7 +363,7 @@ class Window:
         return [r for r in rows[i:] if r.begin < end]
 
     def _gauges(
-        self, replica: str, rows: list[Record], start: int, end: int, pattern: str | None, points: list[Point]
+        self, replica: str, rows: list[Record], start: int, end: int, pattern: Labels, points: list[Point]
     ) -> None:
         # A gauge at second t is the replica's last record before t+1, if it is not stale by then.
         stamps = self._ts[replica]
@@ -377,6 +380,13 @@ class Window:
             p.subscribers += r.counts(pattern)[SUBSCRIBERS]
             p.pending += r.pending
             p.spread = max(p.spread, r.spread)
+
+    def labels_under(self, pattern: str) -> frozenset[str]:
+        """The channel labels seen in the window whose channels a policy ``pattern`` covers: the pattern itself,
+        and labels it matches (``dash:*`` covers ``dash:alpha`` and ``dash:a*``). ``*``, the label of every
+        channel no configured pattern matched, is covered only by ``*``: its channels are not known."""
+        seen = {name for rows in self.records.values() for r in rows for name in r.channels}
+        return frozenset(name for name in seen if name == pattern or (name != "*" and glob_match(pattern, name)))
 
     # -- tables ---------------------------------------------------------------------------------------------
     def top_channels(self, end: float, seconds: float = 10.0, now: float | None = None) -> list[ChannelRow]:
@@ -495,3 +505,41 @@ def channels_frame(records: Iterable[Record]) -> Any:
         for pattern, entry in r.channels.items()
     ]  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def latency_frame(records: Iterable[Record]) -> Any:
+    """One row per (record, latency bucket) with writes in it: ``le_ms`` the bucket's upper bound (inf: the
+    open last one), ``writes`` the socket writes. Sum ``writes`` over any grouping, then :func:`percentile`
+    of the summed buckets: percentiles of records do not average."""
+    import pandas as pd
+
+    rows = [
+        {"time": pd.Timestamp(r.ts, unit="s"), "replica": r.replica, "le_ms": LATENCY_BOUNDS_MS[i], "writes": n}
+        for r in records
+        for i, n in enumerate(r.lat)
+        if n
+    ]
+    frame = pd.DataFrame(rows, columns=["time", "replica", "le_ms", "writes"])
+    return frame.astype({"time": "datetime64[ns]", "le_ms": float, "writes": int})  # typed even when empty
+
+
+def frame_percentile(frame: Any, q: float) -> float | None:
+    """The ``q``-th percentile (ms) of the writes in rows of :func:`latency_frame` (any subset of them)."""
+    counts = [0.0] * N_BUCKETS
+    for bound, writes in zip(frame["le_ms"], frame["writes"]):
+        counts[LATENCY_BOUNDS_MS.index(bound)] += writes
+    return percentile(counts, q)
+
+
+def percentile_by(frame: Any, keys: Sequence[str], q: float) -> Any:
+    """The ``q``-th percentile (ms) per group of rows of :func:`latency_frame`: one row per group, columns
+    ``keys`` and ``p<q>_ms``. E.g. ``percentile_by(frame.assign(minute=frame.time.dt.floor("min")),
+    ["minute", "replica"], 99)``."""
+    import pandas as pd
+
+    name = f"p{q:g}_ms"
+    rows = [
+        {**dict(zip(keys, key if isinstance(key, tuple) else (key,))), name: frame_percentile(group, q)}
+        for key, group in frame.groupby(list(keys))
+    ]
+    return pd.DataFrame(rows, columns=[*keys, name])

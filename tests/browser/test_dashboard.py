@@ -18,6 +18,10 @@ import pytest
 import redis
 import requests
 
+from dashboard.feed import read_records
+from dashboard.sources import Window
+from dashboard.whatif import compare
+from sidecar.core.throttle import ChannelPolicy
 from sidecar.publish import Publisher
 from tests.processes import REPO_ROOT, ManagedProcess, child_env, free_port
 
@@ -108,21 +112,60 @@ def sums(page: Any, name: str, *columns: str) -> dict[str, float] | None:
     return page.evaluate(SOURCE_SUMS, [name, list(columns)])
 
 
+LABEL_TEXT = """(name) => {
+  const m = Bokeh.documents[0].get_model_by_name(name);
+  return m ? (m.visible ? m.text : "") : null;
+}"""
+WHATIF = """() => {
+  const src = Bokeh.documents[0].get_model_by_name('whatif');
+  return src && src.data.what.length ? {what: src.data.what, now: src.data.now, new: src.data.new, tags: src.tags}
+                                     : null;
+}"""
+X_RANGE = "() => { const r = Bokeh.documents[0].get_model_by_name('x_range'); return [r.start, r.end]; }"
+
+
+def old_records(client: redis.Redis, ago: float, n: int, pattern: str, per_record: int) -> None:
+    """Records of a replica that ran ``ago`` seconds ago for ``n`` seconds and stopped: real records, as
+    sidecar/stats.py writes them, to see what a time range leaves out."""
+    now = time.time()
+    for i in range(n):
+        ts = round(now - ago + i + 1, 3)
+        record = {"v": 1, "replica": "earlier:1", "host": "earlier", "pid": 1, "port": 8000, "ts": ts, "dt": 1.0,
+                  "started": now - ago - 10, "reader": 1, "conn": {}, "slow": 0, "lat": [0] * 14,
+                  "herd": {"pending": 0, "spread": 0.0}, "ch": {pattern: {"pub": per_record}}}  # fmt: skip
+        if i == n - 1:
+            record["stopped"] = 1
+        client.xadd("rt:stats", {"r": orjson.dumps(record)}, id=f"{int(ts * 1000)}-0")
+
+
 def test_the_dashboard_plots_the_traffic_filters_by_channel_and_changes_the_throttle(
     redis_server, sidecar_process, dashboard_process, browser, artifacts
 ):
+    client = redis.Redis.from_url(redis_server.url)
+    old_records(client, ago=480, n=10, pattern="earlier:*", per_record=5)  # 50 messages, 8 minutes ago
     sidecar = sidecar_process(redis_server.url, SIDECAR_ADMIN_KEY=ADMIN_KEY, SIDECAR_KEEPALIVE="1",
                               SIDECAR_STATS_PATTERNS=f"{ALPHA},noise:*")  # fmt: skip
     dash = dashboard_process(redis_server.url, SIDECAR_URL=sidecar.url, SIDECAR_ADMIN_KEY=ADMIN_KEY)
-    subscriber = Subscriber(sidecar.url, ALPHA)
-    page = browser.new_page(viewport={"width": 1400, "height": 1900})
+    page = browser.new_page(viewport={"width": 1400, "height": 1900}, accept_downloads=True)
+    subscriber = None
     try:
         page.goto(dash.url)
         page.wait_for_function("() => window.Bokeh && Bokeh.documents.length && Bokeh.documents[0]"
                                ".get_model_by_name('rates')", timeout=20_000)  # fmt: skip
-        page.get_by_text("1 sidecar replica reporting").wait_for(timeout=10_000)
+        page.get_by_text("1 sidecar replica reporting, 1 stopped").wait_for(timeout=10_000)
+
+        # Empty states say why a plot is empty, and what to do.
+        assert "open" in page.evaluate(LABEL_TEXT, "empty-latency") and "/demo" in page.evaluate(
+            LABEL_TEXT, "empty-latency"
+        )
+        assert page.evaluate(LABEL_TEXT, "empty-connections").startswith("No client connected")
+        assert page.evaluate(LABEL_TEXT, "empty-rates") == ""  # the earlier replica's 50 messages
+        page.get_by_text("No policy set by ops").wait_for(timeout=5_000)  # ... and the settings' policy, as a table
+        page.get_by_text("queue_frames", exact=True).wait_for(timeout=5_000)
+        page.screenshot(path=str(artifacts / "dashboard-empty.png"), full_page=True)
 
         # Traffic while the page is open: 40 messages on ALPHA (one subscriber) and 20 on NOISE (none), over 2 s.
+        subscriber = Subscriber(sidecar.url, ALPHA)
         pub = Publisher.from_url(redis_server.url)
         first = sums(page, "rates", "published")
         assert first is not None
@@ -133,16 +176,47 @@ def test_the_dashboard_plots_the_traffic_filters_by_channel_and_changes_the_thro
             time.sleep(0.05)
         wait_for(lambda: subscriber.messages == 40, 5, "the deliveries")
 
-        # The plotted seconds add up to what was published and delivered, once they have settled.
-        def settled() -> dict[str, float] | None:
-            got = sums(page, "rates", "published", "delivered")
-            return got if got and abs(got["published"] - 60) < 1e-3 and abs(got["delivered"] - 40) < 1e-3 else None
+        # The plotted seconds add up to what was published and delivered, once they have settled: in the
+        # 15 minutes shown first, with the earlier replica's 50.
+        def settled(published: float) -> Callable[[], dict[str, float] | None]:
+            def check() -> dict[str, float] | None:
+                got = sums(page, "rates", "published", "delivered")
+                ok = got and abs(got["published"] - published) < 1e-3 and abs(got["delivered"] - 40) < 1e-3
+                return got if ok else None
 
-        last = wait_for(settled, 10, "the plotted rates to add up to 60 published, 40 delivered")
+            return check
+
+        last = wait_for(settled(110), 10, "the plotted rates to add up to 110 published, 40 delivered")
         assert last["n"] > first["n"]  # the series grew while the page was open (stream(), one point a second)
+        start, end = page.evaluate(X_RANGE)
+        assert end - start == 900_000
         latency = sums(page, "latency", "p50", "p99")
         assert latency is not None and latency["p99"] >= latency["p50"] > 0
+        assert page.evaluate(LABEL_TEXT, "empty-latency") == ""
         assert sums(page, "connections", "sse")["sse"] >= 1
+
+        # The time range: 5 minutes leaves the earlier replica out of the plot, and the x axis shows 5 minutes.
+        page.get_by_role("button", name="5 min", exact=True).click()
+        wait_for(settled(60), 5, "the 5-minute view to hold only this run's 60 messages")
+        start, end = page.evaluate(X_RANGE)
+        assert end - start == 300_000
+
+        # Pause freezes the plots (the x range too); Resume catches up.
+        page.get_by_role("button", name="Pause").click()
+        page.get_by_role("button", name="Resume").wait_for(timeout=5_000)
+        frozen = page.evaluate(X_RANGE)
+        time.sleep(2.5)
+        assert page.evaluate(X_RANGE) == frozen
+        page.get_by_role("button", name="Resume").click()
+        wait_for(lambda: page.evaluate(X_RANGE)[1] > frozen[1], 5, "the plots to move again")
+
+        # CSV of what a plot shows.
+        with page.expect_download() as download:
+            page.get_by_role("button", name="CSV: rates").click()
+        csv = Path(download.value.path()).read_text().splitlines()
+        assert csv[0] == "time,published,delivered"
+        assert sum(float(line.split(",")[1]) for line in csv[1:]) == pytest.approx(60)
+
         page.get_by_text(ALPHA, exact=True).first.wait_for(timeout=5_000)  # the top channels table
         page.get_by_text("noise:*", exact=True).first.wait_for(timeout=5_000)
 
@@ -152,22 +226,46 @@ def test_the_dashboard_plots_the_traffic_filters_by_channel_and_changes_the_thro
                             5, "the filtered plot")  # fmt: skip
         assert filtered["published"] == pytest.approx(40)
 
-        # The throttle: the admin key enables the controls; Apply goes through PUT /admin/throttle.
+        # The throttle: the admin key enables the controls; the what-if shows what the edited rule would have
+        # done over the recorded traffic, and matches the replay of the same records here.
         page.get_by_placeholder("sprint:*").fill("dash:*")
         page.get_by_placeholder("sprint:*").press("Tab")
         body = page.get_by_placeholder("poke_floor")
         body.fill('{"window": 0.25}')
         body.press("Tab")
+        shown = wait_for(lambda: (w := page.evaluate(WHATIF)) and w["tags"][0]["rule"]["window"] == 0.25 and w, 5,
+                         "the what-if of the edited rule")  # fmt: skip
+        span = shown["tags"][0]
+        assert span["labels"] == [ALPHA]
+        window = Window(span=3600, stale_after=5.0)
+        window.add(read_records(client, "rt:stats"))
+        points = window.series(span["start"], span["end"], frozenset(span["labels"]))
+        assert sum(p.published for p in points) == pytest.approx(40)
+        expected = compare(points, ChannelPolicy(), ChannelPolicy(window=0.25))
+        assert list(zip(shown["what"], shown["now"], shown["new"])) == expected
+        frames_now, frames_new = (float(v) for v in expected[0][1:])
+        assert frames_new < frames_now  # 20 messages/s into a 0.25 s window: about 4 frames/s, not 20
+        shown_cell = page.locator(".tabulator-cell", has_text=expected[3][2])  # the table on screen shows it too
+        shown_cell.first.wait_for(timeout=5_000)
+        page.screenshot(path=str(artifacts / "dashboard-whatif.png"), full_page=True)
+
+        # Apply goes through PUT /admin/throttle; success and failure look different.
+        page.get_by_role("button", name="Apply").click()
+        page.locator(".alert-success", has_text="Policy changed").wait_for(timeout=5_000)
+        page.get_by_text("dash:*", exact=True).first.wait_for(timeout=5_000)  # the policy table shows it
+        doc = orjson.loads(client.hget("rt:throttle", "doc"))
+        assert doc["channels"]["dash:*"]["window"] == 0.25
+        page.get_by_text("set by ops at").wait_for(timeout=5_000)
+        body.fill('{"window": 99}')
+        body.press("Tab")
         time.sleep(0.3)  # let the widgets' values reach the server before the click
         page.get_by_role("button", name="Apply").click()
-        page.get_by_text("Policy changed").wait_for(timeout=5_000)
-        page.get_by_text("dash:*", exact=True).first.wait_for(timeout=5_000)  # the policy table shows it
-        doc = orjson.loads(redis.Redis.from_url(redis_server.url).hget("rt:throttle", "doc"))
-        assert doc["channels"]["dash:*"]["window"] == 0.25
+        page.locator(".alert-danger", has_text="Not changed").wait_for(timeout=5_000)
         page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
     finally:
         page.close()
-        subscriber.close()
+        if subscriber is not None:
+            subscriber.close()
 
 
 def test_the_notebook_runs_top_to_bottom_against_redis_with_stats(redis_server, sidecar_process, monkeypatch):

@@ -303,3 +303,64 @@ def test_changing_one_pattern_keeps_the_rest_of_the_document():
     assert new == {"channels": {"*": {"window": 0.0}, "a:*": {"window": 1}, "b:*": {"poke_rate": 10}}, "admit_rate": 5}
     assert doc["channels"].keys() == {"*", "a:*"}  # not modified in place
     assert with_rule(None, "b:*", {"window": 1}) == {"channels": {"b:*": {"window": 1}}}
+
+
+# -- the what-if's traffic, the policy in force, the notebook's frames ---------------------------------------
+def test_a_policy_pattern_covers_the_labels_it_matches_but_not_the_catch_all():
+    w = Window(stale_after=5)
+    channels = {"dash:alpha": {"pub": 3, "subs": 1}, "dash:b*": {"pub": 2, "subs": 2}, "*": {"pub": 7},
+                "other:x": {"pub": 1}}  # fmt: skip
+    w.add([rec("a", T0 + 1, channels=channels), rec("a", T0 + 2, channels=channels)])
+    assert w.labels_under("dash:*") == {"dash:alpha", "dash:b*"}
+    assert w.labels_under("dash:alpha") == {"dash:alpha"}
+    assert w.labels_under("*") == {"*", "dash:alpha", "dash:b*", "other:x"}
+    assert w.labels_under("none:*") == frozenset()
+    (point,) = w.series(T0 + 1, T0 + 2, w.labels_under("dash:*"))
+    assert (point.published, point.subscribers) == (pytest.approx(5), 3)
+
+
+def test_the_policy_in_force_is_the_settings_policy_until_ops_set_one():
+    from dashboard.policy import channel_rows, in_force, limit_rows, rule_for
+    from sidecar.core.throttle import ChannelPolicy, Policy
+
+    defaults = Policy.from_json({"channels": {"*": {"window": 0.1}}, "queue_frames": 500})
+    policy, source = in_force(view_of(None), defaults)
+    assert (policy, source) == (defaults, "settings")
+    assert channel_rows(policy, source) == [
+        {"pattern": "*", "window": 0.1, "poke_rate": 0.0, "poke_floor": 0.0, "from": "settings"}
+    ]
+    assert {"limit": "queue_frames", "value": 500} in limit_rows(policy)
+
+    policy, source = in_force(view_of({"channels": {"a:*": {"poke_rate": 5}, "a:b*": {"window": 1}}}), defaults)
+    assert source == "ops"
+    assert [r["pattern"] for r in channel_rows(policy)] == ["a:b*", "a:*", "*"]  # the order they are matched in
+    assert policy.queue_frames == 500  # what ops left out comes from the settings, as the relay does
+    assert rule_for(policy, "a:*") == ChannelPolicy(poke_rate=5)
+    assert rule_for(policy, "new:*") == ChannelPolicy(window=0.1)  # a new pattern's channels get "*" now
+    assert in_force(view_of({"channels": {"x": {"window": 99}}}), defaults)[0] == defaults
+
+
+def test_latency_frame_is_tidy_and_its_percentiles_merge_buckets():
+    from dashboard.sources import frame_percentile, latency_frame
+
+    records = [rec("a", T0 + 1, lat=lat(b1=50)), rec("b", T0 + 1, lat=lat(b2=50)), rec("a", T0 + 2)]
+    frame = latency_frame(records)
+    assert list(frame.columns) == ["time", "replica", "le_ms", "writes"]
+    assert frame[["replica", "le_ms", "writes"]].values.tolist() == [["a", 1, 50], ["b", 2, 50]]
+    assert frame_percentile(frame, 50) == pytest.approx(1.0)  # the two replicas' buckets, merged
+    assert frame_percentile(frame[frame.replica == "b"], 50) == pytest.approx(1.5)
+    assert frame_percentile(frame.iloc[0:0], 50) is None
+
+
+def test_percentile_by_groups_and_an_empty_frame_has_the_columns():
+    from dashboard.sources import latency_frame, percentile_by
+
+    records = [rec("a", T0 + 1, lat=lat(b1=50)), rec("a", T0 + 2, lat=lat(b2=50)), rec("b", T0 + 1, lat=lat(b10=1))]
+    by_replica = percentile_by(latency_frame(records), ["replica"], 50)
+    assert by_replica.values.tolist() == [["a", pytest.approx(1.0)], ["b", pytest.approx(7.5)]]
+    empty = latency_frame([rec("a", T0 + 1)])
+    assert list(percentile_by(empty.assign(minute=empty.time.dt.floor("min")), ["minute", "replica"], 99).columns) == [
+        "minute",
+        "replica",
+        "p99_ms",
+    ]
