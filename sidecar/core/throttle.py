@@ -260,7 +260,11 @@ class Throttle:
         if not fresh:
             return
         self.rng.shuffle(fresh)
-        span = max(len(fresh) / policy.poke_rate, policy.poke_floor)
+        span = len(fresh) / policy.poke_rate
+        if spread.next_slot <= now:
+            # The floor spreads a herd that comes at once. Pokes queued behind a spread still running are spread
+            # already: a floor for every such group would put them a floor further behind on every change.
+            span = max(span, policy.poke_floor)
         start, step = max(now, spread.next_slot), span / len(fresh)
         for i, conn in enumerate(fresh):
             heapq.heappush(self._pokes, (start + i * step, next(self._n), msg.channel, conn))

@@ -213,6 +213,27 @@ def test_a_change_during_a_spread_keeps_waiting_pokes_and_queues_the_rest_after_
     assert max(per_second.values()) <= 2
 
 
+def test_steady_changes_with_a_floor_keep_pokes_a_floor_behind_not_ever_further() -> None:
+    # 25 poke subscribers, 5 changes a second, 100 pulls/s with a 1 s floor: each change finds a few of them
+    # poked already. Spreading each such group over the whole floor again, after the last spread, put the
+    # pokes 19 s behind after 5 s (found by the dashboard's what-if replay).
+    throttle, clock = make(policy(h=ChannelPolicy(poke_rate=100, poke_floor=1)))
+    conns = list(range(1, 26))
+    sent: list[tuple[float, Outgoing]] = []
+    changed_at: dict[int, float] = {}
+    for seq in range(1, 26):  # 5 s of changes
+        changed_at[seq] = clock.now
+        throttle.offer(message("h:1", seq), conns)
+        sent += drain(throttle, clock, clock.now + 0.2)
+    sent += drain(throttle, clock, clock.now + 30)
+    delays = [t - changed_at[out.messages[0].seq] for t, out in sent]
+    assert max(delays) <= 1.5  # the floor, and the cap's share of the queue: not growing with time
+    per_second = Counter(int(t - 1000) for t, _ in sent)
+    assert max(per_second.values()) <= 101  # the cap holds (a slot on the edge of a second may count in either)
+    last_seq = {out.conn: out.messages[0].seq for _, out in sorted(sent, key=lambda s: s[0])}
+    assert set(last_seq.values()) == {25}  # every subscriber heard of the last change
+
+
 # -- admission ----------------------------------------------------------------------------------------------
 def test_a_storm_is_admitted_at_the_rate_and_the_refused_are_told_to_come_back_spread_out() -> None:
     throttle, clock = make(Policy(admit_rate=200, admit_burst=200))
