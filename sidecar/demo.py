@@ -34,7 +34,7 @@ from sidecar.app import STATIC, create_app, error
 from sidecar.auth import InsecureConfig, check_startup
 from sidecar.cli import port_free, port_taken
 from sidecar.config import Settings
-from sidecar.embedded import URL_FILE, EmbeddedRedis
+from sidecar.embedded import URL_FILE, EmbeddedRedis, die_with_parent
 from sidecar.logs import configure
 from sidecar.publish import Publisher
 from sidecar.serve import listen
@@ -165,7 +165,7 @@ class Child:
         with open(log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=die_with_parent,  # gone with the demo, even a SIGKILLed one
             )  # fmt: skip
 
     def stop(self) -> None:

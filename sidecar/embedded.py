@@ -13,11 +13,13 @@ Example::
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +43,13 @@ def recorded_url(data_dir: str | Path) -> str | None:
         if url:
             return url
     return None
+
+
+def die_with_parent() -> None:
+    """A ``preexec_fn``: the child gets SIGTERM when the process that started it dies, also by SIGKILL (Linux
+    ``PR_SET_PDEATHSIG``), so that a child in a session of its own is never left running alone."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -118,7 +127,8 @@ class EmbeddedRedis:
         )
         # Its own session: a terminal's Ctrl-C reaches only its parent, which stops it last (after the clients).
         self._proc = subprocess.Popen(
-            [redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL, start_new_session=True
+            [redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         atexit.register(self.stop)
         self._wait_ready()

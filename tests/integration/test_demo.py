@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 import requests
@@ -169,3 +170,21 @@ def test_the_demo_refuses_a_busy_port_and_says_how_to_pick_another(tmp_path, fre
     hint = f"make demo PORT={taken + 1}" if which == "relay" else f"make demo DASHBOARD_PORT={taken + 1}"
     assert hint in text
     assert "sidecar demo is running" not in text
+
+
+@pytest.mark.slow
+def test_a_killed_demo_leaves_none_of_its_processes_running(tmp_path, free_port):
+    port, dashboard_port = free_port(), free_port()
+    demo = Demo(tmp_path, "--port", str(port), "--dashboard-port", str(dashboard_port),
+                SIDECAR_DATA_DIR=str(tmp_path / "state"))  # fmt: skip
+    try:
+        wait_for(lambda: "sidecar demo is running" in demo.text() or demo.proc.poll() is not None, 60, "the URLs")
+        children = psutil.Process(demo.proc.pid).children(recursive=True)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        assert "redis-server" in names and "celery" in names and "dashboard" in names, names
+        os.kill(demo.proc.pid, signal.SIGKILL)  # the demo alone, as the OOM killer would: not its group
+        demo.proc.wait(10)
+        gone, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, [" ".join(p.cmdline()) for p in alive]
+    finally:
+        demo.kill()
