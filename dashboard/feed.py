@@ -86,8 +86,9 @@ class DashboardConfig:
     """What the dashboard needs: the sidecar's settings (``REDIS_URL``, else the URL a running ``sidecar demo``
     recorded in ``SIDECAR_DATA_DIR``, ``SIDECAR_KEY_PREFIX``,
     ``SIDECAR_STATS_INTERVAL``, ``SIDECAR_ADMIN_KEY``: enables the throttle controls, and the throttle settings
-    ``SIDECAR_COALESCE_WINDOW``... for the policy in force while ops set none), plus two of its own:
-    ``SIDECAR_URL`` (a sidecar, for the admin API) and ``SIDECAR_DASHBOARD_WINDOW`` (seconds shown)."""
+    ``SIDECAR_COALESCE_WINDOW``... for the policy in force while ops set none), and its own two,
+    ``SIDECAR_URL`` (a sidecar, for the admin API) and ``SIDECAR_DASHBOARD_WINDOW`` (seconds shown): all read by
+    ``Settings``."""
 
     redis_url: str
     stats_key: str
@@ -105,14 +106,13 @@ class DashboardConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> DashboardConfig:
         settings = Settings.from_env(environ)
-        window = float(environ.get("SIDECAR_DASHBOARD_WINDOW") or 600)
         return cls(
             redis_url=settings.redis_url or recorded_url(settings.data_dir) or "redis://127.0.0.1:6379/0",
             stats_key=f"{settings.key_prefix}:stats",
             throttle_key=f"{settings.key_prefix}:throttle",
             interval=settings.stats_interval,
-            window=min(max(window, 60.0), 3600.0),
-            sidecar_url=(environ.get("SIDECAR_URL") or f"http://{settings.host}:{settings.port}").rstrip("/"),
+            window=min(max(settings.dashboard_window, 60.0), 3600.0),
+            sidecar_url=(settings.url or f"http://{settings.host}:{settings.port}").rstrip("/"),
             admin_key=(settings.admin_key or "").split(",")[0].strip() or None,
             defaults=policy_from_settings(settings),
         )

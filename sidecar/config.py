@@ -95,6 +95,10 @@ class Settings:
     stats_patterns: str = ""  # channel patterns (comma) to count by, besides the throttle policy's; the rest: *
     stats_channel_names: bool = False  # count unmatched channels by name: exposes them in /metrics and the stream
 
+    # Dashboard (docs/dashboard.md)
+    url: str | None = None  # a sidecar (or the proxy) whose admin API the throttle controls call; None: host:port
+    dashboard_window: float = 600.0  # seconds the dashboard shows at first (60-3600)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
         """Settings from ``SIDECAR_<NAME>`` variables (and ``REDIS_URL``), then ``overrides``."""
