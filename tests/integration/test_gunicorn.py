@@ -16,21 +16,21 @@ from tests.clients import SSEClient, WSClient
 from tests.processes import REPO_ROOT, ManagedProcess, child_env, free_port
 
 
+def healthy(url: str) -> bool:
+    try:
+        return requests.get(url + "/healthz", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def test_gunicorn_gevent_worker_serves_sse_and_websocket(redis_server, tmp_path):
     port = free_port()
     argv = [sys.executable, "-m", "gunicorn", "-c", str(REPO_ROOT / "sidecar" / "gunicorn.conf.py"),
             "--bind", f"127.0.0.1:{port}"]  # fmt: skip
     proc = ManagedProcess("gunicorn", argv, child_env(redis_server.url, {"SIDECAR_DEV": "1"}), tmp_path / "g.log")
     url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return requests.get(url + "/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
     try:
-        proc.wait_until("GET /healthz 200", healthy, 30)
+        proc.wait_until("GET /healthz 200", lambda: healthy(url), 30)
         sse, ws = SSEClient(url, ["gu:1"]), WSClient(f"ws://127.0.0.1:{port}")
         ws.subscribe("gu:1")
         sse.wait(lambda f: sse.last_id is not None)
@@ -68,15 +68,8 @@ def test_gunicorn_refuses_open_production_settings_in_one_line(redis_server, tmp
 
 def test_a_gunicorn_worker_that_stops_cleanly_says_so_in_its_last_stats_record(redis_server, tmp_path):
     proc, url = gunicorn(redis_server.url, tmp_path / "stops.log", SIDECAR_DEV="1", SIDECAR_STATS_INTERVAL="0.2")
-
-    def healthy() -> bool:
-        try:
-            return requests.get(url + "/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
     try:
-        proc.wait_until("GET /healthz 200", healthy, 30)
+        proc.wait_until("GET /healthz 200", lambda: healthy(url), 30)
         client = redis.Redis.from_url(redis_server.url)
         time.sleep(0.5)
 

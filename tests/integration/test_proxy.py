@@ -37,27 +37,28 @@ def nginx(tmp_path: Path) -> Iterator[object]:
         proc.stop()
 
 
-class ResumingSSE:
-    """An SSE client that reconnects, with its last `id:` as Last-Event-ID, whenever its stream ends."""
+class Resuming:
+    """A client that reconnects whenever its stream ends, from where it was (`connect()` says how), and keeps
+    every frame of every connection."""
 
-    def __init__(self, base: str, channels: list[str]) -> None:
-        self.base, self.channels = base, channels
+    def __init__(self) -> None:
         self.frames: list[dict] = []
         self.connects = 0
         self.running = True
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def connect(self) -> SSEClient | WSClient | None:
+        raise NotImplementedError
+
     def _run(self) -> None:
-        cursor = None
         while self.running:
             try:
-                client = SSEClient(self.base, self.channels, last_event_id=cursor)
-            except OSError:
+                client = self.connect()
+            except Exception:  # refused while nginx notices the dead replica
+                client = None
+            if client is None:
                 time.sleep(0.1)
-                continue
-            if client.status != 200:
-                time.sleep(0.2)
                 continue
             self.connects += 1
             seen = 0
@@ -65,48 +66,48 @@ class ResumingSSE:
                 self.frames.extend(client.frames[seen:])
                 seen = len(client.frames)
             self.frames.extend(client.frames[seen:])
-            cursor = client.last_id or cursor
+            self.ended(client)
             client.close()
+
+    def ended(self, client: SSEClient | WSClient) -> None:
+        pass
 
     def stop(self) -> None:
         self.running = False
         self.thread.join(10)
 
 
-class ResumingWS:
-    """A WebSocket client that reconnects and subscribes with `since`/`epoch` of the last message it got."""
+class ResumingSSE(Resuming):
+    """Resumes with its last `id:` as Last-Event-ID."""
+
+    def __init__(self, base: str, channels: list[str]) -> None:
+        self.base, self.channels, self.cursor = base, channels, None
+        super().__init__()
+
+    def connect(self) -> SSEClient | None:
+        client = SSEClient(self.base, self.channels, last_event_id=self.cursor)
+        if client.status != 200:
+            client.response.close()
+            return None
+        return client
+
+    def ended(self, client: SSEClient | WSClient) -> None:
+        self.cursor = getattr(client, "last_id", None) or self.cursor
+
+
+class ResumingWS(Resuming):
+    """Resumes by subscribing with `since`/`epoch` of the last message it got."""
 
     def __init__(self, base: str, channel: str) -> None:
         self.base, self.channel = base, channel
-        self.frames: list[dict] = []
-        self.connects = 0
-        self.running = True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _run(self) -> None:
-        last: dict | None = None
-        while self.running:
-            try:
-                client = WSClient(self.base)
-            except Exception:  # refused while nginx notices the dead replica
-                time.sleep(0.1)
-                continue
-            self.connects += 1
-            extra = {"since": last["id"], "epoch": last["epoch"]} if last else {}
-            client.subscribe(self.channel, **extra)
-            seen = 0
-            while self.running and not client.closed.wait(0.05):
-                self.frames.extend(client.frames[seen:])
-                seen = len(client.frames)
-            self.frames.extend(client.frames[seen:])
-            messages = [f for f in self.frames if f["type"] == "message"]
-            last = messages[-1] if messages else last
-            client.close()
-
-    def stop(self) -> None:
-        self.running = False
-        self.thread.join(10)
+    def connect(self) -> WSClient:
+        client = WSClient(self.base)
+        messages = [f for f in self.frames if f["type"] == "message"]
+        extra = {"since": messages[-1]["id"], "epoch": messages[-1]["epoch"]} if messages else {}
+        client.subscribe(self.channel, **extra)
+        return client
 
 
 def seqs(frames: list[dict], channel: str) -> list[int]:
