@@ -209,7 +209,7 @@ def run_demo(settings: Settings, dashboard_port: int, with_dashboard: bool, *, w
     beats: gevent.Greenlet | None = None
     try:
         if not settings.redis_url:
-            embedded = EmbeddedRedis(data_dir).start()
+            embedded = EmbeddedRedis(data_dir, die_with_parent=True).start()
             settings = settings.replace(redis_url=embedded.url)
         redis_url = settings.redis_url or ""
         os.environ["REDIS_URL"] = redis_url  # for the reference app imported here, and for the children

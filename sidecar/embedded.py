@@ -47,7 +47,8 @@ def recorded_url(data_dir: str | Path) -> str | None:
 
 def die_with_parent() -> None:
     """A ``preexec_fn``: the child gets SIGTERM when the process that started it dies, also by SIGKILL (Linux
-    ``PR_SET_PDEATHSIG``), so that a child in a session of its own is never left running alone."""
+    ``PR_SET_PDEATHSIG``), so that a child in a session of its own is never left running alone. Linux sends it
+    when the starting *thread* ends: start such children from the main thread only."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
@@ -80,12 +81,16 @@ class EmbeddedRedis:
     """One redis-server child bound to 127.0.0.1, its data (AOF) and log in ``data_dir``."""
 
     def __init__(
-        self, data_dir: str | Path, port: int | None = None, appendonly: bool = True, extra_conf: str = ""
-    ) -> None:
+        self, data_dir: str | Path, port: int | None = None, appendonly: bool = True, extra_conf: str = "",
+        die_with_parent: bool = False,
+    ) -> None:  # fmt: skip
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.appendonly = appendonly
         self.extra_conf = extra_conf  # more redis.conf lines (a cluster node's, say)
+        # Linux ties the parent-death signal to the thread that started the child, not the process: only for a
+        # process that starts it from its main thread (sidecar demo, on gevent); a test's thread would kill it.
+        self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -128,7 +133,7 @@ class EmbeddedRedis:
         # Its own session: a terminal's Ctrl-C reaches only its parent, which stops it last (after the clients).
         self._proc = subprocess.Popen(
             [redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent if self.die_with_parent else None,
         )
         atexit.register(self.stop)
         self._wait_ready()
