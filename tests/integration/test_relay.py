@@ -54,29 +54,35 @@ def test_sse_client_receives_messages_in_order_with_a_cursor(sidecar, pub):
     client.close()
 
 
-def test_sse_resume_with_last_event_id_alone_covers_channels_in_three_shards(sidecar, pub):
-    channels = channels_in_distinct_shards("resume", 3)
+def sse_resume_by_cursor_alone(sidecar, pub, channels: list[str], missed: int) -> None:
+    """Subscribe, take the cursor, leave, miss `missed` messages over `channels`, come back with Last-Event-ID
+    alone: exactly the missed ones, each channel in order, none twice, no snapshot or reset."""
     first = SSEClient(sidecar.url, channels)
     first.wait(lambda f: first.last_id is not None)
     for channel in channels:
         pub.diff(channel, "before", {"phase": "before"})
-    first.wait(lambda f: len(first.messages()) == 3)
+    first.wait(lambda f: len(first.messages()) == len(channels))
     cursor = first.last_id
     first.close()
 
-    for i in range(50):
-        pub.diff(channels[i % 3], "missed", {"i": i})
+    for i in range(missed):
+        pub.diff(channels[i % len(channels)], "missed", {"i": i})
     second = SSEClient(sidecar.url, channels, last_event_id=cursor)
-    second.wait(lambda f: len(second.messages()) >= 50)
-    time.sleep(0.2)  # anything extra (a duplicate) would arrive now
+    second.wait(lambda f: len(second.messages()) >= missed)
+    time.sleep(0.3)  # anything extra (a duplicate) would arrive now
     got = second.messages()
-    assert len(got) == 50
-    assert len({(m["channel"], m["id"]) for m in got}) == 50  # stream ids are unique per channel, not across
+    assert len(got) == missed
+    assert len({(m["channel"], m["id"]) for m in got}) == missed  # stream ids are unique per channel, not across
     for n, channel in enumerate(channels):
-        assert seqs(got, channel) == list(range(2, 2 + len(range(n, 50, 3))))
-        assert [m["diff"]["i"] for m in got if m["channel"] == channel] == list(range(n, 50, 3))
+        expected = list(range(n, missed, len(channels)))
+        assert seqs(got, channel) == list(range(2, 2 + len(expected)))
+        assert [m["diff"]["i"] for m in got if m["channel"] == channel] == expected
     assert not second.of_type("snapshot") and not second.of_type("reset")
     second.close()
+
+
+def test_sse_resume_with_last_event_id_alone_covers_channels_in_three_shards(sidecar, pub):
+    sse_resume_by_cursor_alone(sidecar, pub, channels_in_distinct_shards("resume", 3), 50)
 
 
 def test_websocket_resume_with_since_gets_exactly_what_was_missed(sidecar, pub):
