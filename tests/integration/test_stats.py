@@ -176,3 +176,50 @@ def test_the_relay_outlives_redis_going_away_and_the_records_resume(
     assert max(r.dt for r in recs) >= 1.5  # the first record after the outage covers it: nothing is lost
     assert "cannot write the stats record" in sidecar.log_text()
     sidecar.allow_tracebacks = False  # the outage is logged as a warning, never as a traceback
+
+
+def raw_records(redis_client, since: float) -> list[dict]:
+    """The records written after unix time `since`, as JSON (relay records only)."""
+    docs = [orjson.loads(f[b"r"]) for _, f in redis_client.xrange(STATS_KEY, min=f"{int(since * 1000)}-0")]
+    return [d for d in docs if d.get("kind", "relay") == "relay"]
+
+
+def test_v2_records_show_held_frames_coalesced_messages_and_an_admission_storm(
+    redis_server, redis_client, sidecar_process, subscribers
+):
+    policy = {"channels": {"burst:*": {"window": 0.5}}, "admit_rate": 2, "admit_burst": 4}
+    sidecar = sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.5", SIDECAR_KEEPALIVE="0.5",
+                              SIDECAR_THROTTLE=orjson.dumps(policy).decode())  # fmt: skip
+    start = time.time()
+    sub = subscribers(sidecar.url, "burst:1")  # admitted: one token
+    statuses = []
+    for _ in range(12):  # the storm: 3 more get a token, the rest are told to come back
+        response = requests.get(f"{sidecar.url}/sse?channel=burst:2", stream=True, timeout=5)
+        statuses.append(response.status_code)
+        response.close()
+    pub = Publisher.from_url(redis_server.url)
+    with pub.batch() as batch:
+        for i in range(10):  # a burst inside one window: the first goes at once, 9 wait for the window's end
+            batch.event("burst:1", "tick", {"i": i})
+    wait_for(lambda: sub.messages == 10)  # event-mode subscribers get every message, the 9 in one write
+    done = time.time()
+    wait_for(lambda: any(r["ts"] > done + 1 for r in raw_records(redis_client, start)))
+    recs = raw_records(redis_client, start)
+    assert {(r["v"], r["front"], r["version"]) for r in recs} == {(2, "gevent", "0.1.0")}
+    held = [sum(n) for n in zip(*(r["stage"]["held"] for r in recs))]
+    assert sum(held) == 1 and held[LATENCY_BOUNDS_MS.index(500)] + held[LATENCY_BOUNDS_MS.index(1000)] == 1
+    burst = [r["ch"].get("burst:*", {}) for r in recs]
+    assert sum(e.get("coal", 0) for e in burst) == 9 and sum(e.get("pub", 0) for e in burst) == 10
+    assert any(e.get("modes") == {"event": 1} for e in burst) and sum(sum(e.get("lat", ())) for e in burst) >= 2
+    assert sum(sum(r["stage"]["read"]) for r in recs) == 10  # one observation per message read
+    assert sum(sum(r["stage"]["queue"]) for r in recs) >= 2  # one per socket write of a message
+    admitted, deferred = statuses.count(200), statuses.count(503)
+    assert admitted + deferred == 12 and deferred >= 7
+    adm = {key: sum(r["adm"][key] for r in recs) for key in ("ok", "defer", "rej", "tries")}
+    assert adm == {"ok": 1 + admitted, "defer": deferred, "rej": 0, "tries": 13}
+    last = recs[-1]
+    assert (last["adm"]["rate"], last["adm"]["burst"]) == (2, 4) and 0 <= last["adm"]["level"] <= 4
+    assert len(last["shards"]) == 16 and all(s["reconn"] == 0 for s in last["shards"].values())
+    assert sum(last["qd"]) == sum(last["conn"].values()) and last["stuck"] == 0
+    assert all(len(r["qd"]) == 12 and len(r["slowest"]) <= 5 for r in recs)
+    assert max(len(orjson.dumps(r)) for r in recs) < 2000  # 16 shards, 2 patterns
