@@ -223,3 +223,57 @@ def test_v2_records_show_held_frames_coalesced_messages_and_an_admission_storm(
     assert sum(last["qd"]) == sum(last["conn"].values()) and last["stuck"] == 0
     assert all(len(r["qd"]) == 12 and len(r["slowest"]) <= 5 for r in recs)
     assert max(len(orjson.dumps(r)) for r in recs) < 2000  # 16 shards, 2 patterns
+
+
+def pub_records(redis_client, since: float) -> list[dict]:
+    docs = [orjson.loads(f[b"r"]) for _, f in redis_client.xrange(STATS_KEY, min=f"{int(since * 1000)}-0")]
+    return [d for d in docs if d.get("kind") == "pub"]
+
+
+def test_publishers_write_one_ack_record_a_second_from_workers_and_post_publish(
+    redis_server, redis_client, sidecar_process
+):
+    start = time.time()
+    sidecar = sidecar_process(redis_server.url)
+    pub = Publisher.from_url(redis_server.url)
+    for i in range(25):  # 2.5 s of publishing from this process
+        pub.event("pubstats:1", "tick", {"i": i})
+        time.sleep(0.1)
+    body = {"messages": [{"channel": "pubstats:2", "event": "tick"}] * 3}
+    assert requests.post(f"{sidecar.url}/publish", json=body, timeout=5).status_code == 200
+    mine = f"{pub.stats.host}:{pub.stats.pid}"
+    wait_for(lambda: sum(r["n"] for r in pub_records(redis_client, start) if r["replica"] == mine) == 25)
+    wait_for(lambda: any(r["pid"] == sidecar.pid for r in pub_records(redis_client, start)))
+    recs = pub_records(redis_client, start)
+    ours = [r for r in recs if r["replica"] == mine]
+    assert 2 <= len(ours) <= 4  # at most one a second, only while publishing
+    assert all(b["ts"] - a["ts"] >= 0.9 for a, b in zip(ours, ours[1:]))
+    assert sum(sum(r["ack"]) for r in ours) == 25 and all(len(r["ack"]) == len(LATENCY_BOUNDS_MS) for r in ours)
+    assert {(r["v"], r["kind"]) for r in recs} == {(2, "pub")}
+    (served,) = [r for r in recs if r["pid"] == sidecar.pid]
+    assert served["n"] == 3 and sum(served["ack"]) == 3  # POST /publish's batch
+    time.sleep(1.5)
+    assert len(pub_records(redis_client, start)) == len(recs)  # nothing published: no record
+    pub.close()
+
+
+def test_a_publisher_record_that_cannot_be_written_is_dropped_and_counted_never_in_a_publishs_way(
+    redis_server, redis_client
+):
+    pub = Publisher.from_url(redis_server.url, redis_socket_timeout=0.5)
+    pub.event("pubstats:3", "tick")
+    wait_for(lambda: pub.stats.written == 1)
+    pub.event("pubstats:3", "tick")  # counted; its record is due within a second
+    redis_server.pause()  # a hung Redis: the record's write waits for the socket timeout, on its own thread
+    try:
+        wait_for(lambda: pub.stats.dropped == 1, timeout=5)
+    finally:
+        redis_server.resume()
+    before = time.time()
+    started = time.monotonic()
+    pub.event("pubstats:3", "tick")  # publishing goes on at once
+    assert time.monotonic() - started < 0.5
+    wait_for(lambda: pub.stats.written == 2)
+    # (Redis may still apply the timed-out write once it runs again: the client gave up on it, not Redis.)
+    assert pub_records(redis_client, before)[-1]["n"] == 1  # the dropped record's count was not carried over
+    pub.close()

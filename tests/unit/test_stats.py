@@ -477,3 +477,25 @@ def test_the_exposition_has_the_v2_figures_with_bounded_labels(clock):
     stats.observe_write(conn)
     latency = families(stats)["sidecar_pattern_latency_seconds"]
     assert {dict(labels).get("pattern") for _, labels in latency} == {"orders:*"}  # by pattern, never the channel
+
+
+def test_a_publisher_record_has_its_publishes_and_their_ack_times_since_the_last(clock):
+    from sidecar.pubstats import PublishStats
+
+    pub = PublishStats(None, clock, interval=3600)  # its writer thread waits an hour: take() by hand
+    try:
+        assert pub.take() is None  # nothing published: no record
+        pub.observe([T0 * 1000 - 3, T0 * 1000 - 40])
+        clock.now += 1.0
+        pub.observe([clock.now * 1000 - 0.2])
+        record = pub.take()
+        assert record is not None
+        assert record == {"v": 2, "kind": "pub", "replica": f"{pub.host}:{pub.pid}", "host": pub.host,
+                          "pid": pub.pid, "ts": T0 + 1, "dt": 1.0, "n": 3, "ack": hist(3, 40, 0.2)}  # fmt: skip
+        assert pub.take() is None
+        pub.observe([clock.now * 1000])
+        pub.pid = -1  # as in a forked child: the parent's counts and lock are not its own
+        pub.observe([clock.now * 1000 - 7])
+        assert pub.take()["ack"] == hist(7)
+    finally:
+        pub.close()
