@@ -277,3 +277,52 @@ def test_a_publisher_record_that_cannot_be_written_is_dropped_and_counted_never_
     # (Redis may still apply the timed-out write once it runs again: the client gave up on it, not Redis.)
     assert pub_records(redis_client, before)[-1]["n"] == 1  # the dropped record's count was not carried over
     pub.close()
+
+
+ANNA_KEY, BO_KEY, ADMIN_KEY = "anna-" + "k" * 20, "bo-" + "k" * 20, "plain-" + "k" * 20
+
+
+def test_policy_changes_are_logged_with_who_what_and_when_and_read_back_newest_first(
+    redis_server, redis_client, sidecar_process
+):
+    sidecar = sidecar_process(redis_server.url, SIDECAR_ADMIN_KEYS=f"ops-anna:{ANNA_KEY},ops-bo:{BO_KEY}",
+                              SIDECAR_ADMIN_KEY=ADMIN_KEY)  # fmt: skip
+    url = f"{sidecar.url}/admin/throttle"
+
+    def as_(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    before = time.time()
+    policy = {"channels": {"orders:*": {"window": 0.5}}}
+    assert requests.put(url, json=policy, headers=as_(ANNA_KEY), timeout=5).status_code == 200
+    after = time.time()
+    assert requests.put(url, json={**policy, "admit_rate": 50}, headers=as_(BO_KEY), timeout=5).status_code == 200
+    assert requests.put(url, json={"channels": "no"}, headers=as_(BO_KEY), timeout=5).status_code == 400  # no entry
+    assert requests.delete(url, headers=as_(ADMIN_KEY), timeout=5).status_code == 200
+    got = requests.get(f"{url}/log?n=50", headers=as_(ANNA_KEY), timeout=5)
+    assert got.status_code == 200
+    changes = got.json()["changes"]
+    assert [(c["who"], c["what"]) for c in changes] == [
+        ("admin", "back to the settings' policy: orders:* window 0.5 -> 0 s (removed); admit_rate 50 -> 0/s"),
+        ("ops-bo", "admit_rate 0 -> 50/s"),
+        ("ops-anna", "orders:* window 0 -> 0.5 s (new)"),
+    ]
+    anna = changes[-1]
+    assert before <= anna["at"] <= after and anna["policy"]["channels"]["orders:*"]["window"] == 0.5
+    assert changes[0]["policy"] is None  # DELETE: back to the settings'
+    raw = redis_client.xrevrange("rt:policy:log", count=1)[0][1]
+    assert raw[b"who"] == b"admin" and raw[b"policy"] == b""  # what the dashboard reads
+    one = requests.get(f"{url}/log?n=1", headers=as_(ADMIN_KEY), timeout=5).json()["changes"]
+    assert [c["who"] for c in one] == ["admin"]
+    for bad in ("0", "1001", "abc", "-1", "1.5", ""):
+        response = requests.get(f"{url}/log?n={bad}", headers=as_(ADMIN_KEY), timeout=5)
+        assert response.status_code == 400 and response.json()["error"] == "bad-request"
+    for headers in ({"Authorization": "Bearer wrong-key-wrong-key"}, {}):
+        for method in ("GET", "PUT", "DELETE"):
+            target = f"{url}/log" if method == "GET" else url
+            refused = requests.request(method, target, json=policy, headers=headers, timeout=5)
+            assert refused.status_code == 401 and "anna" not in refused.text and "admin" not in refused.text
+    assert redis_client.xlen("rt:policy:log") == 3  # the refused changed nothing
+    stream = b"".join(v for _, f in redis_client.xrange("rt:policy:log") for v in f.values())
+    for key in (ANNA_KEY, BO_KEY, ADMIN_KEY):
+        assert key not in sidecar.log_text() and key.encode() not in stream
