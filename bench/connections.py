@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--front", action="append", choices=FRONTS, help="repeat for side by side (default gevent)")
     parser.add_argument("--deflate", action="append", choices=("0", "1"),
                         help="the server's SIDECAR_WS_DEFLATE; repeat for both (default: unset)")  # fmt: skip
+    parser.add_argument("--tree", type=Path, help="run the sidecar of this other checkout (e.g. a branch's worktree)")
     parser.add_argument("--sse", type=int, default=TOTAL // 2, help="idle SSE connections")
     parser.add_argument("--ws", type=int, default=TOTAL // 2, help="idle WebSocket connections")
     parser.add_argument("--no-offer", action="store_true", help="WebSocket clients do not offer permessage-deflate")
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             for deflate in args.deflate or [None]:
                 env = {} if deflate is None else {"SIDECAR_WS_DEFLATE": deflate}
                 name = front + ("" if deflate is None else f"/deflate={deflate}")
-                sidecar = start_sidecar(server.url, log_dir, front=front, **env)
+                sidecar = start_sidecar(server.url, log_dir, args.tree, front=front, **env)
                 try:
                     record = hold(name, sidecar.pid, groups, sidecar.port, args.seconds, offer=not args.no_offer)
                     print(json.dumps(record | {"front": front, "ws_deflate": deflate}), flush=True)
