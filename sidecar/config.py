@@ -48,6 +48,7 @@ class Settings:
     body_timeout: float = 30.0  # seconds a request's body has to arrive whole, from the end of its headers
     idle_timeout: float = 75.0  # seconds a kept-alive HTTP connection may take to send its next request whole
     close_timeout: float = 2.0  # seconds a WebSocket the server closed waits for the client's close frame
+    ws_deflate: bool = False  # accept permessage-deflate (RFC 7692) offers; see docs/performance.md
     sse_retry_ms: int = 2_000  # base of the SSE retry: hint (jittered)
     queue_frames: int = 1_000  # per-connection queue bound (frames)
     queue_bytes: int = 1_048_576  # per-connection queue bound (bytes)
