@@ -137,3 +137,15 @@ def test_the_celery_hooks_wait_for_replicas_on_outcomes_when_set(
     finally:
         store.redis.close()
     assert len(shortfalls()) == 1 and task_channel(task_id) in shortfalls()[0]  # the outcome only
+
+
+def test_on_a_single_redis_without_replicas_wait_times_out_as_a_shortfall(redis_server: EmbeddedRedis) -> None:
+    settings = Settings(redis_url=redis_server.url, publish_wait_timeout_ms=50)
+    pub = Publisher.from_settings(settings)
+    try:
+        published = pub.diff("task:alone", "task-succeeded", {"status": "SUCCESS"}, wait=1)
+        assert published.replicas == 0 and published.seq == 1  # published: WAIT only hints at durability
+        assert pub.store.wait_shortfalls == 1
+        assert pub.diff("task:alone", "task-succeeded", {"n": 1}).replicas is None
+    finally:
+        pub.close()
