@@ -115,8 +115,10 @@ class _Binding:
         with lock:
             if self._publisher is None:
                 settings = self._resolve_settings()
+                # An outcome's WAIT blocks its reply up to its own timeout: the deadline is on top of it.
+                waits = settings.publish_wait_timeout_ms / 1000 if settings.publish_wait_replicas > 0 else 0.0
                 self._publisher = Publisher.from_settings(
-                    settings.replace(redis_socket_timeout=settings.task_publish_timeout)
+                    settings.replace(redis_socket_timeout=settings.task_publish_timeout + waits)
                 )
             return self._publisher
 
@@ -359,7 +361,7 @@ def _finished(
                 patch = {"task_id": never_id, "name": never_name, "status": status, "error": value}
                 diffs.append((task_channel(never_id), name, {**patch, "upstream": task_id}))
     events = [(channel, job_event, job) for channel in _business_channels(task, task_id, *call)]
-    _publish(binding, name, diffs, events)
+    _publish(binding, name, diffs, events, outcome=True)
 
 
 def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
@@ -405,16 +407,18 @@ Diff = tuple[str, str, Mapping[str, Any]] | tuple[str, str, Mapping[str, Any], A
 
 
 def _publish(
-    binding: _Binding, name: str, diffs: Sequence[Diff], events: Sequence[tuple[str, str, Any]] = ()
-) -> Published | None:
+    binding: _Binding, name: str, diffs: Sequence[Diff], events: Sequence[tuple[str, str, Any]] = (),
+    outcome: bool = False,
+) -> Published | None:  # fmt: skip
     """Lifecycle diffs (data: the changes, unless given) and business events in one round trip; returns the
-    first diff's position. A failure is logged, never raised."""
+    first diff's position. A failure is logged, never raised. An `outcome` (succeeded, failed) waits for
+    ``publish_wait_replicas`` replicas when that is set (a shortfall is logged by the store, not raised)."""
     channels = ", ".join([diff[0] for diff in diffs] + [ch for ch, _, _ in events])
     if not channels:
         return None
     try:
         pub = binding.publisher()
-        batch = pub.batch()
+        batch = pub.batch(wait=pub.store.settings.publish_wait_replicas if outcome else 0)
         for channel, event, changes, *data in diffs:
             batch.diff(channel, event, changes, data=data[0] if data else changes)
         for ch, event, payload in events:

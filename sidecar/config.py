@@ -62,6 +62,8 @@ class Settings:
     # Celery workers (docs/celery.md): what a notification may cost a task when Redis hangs
     task_publish_timeout: float = 0.25  # seconds: the hooks' Redis socket timeout (connect, send, reply)
     task_publish_cooldown: float = 5.0  # seconds the hooks stop publishing after a failure, before one trial
+    publish_wait_replicas: int = 0  # the hooks' outcome events wait for this many replicas (Redis WAIT); 0: never
+    publish_wait_timeout_ms: int = 100  # the longest a WAIT blocks (a publish with wait=N; the hooks' outcomes)
 
     # Auth (docs/security.md). Secrets are kept out of repr() so that logging settings cannot leak them.
     jwt_secret: str | None = dataclasses.field(default=None, repr=False)  # HS256 shared secret, >= 32 bytes

@@ -131,6 +131,7 @@ class Published:
     id: str
     seq: int
     epoch: str
+    replicas: int | None = None  # replicas that acknowledged it within the WAIT timeout (None: no WAIT asked)
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,7 @@ class Store:
         self._compact = client.register_script(COMPACT_SCRIPT)
         self._read = client.register_script(READ_SCRIPT)
         self._policy = client.register_script(POLICY_SCRIPT)
+        self.wait_shortfalls = 0  # publishes whose WAIT saw fewer replicas than asked (logged each time)
 
     # -- key names ------------------------------------------------------------------------------------------
     def shard_tag(self, shard: int) -> str:
@@ -318,17 +320,26 @@ class Store:
         ]  # fmt: skip
         return [k.live, k.history, k.meta, k.patches, k.counter], args
 
-    def publish_many(self, items: list[tuple[str, str, str, bytes | None, bytes | None, float]]) -> list[Published]:
+    def publish_many(
+        self, items: list[tuple[str, str, str, bytes | None, bytes | None, float]], wait: int = 0
+    ) -> list[Published]:
         """Run the publish script once per item, all in one round trip.
 
         A message that would take its channel's state past `max_state_bytes` is not published (the others
         are): ProtocolError("state-too-large") once the whole batch has been sent. On a cluster, one round
-        trip per master that owns some of the items; a lost master raises PublishNotConfirmed."""
-        replies = self._run_publishes([self.publish_args(*item) for item in items])
+        trip per master that owns some of the items; a lost master raises PublishNotConfirmed.
+
+        `wait` > 0: each master's pipeline ends with `WAIT wait publish_wait_timeout_ms`, on the connection
+        that ran the scripts, and each Published says how many replicas acknowledged it. Fewer than `wait` is
+        not an error: the message is published (WAIT is a durability hint, not a transaction), it could only be
+        lost if its master failed before a replica got it. The shortfall is logged and counted in
+        `wait_shortfalls`."""
+        acked: list[int | None] = [None] * len(items)
+        replies = self._run_publishes([self.publish_args(*item) for item in items], wait, acked)
         published, refused = [], []
-        for item, reply in zip(items, replies, strict=True):
+        for item, reply, replicas in zip(items, replies, acked, strict=True):
             if isinstance(reply, Exception):
-                reply = self._retry_too_large(item, reply)
+                reply, replicas = self._retry_too_large(item, reply, wait)
                 if reply is None:
                     refused.append(item[0])
                     continue
@@ -339,7 +350,7 @@ class Store:
                 # a double publish), and a failed compaction is tried again at the next publish.
                 with contextlib.suppress(redis.RedisError):
                     self.compact(channel)
-            published.append(Published(channel, stream_id.decode(), int(seq), epoch.decode()))
+            published.append(Published(channel, stream_id.decode(), int(seq), epoch.decode(), replicas))
         if refused:
             raise ProtocolError(
                 "state-too-large",
@@ -348,27 +359,31 @@ class Store:
             )
         return published
 
-    def _retry_too_large(self, item: tuple, error: Exception) -> Any:
+    def _retry_too_large(self, item: tuple, error: Exception, wait: int) -> tuple[Any, int | None]:
         """The reply of a refused publish retried once after compaction (pending patches overstate the state's
-        size until folded), or None if it is still too large. Other errors propagate."""
+        size until folded), or None if it is still too large, and its WAIT count. Other errors propagate."""
         text = str(error)
         if not (isinstance(error, redis.ResponseError) and text.startswith("STATETOOLARGE")):
             raise error
         if text.split()[-1] == "0":
-            return None
+            return None, None
         self.compact(item[0])
-        again = self._run_publishes([self.publish_args(*item)])[0]
+        acked: list[int | None] = [None]
+        again = self._run_publishes([self.publish_args(*item)], wait, acked)[0]
         if isinstance(again, redis.ResponseError) and str(again).startswith("STATETOOLARGE"):
-            return None
+            return None, None
         if isinstance(again, Exception):
             raise again
-        return again
+        return again, acked[0]
 
-    def _run_publishes(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    def _run_publishes(
+        self, calls: list[tuple[list[str], list[Any]]], wait: int = 0, acked: list[int | None] | None = None
+    ) -> list[Any]:
         """The publish script's reply (or error) for each call, in one plain pipeline per node owning some of
         their slots (redis-py's cluster pipeline runs no scripts). A reply saying the script did not run (MOVED,
         ASK, TRYAGAIN during a slot migration, NOSCRIPT) is sent again where the cluster says, within the socket
-        timeout. A connection lost after sending is never retried: the script may have run."""
+        timeout. A connection lost after sending is never retried: the script may have run. `wait` > 0: each
+        pipeline ends with WAIT, whose count goes to `acked[i]` for each call it ran."""
         replies: list[Any] = [None] * len(calls)
         todo: dict[int, str] = dict.fromkeys(range(len(calls)), "")  # call -> the node an ASK sent it to
         refused: set[str] = set()
@@ -397,11 +412,16 @@ class Store:
                     continue
                 pipe = client.pipeline(transaction=False)
                 pipe.connection = conn
+                ran: list[int] = []
                 for i in indexes:
                     if todo[i]:
                         pipe.execute_command("ASKING")
                     keys, args = calls[i]
                     pipe.evalsha(self._publish.sha, len(keys), *keys, *args)
+                if wait > 0:
+                    # WAIT counts the replicas that have every write this connection made so far: the scripts
+                    # above. It blocks the connection up to the timeout (the socket timeout must exceed it).
+                    pipe.execute_command("WAIT", wait, self.settings.publish_wait_timeout_ms)
                 try:
                     out = iter(pipe.execute(raise_on_error=False))
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -426,6 +446,21 @@ class Store:
                         again[i] = f"{reply.host}:{reply.port}"  # not run: the importing node takes it, once
                     else:
                         replies[i] = reply
+                        ran.append(i)
+                if wait > 0:
+                    count = next(out)
+                    count = count if isinstance(count, int) else 0  # an error reply: nothing confirmed
+                    for i in ran:
+                        if acked is not None:
+                            acked[i] = count
+                    if count < wait and ran:
+                        self.wait_shortfalls += 1
+                        log.warning(
+                            "WAIT %d: %d replica(s) of %s acknowledged %s within %d ms; published, but lost if "
+                            "that master fails before a replica has it",
+                            wait, count, name or "redis", ", ".join(sorted({calls[i][1][0] for i in ran})),
+                            self.settings.publish_wait_timeout_ms,
+                        )  # fmt: skip
             if moved:
                 self._refresh()
             if busy:
