@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -83,12 +84,14 @@ class ChannelReader:
         self.live: set[str] = set()  # confirmed and caught up on the current connection: the periodic check's
         self.last: dict[str, Last] = {}
         self.pubsub: redis.client.PubSub | None = None
+        self.prober: redis.Redis | None = None
         self.node = 0  # which cluster node the next connection goes to (rotates on failure)
         self.up = False  # the service channel's subscription is confirmed
         self.down_since: float | None = None
         self.down_reason = "not connected yet"
         self.heard_at = clock()
         self.probe_at: float | None = None  # when the pending probe was published
+        self.kicked_at = -1e9  # when the checker last shut a deaf connection's socket down
         self.running = False
         self.thread: threading.Thread | None = None
         self.checker: threading.Thread | None = None
@@ -181,7 +184,8 @@ class ChannelReader:
                 time.sleep(backoff)
 
     def _open(self) -> None:
-        client = self._client()
+        client = self._client(self.settings.redis_socket_timeout)
+        self.prober = self._client(WATCH_TIMEOUT)  # the probe goes to the node the subscriptions are on
         pubsub = client.pubsub()
         self.pubsub = pubsub
         pubsub.subscribe(self.service)
@@ -189,7 +193,7 @@ class ChannelReader:
         self.confirmed = []
         self.heard_at, self.probe_at = self.clock(), None
 
-    def _client(self) -> redis.Redis:
+    def _client(self, timeout: float) -> redis.Redis:
         """A client with one connection of its own to a node (on a cluster: the next one, any will do)."""
         if self.cluster:
             cluster = cast(RedisCluster, self.redis)
@@ -201,7 +205,7 @@ class ChannelReader:
         else:
             pool = cast(redis.Redis, self.redis).connection_pool
             kwargs = dict(pool.connection_kwargs)
-        kwargs["socket_timeout"] = self.settings.redis_socket_timeout
+        kwargs["socket_timeout"] = timeout
         kwargs["health_check_interval"] = 0  # the liveness probe stands for it
         own = redis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
         return redis.Redis(connection_pool=own)
@@ -214,10 +218,15 @@ class ChannelReader:
             log.warning("live pub/sub connection lost (%s); reconnecting, then catching up every channel", reason)
         self.up, self.down_reason = False, reason
         self.node += 1
+        prober, self.prober = self.prober, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 pubsub.reset()
                 pubsub.connection_pool.disconnect()
+        if prober is not None:
+            with contextlib.suppress(Exception):
+                prober.close()
+                prober.connection_pool.disconnect()
 
     def _refresh(self) -> None:
         if self.cluster:
@@ -275,15 +284,17 @@ class ChannelReader:
         interval = max(self.settings.reader_stall / 2, 0.2)
         if self.probe_at is not None:
             if now - self.probe_at >= interval:
-                log.warning("live pub/sub connection heard nothing, not even its own probe, for %g s; reconnecting",
-                            round(now - self.heard_at, 1))  # fmt: skip
                 self.kicks += 1
-                raise redis.ConnectionError("the liveness probe was not heard back")
+                raise redis.ConnectionError(f"the liveness probe was not heard back; silent for "
+                                            f"{round(now - self.heard_at, 1)} s")  # fmt: skip
             return
-        if now - self.heard_at >= interval:
+        if now - self.heard_at >= interval and self.prober is not None:
             self.probe_at = now
-            with contextlib.suppress(*ERRORS):  # not heard back: the deadline reconnects
-                self.redis.publish(self.service, b"probe")
+            try:
+                self.prober.publish(self.service, b"probe")
+            except ERRORS as exc:  # that node does not answer: reconnect elsewhere
+                self.kicks += 1
+                raise redis.ConnectionError(f"the liveness probe could not be sent ({exc})") from exc
 
     # -- delivery and catch-up ------------------------------------------------------------------------------
     def _deliver(self, messages: list[Message]) -> None:
@@ -302,14 +313,36 @@ class ChannelReader:
             self._failed(exc)
 
     def _check_loop(self) -> None:
+        interval = max(self.settings.reader_stall, 0.2)
+        due = self.clock() + interval
         while self.running:
-            time.sleep(max(self.settings.reader_stall, 0.2))
+            time.sleep(min(interval / 4, 0.25))
+            self._deadline(self.clock())
+            if self.clock() < due:
+                continue
+            due = self.clock() + interval
             if not self.up:
                 continue  # the reconnect catches every channel up
             try:
                 self.check([c for c in self.wanted if c in self.live])
             except Exception:  # a bug here must not stop the checks
                 log.exception("live position check failed")
+
+    def _deadline(self, now: float) -> None:
+        """The probe's deadline, kept here too: a loop blocked in a read on a deaf socket never gets to it.
+        Shutting the socket down ends that read, and the loop reconnects."""
+        interval = max(self.settings.reader_stall / 2, 0.2)
+        pubsub = self.pubsub
+        if pubsub is None or now - self.heard_at < 3 * interval or now - self.kicked_at < 3 * interval:
+            return
+        log.warning("live pub/sub connection silent for %g s, the liveness probe not heard back; reconnecting",
+                    round(now - self.heard_at, 1))  # fmt: skip
+        self.kicks += 1
+        self.kicked_at = now
+        sock = getattr(pubsub.connection, "_sock", None)  # redis-py keeps it private; shutdown() wakes a recv
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def check(self, channels: list[str]) -> None:
         """The position check: each channel's head in Redis against the last message delivered of it."""

@@ -89,3 +89,43 @@ def test_the_node_holding_the_pubsub_connection_killed_costs_the_other_masters_c
         survived = history(cluster_url, channel)
         assert all(on_cluster.covered(frames, e) for e in survived)
     ws.close()
+
+
+def test_a_paused_node_holding_the_pubsub_connection_is_found_by_the_liveness_probe(
+    redis_cluster, cluster_url, sidecar_process
+):
+    sidecar = sidecar_process(cluster_url)
+    channels = one_channel_per_master(redis_cluster, "probe")
+    ws = on_cluster.TimedWS(sidecar.ws_url)
+    for channel in channels:
+        ws.subscribe(channel)
+    ws.wait(lambda f: len(ws.of_type("subscribed")) == 3)
+    holder = pubsub_node(redis_cluster)
+    assert holder is not None
+    flowing = [c for c in channels if on_cluster.master_of(redis_cluster, c).addr != holder.addr]
+    publishing = Publishing(cluster_url, flowing)
+    try:
+        wait_for(lambda: all(len(ws.messages(c)) >= 5 for c in flowing), 20, "traffic")
+        holder.pause()  # its connections stay open and say nothing: a deaf pub/sub connection
+        try:
+            paused_at = time.time()
+            # The position check already brings the other masters' messages from history, late; the probe must
+            # also find the connection deaf and move it to another node (the node is still paused).
+            wait_for(lambda: "liveness probe" in sidecar.log_text(), 10, "the liveness probe's reconnect")
+            found = time.time() - paused_at
+            wait_for(lambda: sidecar.log_text().count("live pub/sub connected") > 1, 10, "a reconnect")
+            later = time.time()
+            heard = lambda c: any(f["ts"] / 1000 > later for f in of_channel(ws, c))  # noqa: E731
+            wait_for(lambda: all(heard(c) for c in flowing), 10, "messages published after the reconnect")
+        finally:
+            holder.resume()
+    finally:
+        publishing.stop()
+    for channel in flowing:
+        last = publishing.acked[channel][-1]
+        wait_for(lambda c=channel, i=last[1]: any(f["id"] == i for f in of_channel(ws, c)), 10, "the last message")
+    time.sleep(0.3)
+    for channel in flowing:  # every acknowledged message once, in order, none replaced by a snapshot
+        assert [f["id"] for f in of_channel(ws, channel)] == [a[1] for a in publishing.acked[channel]]
+    print(f"\nliveness probe: the deaf connection found {found:.2f} s after the pause")
+    ws.close()
