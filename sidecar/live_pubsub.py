@@ -324,7 +324,8 @@ class ChannelReader:
             if not self.up:
                 continue  # the reconnect catches every channel up
             try:
-                self.check([c for c in self.wanted if c in self.live])
+                wanted, live = list(self.wanted), set(self.live)  # copies: the pub/sub loop changes them
+                self.check([c for c in wanted if c in live])
             except Exception:  # a bug here must not stop the checks
                 log.exception("live position check failed")
 

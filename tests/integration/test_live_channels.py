@@ -116,6 +116,26 @@ def test_pubsub_connections_killed_while_publishing_lose_nothing_and_double_noth
         ws.close()
 
 
+def test_publishes_racing_a_subscribe_are_each_delivered_once_or_covered_by_its_snapshot(
+    redis_server, sidecar_process, pub
+):
+    # No position check within the test (30 s): the catch-up after Redis confirms each SUBSCRIBE must do it.
+    ws = WSClient(sidecar_process(redis_server.url, SIDECAR_READER_STALL="30").ws_url)
+    channels = [f"race:{i}" for i in range(20)]
+    for channel in channels:  # no wait for `subscribed`: the SUBSCRIBE reaches Redis around these publishes
+        ws.subscribe(channel, mode="event")
+        for i in range(3):
+            pub.event(channel, "tick", {"i": i})
+    ws.wait(lambda f: len(ws.of_type("subscribed")) == 20)
+    start = {f["channel"]: f["seq"] for f in ws.of_type("subscribed")}
+    ws.wait(lambda f: all(seqs(ws.frames, c)[-1:] == [3] or start[c] == 3 for c in channels), timeout=10)
+    time.sleep(0.3)
+    for channel in channels:  # what came after the subscription point, each once, in order, and no reset
+        assert seqs(ws.frames, channel) == list(range(start[channel] + 1, 4)), channel
+    assert not ws.of_type("reset")
+    ws.close()
+
+
 def publish_without_notification(url: str, channel: str, data: bytes) -> None:
     """A real publish whose PUBLISH reaches no subscriber (an older publisher's script, or a message pub/sub
     dropped): the entry is in the channel's history and meta, and no live message tells anyone."""
