@@ -80,6 +80,7 @@ class ChannelReader:
         self.wanted: set[str] = set()
         self.names: dict[bytes, str] = {}  # pub/sub channel name -> channel, for the wanted ones
         self.subscribed: set[str] = set()  # SUBSCRIBE sent on the current connection
+        self.dirty = False  # wanted and subscribed may differ (a want queued, or a new connection)
         self.confirmed: list[str] = []  # subscriptions Redis confirmed, waiting for their catch-up
         self.live: set[str] = set()  # confirmed and caught up on the current connection: the periodic check's
         self.last: dict[str, Last] = {}
@@ -234,6 +235,8 @@ class ChannelReader:
                 cast(RedisCluster, self.redis).nodes_manager.initialize()
 
     def _apply_wants(self) -> None:
+        if not self.queue and not self.dirty:
+            return
         while self.queue:
             channel, on = self.queue.popleft()
             if on:
@@ -244,8 +247,10 @@ class ChannelReader:
                 self.last.pop(channel, None)
                 if channel not in self.subscribed:
                     self.names.pop(self.store.live_channel(channel).encode(), None)
+        self.dirty = True
         if self.pubsub is None or not self.up:
             return  # the service channel first: then every wanted channel at once
+        self.dirty = False
         add = [c for c in self.wanted if c not in self.subscribed]
         drop = [c for c in self.subscribed if c not in self.wanted]
         for i in range(0, len(add), BATCH):
@@ -263,7 +268,7 @@ class ChannelReader:
         kind, name = msg["type"], msg["channel"]
         if name == self.service.encode():
             if kind == "subscribe" and not self.up:
-                self.up, self.down_since = True, None
+                self.up, self.down_since, self.dirty = True, None, True
                 log.info("live pub/sub connected; subscribing %d channels", len(self.wanted))
             return  # a probe's echo: heard, which is all it is for
         channel = self.names.get(name)
