@@ -16,9 +16,10 @@ The scaling model in docs/scaling.md is built from these figures. Run: `python -
 Two more parts compare the live-read modes (SIDECAR_LIVE_READ, docs/scaling.md): `publish` measures what the
 publish script's PUBLISH costs a publish nobody subscribes to (the script with and without that line, in one
 run), and `modes` runs 1, 2 and 4 replicas in `shards` and in `channels` mode, where each replica has one SSE
-client that wants 1/R of the channels. `bus` measures, on the 3+3 test cluster,
+client that wants 1/R of the channels. `check` what the position check costs
+Redis per channel, `bus`, on the 3+3 test cluster,
 what a classic PUBLISH costs the nodes that do not own the channel. Run parts alone:
-`python -m bench.readers publish|modes|bus`.
+`python -m bench.readers publish|modes|check|bus`.
 """
 
 from __future__ import annotations
@@ -275,8 +276,36 @@ def bus_cost(ctx: Context, rate: float, seconds: float) -> list[dict]:
     return records
 
 
+def check_cost(ctx: Context, channels: int = 10_000, rounds: int = 10) -> list[dict]:
+    """What the channels mode's position check costs Redis: one pipelined HMGET of a channel's meta hash."""
+    with ctx.redis("check") as server, Publisher.from_url(server.url) as pub:
+        names = [f"check:{i}" for i in range(channels)]
+        for i in range(0, channels, BATCH):
+            with pub.batch() as batch:
+                for name in names[i : i + BATCH]:
+                    batch.event(name, "tick", {})
+        store, client = pub.store, redis.Redis.from_url(server.url)
+        client.config_resetstat()
+        cpu0, t0 = redis_cpu(client), time.monotonic()
+        for _ in range(rounds):
+            pipe = client.pipeline(transaction=False)
+            for name in names:
+                pipe.hmget(store.keys(name).meta, "id", "epoch")
+            pipe.execute()
+        wall, used = time.monotonic() - t0, redis_cpu(client) - cpu0
+        usec = float(client.info("commandstats").get("cmdstat_hmget", {}).get("usec_per_call", 0))
+        client.close()
+    record = {
+        "scenario": "readers-check", "channels": channels, "rounds": rounds, "hmget_usec_per_call": usec,
+        "redis_cpu_per_hmget_us": round(used / (channels * rounds) * 1e6, 2), "seconds": round(wall, 2),
+    }  # fmt: skip
+    print(f"  position check: {record['redis_cpu_per_hmget_us']} us of Redis CPU per channel checked "
+          f"({usec} us in HMGET itself)", flush=True)  # fmt: skip
+    return [record]
+
+
 def main(argv: list[str]) -> int:
-    """`python -m bench.readers publish|modes|bus [--quick]`: parts alone, JSON records on stdout."""
+    """`python -m bench.readers publish|modes|check|bus [--quick]`: parts alone, JSON records on stdout."""
     ctx = Context(quick="--quick" in argv, log_dir=Path(tempfile.mkdtemp(prefix="sidecar-bench-readers-")))
     seconds = ctx.seconds(10, 4)
     parts = [a for a in argv if not a.startswith("--")] or ["publish", "modes"]
@@ -285,6 +314,8 @@ def main(argv: list[str]) -> int:
         records += publish_cost(ctx, 8000.0, seconds)
     if "modes" in parts:
         records += modes(ctx, seconds)
+    if "check" in parts:
+        records += check_cost(ctx)
     if "bus" in parts:
         records += bus_cost(ctx, 4000.0, seconds)
     for record in records:
@@ -309,7 +340,8 @@ def run(ctx: Context) -> list[dict]:
               f"{record['xread_per_s']} XREAD/s ({record['entries_per_xread']} entries each), "
               f"each sidecar {record['sidecar_cpu']:.3f} core", flush=True)  # fmt: skip
         records.append(record)
-    return [*records, model, *publish_cost(ctx, 8000.0, seconds), *modes(ctx, seconds)]
+    live = [*publish_cost(ctx, 8000.0, seconds), *modes(ctx, seconds), *check_cost(ctx)]
+    return [*records, model, *live, *bus_cost(ctx, 4000.0, seconds)]
 
 
 if __name__ == "__main__":
