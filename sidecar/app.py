@@ -155,6 +155,8 @@ def healthz() -> Response:
         "connections": len(relay.hub.connections),
         "shards": shards,
     }
+    if not ok and relay.reader.reason:
+        body["reason"] = relay.reader.reason
     return Response(orjson.dumps(body), status=200 if ok else 503, mimetype="application/json")
 
 

@@ -41,6 +41,7 @@ class Settings:
     read_count: int = 1_000
     read_linger_ms: float = 0.0  # after a read that brought entries, wait this long before the next; 0: read at once
     reader_stall: float = 5.0  # seconds a shard's stream may move on while its reader reads none of it
+    live_read: str = "shards"  # "shards": read every shard's live stream; "channels": pub/sub of wanted channels
 
     # Connections
     keepalive: float = 15.0  # seconds between SSE comments / WebSocket pings on an idle socket

@@ -144,6 +144,13 @@ class Reader:
         """No shard is stuck (its loop fails, or its head stays past its position, for `reader_stall` s)."""
         return not self.stuck
 
+    @property
+    def reason(self) -> str:
+        """Why /healthz is not ready ("" when the reader is fine)."""
+        if not self.stuck:
+            return ""
+        return f"shards stuck: {', '.join(str(self.shards[key]) for key in sorted(self.stuck))}"
+
     def lags(self) -> list[Lag]:
         """Every shard's lag, for /healthz and /metrics."""
         now, found = self.clock(), []

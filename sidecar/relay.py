@@ -16,6 +16,7 @@ from sidecar.core.connection import Connection, Subscription
 from sidecar.core.hub import Hub, Sync
 from sidecar.core.protocol import Message, Position, shard_of
 from sidecar.core.throttle import Throttle
+from sidecar.live_pubsub import ChannelReader
 from sidecar.reader import Reader
 from sidecar.scheduler import Scheduler
 from sidecar.stats import Stats
@@ -35,7 +36,14 @@ class Relay:
         self.throttle = Throttle(policy_from_settings(settings), time.monotonic)
         self.hub = Hub(self.throttle)
         self.scheduler = Scheduler()  # every timer of the process (docs/operations.md)
-        self.reader = Reader(self.store, settings, self.hub.dispatch, self.resync_shard, self.hub.failed)
+        self.reader: Reader | ChannelReader
+        if settings.live_read == "channels":  # only the channels this replica's clients want (docs/scaling.md)
+            self.reader = ChannelReader(self.store, settings, self.hub.dispatch, self.resync_channel, self.hub.failed)
+            self.hub.on_channel = self.reader.on_channel
+        elif settings.live_read == "shards":
+            self.reader = Reader(self.store, settings, self.hub.dispatch, self.resync_shard, self.hub.failed)
+        else:
+            raise ValueError(f"SIDECAR_LIVE_READ must be shards or channels, not {settings.live_read!r}")
         self.hub.on_error = self._dispatch_failed
         self._causes: set[tuple[str, str, int]] = set()  # dispatch errors logged already: (type, file, line)
         self.stats = Stats(self)
@@ -134,6 +142,13 @@ class Relay:
             # Forget the channel's last message: after a lost tail (a lossy failover) the next one follows on
             # from what Redis kept, with a lower seq, and must not count as one more hole (a second resync).
             self.hub.channels[channel].epoch = ""
+            self.hub.resync(channel)
+
+    def resync_channel(self, channel: str) -> None:
+        """The same as resync_shard() for one channel (the channels-mode reader's checks found it lost)."""
+        record = self.hub.channels.get(channel)
+        if record is not None:
+            record.epoch = ""
             self.hub.resync(channel)
 
     def read(self, channel: str, since: Position | None) -> Sync:

@@ -8,6 +8,8 @@ valid on Redis Cluster; `t` is balanced_tags(shards)[k], or `k` itself with SIDE
     <prefix>:{t}:h:C         C's history stream: the same entries with the same ids, bounded by length and TTL
     <prefix>:{t}:m:C         C's meta hash: seq, epoch, id, ts, base (JSON state), gen, st (has state)
     <prefix>:{t}:p:C         C's merge patches published since `base` was written, folded by compaction
+    <prefix>:{t}:c:C         a pub/sub channel, not a key: every publish PUBLISHes its live entry there (id, `n`
+                             and the fields, as a JSON array), for relays in SIDECAR_LIVE_READ=channels mode
     <prefix>:stats           replicas' per-second stats records
     <prefix>:throttle        the throttle policy set by ops
     <prefix>:policy:log      ops' changes of it: who, what, when (MAXLEN ~ POLICY_LOG_LEN)
@@ -85,6 +87,9 @@ elseif ARGV[2] == 'state' then
 end
 redis.call('HSET', KEYS[3], 'id', id, 'ts', ARGV[7])
 redis.call('EXPIRE', KEYS[3], ARGV[11])
+local live = {id, tostring(n)}
+for i = 1, #fields do live[i + 2] = tostring(fields[i]) end
+redis.call('PUBLISH', ARGV[13], cjson.encode(live))
 return {id, seq, epoch, pending}
 """
 
@@ -274,6 +279,10 @@ class Store:
         tag = self.shard_tag(shard_of(channel, self.settings.shards))
         return Keys(f"{tag}:live", f"{tag}:h:{channel}", f"{tag}:m:{channel}", f"{tag}:p:{channel}", f"{tag}:n")
 
+    def live_channel(self, channel: str) -> str:
+        """The pub/sub channel the publish script PUBLISHes `channel`'s live entries to (channels mode)."""
+        return f"{self.shard_tag(shard_of(channel, self.settings.shards))}:c:{channel}"
+
     @property
     def stats_key(self) -> str:
         return f"{self.prefix}:stats"
@@ -316,7 +325,7 @@ class Store:
         s = self.settings
         args = [
             channel, kind, event, data or b"", change or b"", secrets.token_hex(4), repr(ts),
-            s.live_len, s.history_len, s.history_ttl, s.state_ttl, s.max_state_bytes,
+            s.live_len, s.history_len, s.history_ttl, s.state_ttl, s.max_state_bytes, self.live_channel(channel),
         ]  # fmt: skip
         return [k.live, k.history, k.meta, k.patches, k.counter], args
 
@@ -566,6 +575,16 @@ def decode_entries(entries: object) -> list[Message]:
 
 def decode_entry(entry: tuple[bytes, dict[bytes, bytes]]) -> Message:
     return Message.from_fields(entry[0].decode(), entry[1])
+
+
+def decode_published(payload: bytes) -> tuple[int, Message]:
+    """A live entry as the publish script PUBLISHes it (`[id, n, field, value, ...]`): its shard counter and
+    message. ValueError (or KeyError) when the payload was not written by the script."""
+    items = orjson.loads(payload)
+    if not isinstance(items, list) or len(items) < 2 or len(items) % 2 or not all(isinstance(x, str) for x in items):
+        raise ValueError("not a published live entry")
+    fields = {items[i].encode(): items[i + 1].encode() for i in range(2, len(items), 2)}
+    return int(items[1]), Message.from_fields(items[0], fields)
 
 
 _skipped: set[str] = set()  # channels whose unappliable patch was logged (bounded below)

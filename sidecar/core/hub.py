@@ -77,6 +77,9 @@ class Hub:
         self.now = 0.0  # the clock at the current dispatch, flush or start
         self.on_timer: Callable[[float], None] | None = None
         self.on_error: Callable[[Message | None, Exception], None] | None = None
+        # Called with (channel, True) when a channel gets its first subscriber, (channel, False) after its last
+        # left: a reader in channels mode (SIDECAR_LIVE_READ) subscribes to what this replica's clients want.
+        self.on_channel: Callable[[str, bool], None] | None = None
         self.dispatch_errors = 0  # messages skipped because they could not be dispatched (or decoded), ever
         self.channels: dict[str, ChannelRecord] = {}
         self.connections: dict[int, Connection] = {}
@@ -104,7 +107,12 @@ class Hub:
         sub = Subscription(conn, channel, mode)
         conn.subs[channel] = sub
         conn.positions[channel] = conn.sent[channel] = since or Position()
-        self.channels.setdefault(channel, ChannelRecord()).subs[conn.id] = sub
+        record = self.channels.get(channel)
+        if record is None:
+            record = self.channels[channel] = ChannelRecord()
+            if self.on_channel is not None:
+                self.on_channel(channel, True)
+        record.subs[conn.id] = sub
         return sub
 
     def unsubscribe(self, conn: Connection, channel: str) -> None:
@@ -120,6 +128,8 @@ class Hub:
             del self.channels[channel]
             if self.throttle is not None:
                 self.throttle.forget(channel)
+            if self.on_channel is not None:
+                self.on_channel(channel, False)
         elif not any(s.mode == "state" for s in record.subs.values()):
             record.state = record.state_json = record.state_key = None
 
