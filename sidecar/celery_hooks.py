@@ -46,7 +46,7 @@ from sidecar.config import Settings
 from sidecar.core.breaker import CLOSED, Breaker
 from sidecar.core.protocol import validate_channel
 from sidecar.publish import Published, Publisher, PublishError
-from sidecar.store import PublishNotConfirmed
+from sidecar.store import PublishNotConfirmed, redis_address
 
 __all__ = ["INFRASTRUCTURE_MESSAGE", "enable_realtime", "progress", "publisher", "task_channel"]
 
@@ -141,7 +141,8 @@ class _Binding:
             dropped = breaker.succeeded()
         if was_open:
             log.warning(
-                "sidecar: %s answers again; %d publishes were dropped while it did not", _redis_address(pub), dropped
+                "sidecar: %s answers again; %d publishes were dropped while it did not",
+                redis_address(pub.store.redis), dropped,
             )
 
     def retry_in(self) -> float:
@@ -429,7 +430,7 @@ def _publish(
     if not binding.allow():
         log.warning(
             "sidecar: dropped %s to %s: %s did not answer; next try in %.1f s",
-            name, channels, _redis_address(pub), binding.retry_in(),
+            name, channels, redis_address(pub.store.redis), binding.retry_in(),
         )  # fmt: skip
         return None
     try:
@@ -437,28 +438,19 @@ def _publish(
     except PublishError as exc:  # refused by Redis (a state too large): Redis answered
         binding.succeeded(pub)
         log.warning(
-            "sidecar: could not publish %s to %s via %s: %s", name, channels, _redis_address(pub), _explain(exc)
+            "sidecar: could not publish %s to %s via %s: %s",
+            name, channels, redis_address(pub.store.redis), _explain(exc),
         )
         return None
     except Exception as exc:  # Redis away (refused, timed out) or erring: the user's task must go on
         cooldown = binding.failed()
         log.warning(
             "sidecar: could not publish %s to %s via %s: %s; not publishing for %g s",
-            name, channels, _redis_address(pub), _explain(exc), cooldown,
+            name, channels, redis_address(pub.store.redis), _explain(exc), cooldown,
         )  # fmt: skip
         return None
     binding.succeeded(pub)
     return results[0] if diffs else None
-
-
-def _redis_address(pub: Publisher) -> str:
-    """``redis host:port/db`` (or ``redis unix:/path``) of the publisher's Redis, for the worker log: never
-    the password (the pool keeps it apart, it is not in the URL we print)."""
-    pool = getattr(pub.store.redis, "connection_pool", None)
-    kwargs = getattr(pool, "connection_kwargs", None) or {}
-    if kwargs.get("path"):
-        return f"redis unix:{kwargs['path']}"
-    return f"redis {kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
 def _explain(exc: BaseException) -> str:

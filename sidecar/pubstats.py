@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from sidecar.stats import RECORD_FIELD, RECORD_VERSION, Histogram
+from sidecar.store import redis_address
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class PublishStats:
         except Exception as exc:  # Redis away: the record is dropped, never retried into a publish's way
             self.dropped += 1
             if not self._failing:
-                log.warning("publisher stats: cannot write a record (%s); dropping them until Redis answers",
-                            type(exc).__name__)  # fmt: skip
+                log.warning("publisher stats: cannot write a record to %s (%s); dropping them until it answers",
+                            redis_address(store.redis), type(exc).__name__)  # fmt: skip
             self._failing = True
             return False
         self._failing = False

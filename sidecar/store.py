@@ -566,6 +566,16 @@ class Store:
         return found[0].seq
 
 
+def redis_address(client: object) -> str:
+    """``redis host:port/db`` (or ``redis unix:/path``) of a client, for logs: never the password (the pool keeps
+    it apart; it is not in what we print)."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None) or {}
+    if kwargs.get("path"):
+        return f"redis unix:{kwargs['path']}"
+    return f"redis {kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+
 def decode_entries(entries: object) -> list[Message]:
     # connect() leaves decode_responses off, so ids and fields are bytes; redis-py's types also allow str
     # (for decoding clients) and None, which this client never gets.
