@@ -391,8 +391,8 @@ class Window:
             if r.id in self._ids:
                 continue
             self._ids.add(r.id)
-            records, times = (self.pubs, self._pub_ts) if r.kind == "pub" else (self.records, self._ts)
-            rows, stamps = records.setdefault(r.replica, []), times.setdefault(r.replica, [])
+            kept, times = (self.pubs, self._pub_ts) if r.kind == "pub" else (self.records, self._ts)
+            rows, stamps = kept.setdefault(r.replica, []), times.setdefault(r.replica, [])
             i = bisect.bisect_right(stamps, r.ts)
             rows.insert(i, r)
             stamps.insert(i, r.ts)
@@ -757,7 +757,7 @@ def stages_frame(records: Iterable[Record]) -> Any:
     ``le_ms`` the bucket's upper bound, ``n`` the observations. :func:`percentile_by` works on it."""
     import pandas as pd
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in records:
         time = pd.Timestamp(r.ts, unit="s")
         hists: list[tuple[str, str, Sequence[int]]] = [("ack", "", r.ack)] if r.kind == "pub" else [
