@@ -32,15 +32,12 @@ from typing import Any
 import orjson
 
 from sidecar.core.patterns import glob_match
-from sidecar.stats import COUNTERS, LATENCY_BOUNDS_MS, RECORD_FIELD, SUBSCRIBERS
+from sidecar.stats import COUNTERS, LATENCY_BOUNDS_MS, QUEUE_BOUNDS, RECORD_FIELD, SUBSCRIBERS
 
 COUNT_KEYS = tuple(COUNTERS.values())  # "pub", "dlv", "coal", "drop", "delay", "adm", "rej", "pull"
 N_BUCKETS = len(LATENCY_BOUNDS_MS)
 VERSIONS = (1, 2)  # record versions this dashboard reads (v2 adds fields; docs/dashboard.md, "The stats record")
-# Upper bounds (frames) of the per-connection queue-depth histogram of v2 records ("qd"), as sidecar/stats.py
-# writes them.
-QUEUE_BOUNDS: tuple[float, ...] = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, math.inf)
-N_QUEUE = len(QUEUE_BOUNDS)
+N_QUEUE = len(QUEUE_BOUNDS)  # the per-connection queue-depth histogram of v2 records ("qd"), in frames
 MODES = ("event", "diff", "state", "poke")  # v2 subscribers by mode, per pattern
 STAGES = ("read", "held", "queue")  # v2 "stage" histograms: Redis -> reader, held by the throttle, queued
 ADMISSION = ("ok", "defer", "rej", "tries")  # v2 "adm" counts
@@ -130,7 +127,7 @@ def parse_record(stream_id: str | bytes, fields: Mapping[Any, Any]) -> Record | 
         for p, entry in (doc.get("ch") or {}).items():
             if not isinstance(entry, dict):
                 continue
-            channels[str(p)] = {str(k): max(int(v), 0) for k, v in entry.items() if k not in ("lat", "modes")}
+            channels[str(p)] = {str(k): max(int(v), 0) for k, v in entry.items() if isinstance(v, int | float)}
             if entry.get("lat"):
                 ch_lat[str(p)] = _hist(entry["lat"])
             if isinstance(entry.get("modes"), dict):
