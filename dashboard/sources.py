@@ -356,6 +356,20 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
+def _sent(r: Record, counts: Mapping[str, int]) -> float:
+    """What the throttle let out for the channels ``counts`` are of, in record ``r``: the messages it sent at
+    once (``pub - coal``: a held message counts as coalesced) plus the windows it flushed. A record counts flushes
+    for the whole replica only (the ``held`` observations less the spread pokes, ``delay``); a pattern gets its
+    share of them by its share of the coalesced messages: exact with one pattern held, an estimate with several.
+    v1 records have no ``held``: their flushes are not counted."""
+    held = sum(r.stage.get("held", ()))
+    if not held or not counts["coal"]:
+        return counts["pub"] - counts["coal"]
+    every = r.counts()
+    windows = max(held - every["delay"], 0)
+    return counts["pub"] - counts["coal"] + windows * counts["coal"] / max(every["coal"], counts["coal"])
+
+
 def _spread_v2(r: Record, p: Point, frac: float) -> None:
     """A v2 record's replica-wide counts, ``frac`` of them into second ``p``."""
     for stage, counts in r.stage.items():
@@ -476,6 +490,7 @@ class Window:
     ) -> None:
         for r in self._covering(rows, start, end):
             counts = r.counts(pattern)
+            sent = _sent(r, counts) if counts[SUBSCRIBERS] or counts["coal"] else None
             first, last = max(math.floor(r.begin), start), min(math.ceil(r.ts), end)
             for t in range(first, last):
                 overlap = _overlap(r.begin, r.ts, t, t + 1)
@@ -494,9 +509,9 @@ class Window:
                 p.slow += r.slow * frac
                 if any(r.lat):
                     p.latency = [a + b * frac for a, b in zip(p.latency, r.lat)]
-                if counts[SUBSCRIBERS] or counts["coal"]:
+                if sent is not None:
                     p.coal_in += counts["pub"] * frac
-                    p.coal_out += max(counts["pub"] - counts["coal"], 0) * frac
+                    p.coal_out += sent * frac
                 if r.stage or r.adm or r.stuck or r.shards:
                     _spread_v2(r, p, frac)
 

@@ -157,9 +157,10 @@ def test_the_v2_views_show_what_the_replicas_and_publishers_recorded(redis_serve
         cells = {(b, c) for b, c in zip(heat["bucket"], heat["count"])}
         assert ("\u22645", 10.0) in cells and ("\u2264500", 2.0) in cells
 
-        # What the throttle did: 20 messages in, 4 frames out on the replica with the subscriber -> 5.
+        # What the throttle did: per replica 20 messages in; 4 sent at once and 2 windows flushed (the two "held"
+        # observations): 6 frames out.
         ratio = full_seconds(columns(page, "throttle", "ratio"), "ratio")
-        assert ratio == pytest.approx([5.0] * len(ratio)) and ratio
+        assert ratio == pytest.approx([20 / 6] * len(ratio)) and ratio
         adm = columns(page, "admission", "admitted", "deferred", "rejected", "attempts", "bucket")
         for column, per_second in (("admitted", 6), ("deferred", 4), ("rejected", 2), ("attempts", 12),
                                    ("bucket", 8)):  # fmt: skip
@@ -186,3 +187,117 @@ def test_the_v2_views_show_what_the_replicas_and_publishers_recorded(redis_serve
     finally:
         page.close()
         writers.stop()
+
+
+# -- with real traffic through a real sidecar ---------------------------------------------------------------
+ADMIN_KEY = "dashboard-v2-test-admin-key-0123456789abcdef"
+WINDOW = 0.5  # the coalescing window the test sets through the page
+MESSAGES, SPACING = 30, 0.1  # published on win:a, one every SPACING s: 3 s of traffic
+STORM = 10  # SSE connections opened at once against admit_rate 1, admit_burst 3
+
+
+def sums_of(page: Any, name: str, *cols: str) -> dict[str, float]:
+    data = columns(page, name, *cols)
+    return {c: sum(v for v in data[c] if v is not None and v == v) for c in cols}
+
+
+def test_real_traffic_shows_stages_the_windows_coalescing_the_storms_admission_and_the_pages_change(
+    redis_server, sidecar_process, dashboard, browser, artifacts
+):
+    import requests
+
+    from dashboard.feed import read_records
+    from sidecar.publish import Publisher
+    from tests.browser.test_dashboard import Subscriber
+
+    client = redis.Redis.from_url(redis_server.url)
+    sidecar = sidecar_process(redis_server.url, SIDECAR_ADMIN_KEY=ADMIN_KEY, SIDECAR_KEEPALIVE="1",
+                              SIDECAR_STATS_PATTERNS="win:*")  # fmt: skip
+    dash = dashboard(SIDECAR_URL=sidecar.url, SIDECAR_ADMIN_KEY=ADMIN_KEY)
+    page = browser.new_page(viewport={"width": 1400, "height": 3600})
+    subscriber = None
+    try:
+        page.goto(dash.url)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length && Bokeh.documents[0]"
+                               ".get_model_by_name('changes')", timeout=20_000)  # fmt: skip
+        page.get_by_text("1 sidecar replica reporting").wait_for(timeout=10_000)
+
+        # A policy change made through the page: a marker on the charts, with who and what.
+        page.get_by_placeholder("sprint:*").fill("win:*")
+        page.get_by_placeholder("sprint:*").press("Tab")
+        body = page.get_by_placeholder("poke_floor")
+        body.fill(f'{{"window": {WINDOW}}}')
+        body.press("Tab")
+        time.sleep(0.3)  # the widgets' values reach the server before the click
+        page.get_by_role("button", name="Apply").click()
+        page.locator(".alert-success", has_text="Policy changed").wait_for(timeout=5_000)
+        marks = wait_for(lambda: (c := columns(page, "changes", "who", "what", "t")) and c["who"] and c, 10,
+                         "the page's change as a marker")  # fmt: skip
+        assert marks["who"] == ["admin"] and "win:*" in marks["what"][0] and "0.5" in marks["what"][0]
+        assert abs(marks["t"][0] / 1000 - time.time()) < 15
+        time.sleep(1.5)  # every replica applies a policy within a second
+
+        # Traffic: 30 messages into the 0.5 s window of one event-mode subscriber.
+        subscriber = Subscriber(sidecar.url, "win:a")
+        pub = Publisher.from_url(redis_server.url)
+        began = time.time()
+        for i in range(MESSAGES):
+            pub.event("win:a", "tick", {"i": i})
+            time.sleep(SPACING)
+        took = time.time() - began
+        wait_for(lambda: subscriber.messages == MESSAGES, 5, "every message (event mode batches, drops nothing)")
+
+        # The storm: admission at 1/s after a burst of 3, set through the admin API.
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        doc = requests.get(f"{sidecar.url}/admin/throttle", headers=headers, timeout=5).json()["policy"]
+        doc.update(admit_rate=1, admit_burst=3)
+        assert requests.put(f"{sidecar.url}/admin/throttle", json=doc, headers=headers, timeout=5).ok
+        time.sleep(1.5)
+        statuses = []
+        for _ in range(STORM):
+            response = requests.get(f"{sidecar.url}/sse?channel=storm:x", stream=True, timeout=5)
+            statuses.append(response.status_code)
+            response.close()
+        admitted, deferred = statuses.count(200), statuses.count(503)
+        assert admitted + deferred == STORM and 0 < admitted < STORM
+
+        # Admission as plotted: every connection this test opened (the subscriber's too), as the sidecar
+        # answered them.
+        def admission() -> dict[str, float] | None:
+            got = sums_of(page, "admission", "admitted", "deferred", "rejected", "attempts")
+            ok = got["admitted"] == pytest.approx(admitted + 1) and got["deferred"] == pytest.approx(deferred)
+            return got if ok else None
+
+        got = wait_for(admission, 15, f"{admitted + 1} admitted and {deferred} deferred on the admission chart")
+        assert got["rejected"] == 0 and got["attempts"] == pytest.approx(STORM + 1)
+        level = [v for v in columns(page, "admission", "bucket")["bucket"] if v == v]
+        assert max(level) <= 3  # the bucket never holds more than its burst
+
+        # The coalescing as plotted is the records' (messages in / frames out), and what a 0.5 s window
+        # allows: at most one frame per window, the first at once.
+        # Frames out: the messages sent at once (not coalesced) and one per window flushed (each a "held"
+        # observation; no poke is spread here).
+        records = [r for r in read_records(client, "rt:stats") if r.kind == "relay"]
+        pub_n = sum(r.channels.get("win:*", {}).get("pub", 0) for r in records)
+        coal = sum(r.channels.get("win:*", {}).get("coal", 0) for r in records)
+        flushed = sum(sum(r.stage.get("held", ())) for r in records)
+        shown = sums_of(page, "throttle", "messages_in", "frames_out")
+        assert shown["messages_in"] == pytest.approx(pub_n) and pub_n == MESSAGES
+        assert shown["frames_out"] == pytest.approx(pub_n - coal + flushed)
+        assert took / WINDOW - 1 <= shown["frames_out"] <= took / WINDOW + 2
+        page.screenshot(path=str(artifacts / "dashboard-throttle.png"), full_page=True)
+
+        # Where the time goes: every stage has latencies, and no frame was held longer than a window allows
+        # (its histogram bucket's upper bound).
+        def stages() -> dict[str, list[Any]] | None:
+            data = columns(page, "stages", "read_p99", "held_p99", "queue_p99", "lat_p99", "ack_p99")
+            have = {c: [v for v in vs if v == v and v is not None] for c, vs in data.items()}
+            return have if all(have.values()) else None
+
+        have = wait_for(stages, 10, "every stage's latency on the chart")
+        assert max(have["held_p99"]) <= 1000 and max(have["lat_p99"]) >= max(have["read_p99"])
+        page.get_by_text("gevent", exact=True).first.wait_for(timeout=5_000)  # the replica's front
+    finally:
+        page.close()
+        if subscriber is not None:
+            subscriber.close()

@@ -451,6 +451,30 @@ def test_the_coalescing_ratio_is_messages_in_over_frames_out_of_replicas_with_su
     assert Window().series(T0, T0 + 1)[0].coalescing is None
 
 
+def test_frames_out_count_the_windows_a_replica_flushed_shared_by_the_patterns_it_held():
+    # 20 messages/s: 2 sent at once, 18 held (coalesced) and let out by 3 window flushes: 5 frames out. The
+    # 4 "held" observations include 1 spread poke (counted in "delay"), which is no window.
+    held = list(lat(b200=4))
+    w = Window(stale_after=5)
+    w.add([v2("a:1", T0 + 1, stage={"held": held}, ch={"orders:*": {"pub": 20, "coal": 18, "subs": 1},
+                                                       "pokes:*": {"pub": 1, "delay": 1, "subs": 1}})])  # fmt: skip
+    assert w.series(T0, T0 + 1, "orders:*")[0].coalescing == pytest.approx(20 / 5)
+    # Two patterns held: the 3 flushes are shared by their coalesced messages (18 : 6).
+    w = Window(stale_after=5)
+    w.add(
+        [
+            v2(
+                "a:1",
+                T0 + 1,
+                stage={"held": list(lat(b200=4))},
+                ch={"orders:*": {"pub": 20, "coal": 18, "subs": 1}, "task:*": {"pub": 8, "coal": 6, "subs": 1}},
+            )
+        ]
+    )
+    assert w.series(T0, T0 + 1, "orders:*")[0].coal_out == pytest.approx(2 + 3)
+    assert w.series(T0, T0 + 1, "task:*")[0].coal_out == pytest.approx(2 + 1)
+
+
 def test_admission_counts_are_rates_and_the_bucket_level_a_gauge_of_the_live_replicas():
     w = Window(stale_after=5)
     for i in range(1, 4):
