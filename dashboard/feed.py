@@ -146,9 +146,18 @@ class DashboardConfig:
             interval=settings.stats_interval,
             window=min(max(settings.dashboard_window, 60.0), 3600.0),
             sidecar_url=(settings.url or f"http://{settings.host}:{settings.port}").rstrip("/"),
-            admin_key=(settings.admin_key or "").split(",")[0].strip() or None,
+            admin_key=_admin_key(settings),
             defaults=policy_from_settings(settings),
         )
+
+
+def _admin_key(settings: Settings) -> str | None:
+    """The key the controls use: SIDECAR_ADMIN_KEY's first, else the first named key of SIDECAR_ADMIN_KEYS
+    (``name:key``; the change log then names that key's owner)."""
+    key = (settings.admin_key or "").split(",")[0].strip()
+    if not key and settings.admin_keys:
+        key = settings.admin_keys.split(",")[0].partition(":")[2].strip()
+    return key or None
 
 
 def redis_client(config: DashboardConfig, timeout: float = 5.0) -> Any:

@@ -562,3 +562,13 @@ def test_the_policy_log_reads_as_changes_newest_first():
     ]
     frame = changes_frame(changes)
     assert list(frame.who) == ["admin", "ops-anna"]  # oldest first, like the other frames
+
+
+def test_the_dashboard_uses_a_named_admin_key_when_no_unnamed_one_is_set():
+    from dashboard.feed import DashboardConfig
+
+    named = "ops-anna:" + "a" * 32 + ",ops-bo:" + "b" * 32
+    assert DashboardConfig.from_env({"SIDECAR_ADMIN_KEYS": named}).admin_key == "a" * 32
+    assert DashboardConfig.from_env({"SIDECAR_ADMIN_KEY": "k" * 32, "SIDECAR_ADMIN_KEYS": named}).admin_key == "k" * 32
+    assert DashboardConfig.from_env({}).admin_key is None
+    assert DashboardConfig.from_env({"SIDECAR_KEY_PREFIX": "x"}).log_key == "x:policy:log"
