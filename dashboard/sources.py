@@ -360,14 +360,20 @@ def _sent(r: Record, counts: Mapping[str, int]) -> float:
     """What the throttle let out for the channels ``counts`` are of, in record ``r``: the messages it sent at
     once (``pub - coal``: a held message counts as coalesced) plus the windows it flushed. A record counts flushes
     for the whole replica only (the ``held`` observations less the spread pokes, ``delay``); a pattern gets its
-    share of them by its share of the coalesced messages: exact with one pattern held, an estimate with several.
-    v1 records have no ``held``: their flushes are not counted."""
+    share of them by its share of the coalesced messages (of the subscribers, when the record coalesced nothing
+    new): exact with one pattern held, an estimate with several. v1 records have no ``held``: their flushes are
+    not counted."""
     held = sum(r.stage.get("held", ()))
-    if not held or not counts["coal"]:
-        return counts["pub"] - counts["coal"]
+    sent = counts["pub"] - counts["coal"]
+    if not held:
+        return sent
     every = r.counts()
     windows = max(held - every["delay"], 0)
-    return counts["pub"] - counts["coal"] + windows * counts["coal"] / max(every["coal"], counts["coal"])
+    if every["coal"]:
+        return sent + windows * counts["coal"] / max(every["coal"], counts["coal"])
+    # A window flushed in a record that coalesced nothing new (its messages were held in the one before):
+    # shared by subscribers.
+    return sent + windows * counts[SUBSCRIBERS] / max(every[SUBSCRIBERS], counts[SUBSCRIBERS], 1)
 
 
 def _spread_v2(r: Record, p: Point, frac: float) -> None:

@@ -284,8 +284,9 @@ def test_real_traffic_shows_stages_the_windows_coalescing_the_storms_admission_a
         shown = sums_of(page, "throttle", "messages_in", "frames_out")
         assert shown["messages_in"] == pytest.approx(pub_n) and pub_n == MESSAGES
         assert shown["frames_out"] == pytest.approx(pub_n - coal + flushed)
-        assert took / WINDOW - 1 <= shown["frames_out"] <= took / WINDOW + 2
-        page.screenshot(path=str(artifacts / "dashboard-throttle.png"), full_page=True)
+        # At most one frame per window from the first message to the last one's window end; a window the
+        # scheduler closed late (from the next offer) counts its frame twice (docs/dashboard.md): one more.
+        assert took / WINDOW - 1 <= shown["frames_out"] <= (took + WINDOW) / WINDOW + 1 + 1
 
         # Where the time goes: every stage has latencies, and no frame was held longer than a window allows
         # (its histogram bucket's upper bound).
@@ -297,6 +298,9 @@ def test_real_traffic_shows_stages_the_windows_coalescing_the_storms_admission_a
         have = wait_for(stages, 10, "every stage's latency on the chart")
         assert max(have["held_p99"]) <= 1000 and max(have["lat_p99"]) >= max(have["read_p99"])
         page.get_by_text("gevent", exact=True).first.wait_for(timeout=5_000)  # the replica's front
+        page.get_by_role("button", name="5 min", exact=True).click()
+        time.sleep(1)
+        page.screenshot(path=str(artifacts / "dashboard-traffic.png"), full_page=True)
     finally:
         page.close()
         if subscriber is not None:

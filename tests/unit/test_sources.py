@@ -473,6 +473,10 @@ def test_frames_out_count_the_windows_a_replica_flushed_shared_by_the_patterns_i
     )
     assert w.series(T0, T0 + 1, "orders:*")[0].coal_out == pytest.approx(2 + 3)
     assert w.series(T0, T0 + 1, "task:*")[0].coal_out == pytest.approx(2 + 1)
+    # A window that closes in the next record (nothing new coalesced there) still counts, for its subscribers.
+    w.add([v2("a:1", T0 + 2, stage={"held": list(lat(b200=1))}, ch={"orders:*": {"subs": 3}, "task:*": {"subs": 1}})])
+    assert w.series(T0 + 1, T0 + 2, "orders:*")[0].coal_out == pytest.approx(0.75)
+    assert sum(p.coal_out for p in w.series(T0, T0 + 2)) == pytest.approx(2 + 3 + 2 + 1 + 1)
 
 
 def test_admission_counts_are_rates_and_the_bucket_level_a_gauge_of_the_live_replicas():
