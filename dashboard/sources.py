@@ -67,6 +67,7 @@ class Record:
     channels: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # pattern -> counts
     stopped: bool = False  # the replica's last record after a clean stop
     # -- v2 (empty in v1 records) ---------------------------------------------------------------------------
+    v: int = 1  # the record's version
     kind: str = "relay"  # "relay" (a sidecar replica) or "pub" (a publisher: Celery worker, POST /publish)
     front: str = ""  # "gevent" | "asyncio"
     version: str = ""  # the package version
@@ -84,6 +85,14 @@ class Record:
     @property
     def begin(self) -> float:
         return self.ts - self.dt
+
+    def in_mode(self, mode: str, pattern: Labels = None) -> int:
+        """Subscribers in ``mode`` (v2) of one pattern, of several, or of all."""
+        return sum(
+            m.get(mode, 0)
+            for name, m in self.modes.items()
+            if pattern is None or name == pattern or (not isinstance(pattern, str) and name in pattern)
+        )
 
     def counts(self, pattern: Labels = None) -> dict[str, int]:
         """The counters of one pattern, of several summed (a set of them), or of all (``pattern`` None)."""
@@ -151,6 +160,7 @@ def parse_record(stream_id: str | bytes, fields: Mapping[Any, Any]) -> Record | 
             spread=float(herd.get("spread", 0.0)),
             channels=channels,
             stopped=bool(doc.get("stopped", 0)),
+            v=int(doc["v"]),
             kind=kind,
             front=str(doc.get("front", "")),
             version=str(doc.get("version", "")),
@@ -241,6 +251,7 @@ class Point:
     reconnects: float = 0.0  # reader reconnects, every shard and replica
     lag: float | None = None  # the worst reader lag (ms) of any live replica and shard (a gauge)
     queue_depth: list[float] = field(default_factory=lambda: [0.0] * N_QUEUE)  # connections by queued frames
+    poke_subscribers: float | None = None  # subscribers in poke mode (v2 records; None: not recorded)
 
     @property
     def coalescing(self) -> float | None:
@@ -555,6 +566,8 @@ class Window:
             p.sse += r.conn.get("sse", 0)
             p.ws += r.conn.get("ws", 0)
             p.subscribers += r.counts(pattern)[SUBSCRIBERS]
+            if r.v >= 2:
+                p.poke_subscribers = (p.poke_subscribers or 0) + r.in_mode("poke", pattern)
             p.pending += r.pending
             p.spread = max(p.spread, r.spread)
             if r.adm:

@@ -576,3 +576,16 @@ def test_the_dashboard_uses_a_named_admin_key_when_no_unnamed_one_is_set():
     assert DashboardConfig.from_env({"SIDECAR_ADMIN_KEY": "k" * 32, "SIDECAR_ADMIN_KEYS": named}).admin_key == "k" * 32
     assert DashboardConfig.from_env({}).admin_key is None
     assert DashboardConfig.from_env({"SIDECAR_KEY_PREFIX": "x"}).log_key == "x:policy:log"
+
+
+def test_poke_subscribers_are_counted_from_v2_modes_and_unknown_in_v1():
+    w = Window(stale_after=5)
+    w.add([v2("a:1", T0 + 1, ch={"orders:*": {"subs": 3, "modes": {"event": 2, "poke": 1}},
+                                 "task:*": {"subs": 2, "modes": {"poke": 2}}}),
+           v2("b:1", T0 + 1, ch={"orders:*": {"subs": 1, "modes": {"poke": 1}}})])  # fmt: skip
+    p = w.series(T0 + 1, T0 + 2, "orders:*")[0]
+    assert (p.subscribers, p.poke_subscribers) == (4, 2)
+    assert w.series(T0 + 1, T0 + 2)[0].poke_subscribers == 4
+    old = Window(stale_after=5)
+    old.add([rec("a", T0 + 1, channels=ch(orders_x={"subs": 3}))])
+    assert old.series(T0 + 1, T0 + 2)[0].poke_subscribers is None
