@@ -381,6 +381,7 @@ class Dashboard:
                        f"No connection with a queue: open {demo} to connect one"),
         }  # fmt: skip
         self.hist_empty = _empty_label(self.hist_fig, "histogram")
+        self.heat_empty = _empty_label(self.heat_fig, "heatmap")
 
         self.status = pn.pane.Alert("reading the stats stream\u2026", alert_type="info", sizing_mode="stretch_width")
         self.filter_label = pn.pane.Markdown("**Channels:** all", margin=(5, 10))
@@ -510,6 +511,7 @@ class Dashboard:
 
         self.shards_table = _table(SHARD_COLUMNS, 240, name="shards")
         self.slow_table = _table(SLOW_COLUMNS, 300, name="slowest")
+        self.slow_note = pn.pane.Markdown("", margin=(0, 10))
         self.changes_table = _table(CHANGE_COLUMNS, 240, name="changes")
         self.publishers_note = pn.pane.Markdown("", margin=(0, 10))
 
@@ -563,9 +565,7 @@ class Dashboard:
             pn.Row(
                 pn.Column(pn.pane.Bokeh(self.queue_fig, **pane), series("queues"), **pane),
                 pn.Column(
-                    pn.pane.Markdown(
-                        f"**Slowest {SLOWEST} connections** (most queued bytes, live replicas)", margin=(0, 10)
-                    ),
+                    self.slow_note,
                     self.slow_table,
                     table("slowest", self.slow_table),
                     **pane,
@@ -641,6 +641,9 @@ class Dashboard:
         writes = any(self.histogram.data["count"])
         self.hist_empty.text = "" if writes else f"No socket write in the last {HISTOGRAM_SECONDS} s"
         self.hist_empty.visible = not writes
+        cells = bool(self.heatmap.data["count"])
+        self.heat_empty.text = "" if cells else "No socket write in this range: nothing to place in latency buckets"
+        self.heat_empty.visible = not cells
 
     def _poll(self, now: float, force: bool = False) -> None:
         feed = self.feed
@@ -715,11 +718,16 @@ class Dashboard:
               round(s.age, 1) if math.isfinite(s.age) else "") for s in window.shards(now)],
             columns=SHARD_COLUMNS,
         )  # fmt: skip
+        slowest = window.slowest(now, SLOWEST)
         self.slow_table.value = pd.DataFrame(
-            [(r.replica, r.transport, r.channels, r.queued_bytes, r.queued_frames, round(r.age, 1))
-             for r in window.slowest(now, SLOWEST)],
+            [(r.replica, r.transport, r.channels, r.queued_bytes, r.queued_frames, round(r.age, 1)) for r in slowest],
             columns=SLOW_COLUMNS,
-        )  # fmt: skip
+        )
+        self.slow_note.object = (
+            f"**Slowest {SLOWEST} connections** (most queued bytes, live replicas)"
+            if slowest
+            else "**Slowest connections**: none has bytes queued now (nobody is behind)."
+        )
         pubs = window.publishers(now)
         self.publishers_note.object = (
             f"Publish \u2192 Redis ack from {len(pubs)} publisher process{'es' if len(pubs) != 1 else ''} "

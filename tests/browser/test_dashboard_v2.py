@@ -298,6 +298,7 @@ def test_real_traffic_shows_stages_the_windows_coalescing_the_storms_admission_a
         have = wait_for(stages, 10, "every stage's latency on the chart")
         assert max(have["held_p99"]) <= 1000 and max(have["lat_p99"]) >= max(have["read_p99"])
         page.get_by_text("gevent", exact=True).first.wait_for(timeout=5_000)  # the replica's front
+        page.get_by_text("none has bytes queued now").wait_for(timeout=5_000)  # an empty table says why
         page.get_by_role("button", name="5 min", exact=True).click()
         time.sleep(1)
         page.screenshot(path=str(artifacts / "dashboard-traffic.png"), full_page=True)
