@@ -78,7 +78,7 @@ STAGES = {"ack": ("publish \u2192 Redis ack", "#8c564b"), "read": ("Redis \u2192
           "held": ("held by the throttle", "#ff7f0e"), "queue": ("queue \u2192 socket", "#2ca02c"),
           "lat": ("end to end", "#d62728")}  # fmt: skip
 CHANNEL_COLUMNS = ["pattern", "published/s", "delivered/s", "subscribers", "coalesced/s", "dropped/s",
-                   "pokes delayed/s", "pulls/s"]  # fmt: skip
+                   "pokes delayed/s", "pulls/s", "p99 (ms)"]  # fmt: skip
 WHATIF_COLUMNS = ["what", "in force", "proposed"]
 NOTE_KINDS = {"ok": "success", "error": "danger", "read-only": "warning", "hint": "info"}
 
@@ -704,7 +704,8 @@ class Dashboard:
         self.channels_table.value = pd.DataFrame(
             [
                 (c.pattern, round(c.published, 2), round(c.delivered, 2), c.subscribers, round(c.coalesced, 2),
-                 round(c.dropped, 2), round(c.poke_delayed, 2), round(c.pulled, 2))
+                 round(c.dropped, 2), round(c.poke_delayed, 2), round(c.pulled, 2),
+                 "" if c.p99 is None else round(c.p99, 1))
                 for c in sorted(rows, key=lambda c: c.pattern)  # stable rows; the table sorts on screen
             ],
             columns=CHANNEL_COLUMNS,

@@ -296,6 +296,7 @@ class ChannelRow:
     dropped: float
     poke_delayed: float
     pulled: float
+    p99: float | None = None  # ms, publish -> socket, of the pattern's frames (v2 records; None: none recorded)
 
 
 @dataclass(frozen=True)
@@ -593,6 +594,7 @@ class Window:
         those of the live replicas' last records."""
         start = end - seconds
         totals: dict[str, dict[str, float]] = {}
+        latency: dict[str, list[float]] = {}  # pattern -> its latency buckets, every replica
         best: tuple[tuple[float, float, str], dict[str, float], float] | None = None  # published: one replica
         for replica, rows in self.records.items():
             published: dict[str, float] = {}
@@ -609,6 +611,9 @@ class Window:
                         acc[key] += entry.get(key, 0) * frac
                     if r.reader_ok:
                         published[pattern] = published.get(pattern, 0.0) + entry.get("pub", 0) * frac
+                for pattern, counts in r.ch_lat.items():
+                    acc_lat = latency.setdefault(pattern, [0.0] * N_BUCKETS)
+                    latency[pattern] = [a + b * frac for a, b in zip(acc_lat, counts)]
             if covered > 0:
                 rank = _rank(covered / seconds, started, replica)
                 if best is None or rank < best[0]:
@@ -631,6 +636,7 @@ class Window:
                     dropped=total["drop"] / seconds,
                     poke_delayed=total["delay"] / seconds,
                     pulled=total["pull"] / seconds,
+                    p99=percentile(latency[pattern], 99) if pattern in latency else None,
                 )
             )
         rows.sort(key=lambda c: (-c.published, -c.delivered, -c.subscribers, c.pattern))

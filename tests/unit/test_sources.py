@@ -589,3 +589,15 @@ def test_poke_subscribers_are_counted_from_v2_modes_and_unknown_in_v1():
     old = Window(stale_after=5)
     old.add([rec("a", T0 + 1, channels=ch(orders_x={"subs": 3}))])
     assert old.series(T0 + 1, T0 + 2)[0].poke_subscribers is None
+
+
+def test_top_channels_have_the_p99_of_each_patterns_frames_from_v2_records():
+    w = Window(stale_after=5)
+    for i in range(1, 11):
+        w.add([v2("a:1", T0 + i, ch={"orders:*": {"pub": 10, "dlv": 10, "subs": 1, "lat": list(lat(b5=9, b500=1))},
+                                     "task:*": {"pub": 1}}),
+               v2("b:1", T0 + i, ch={"orders:*": {"pub": 10, "subs": 1, "lat": list(lat(b5=10))}})])  # fmt: skip
+    rows = {r.pattern: r for r in w.top_channels(T0 + 10, 5, T0 + 10)}
+    # 5 s of both replicas: 95 writes in (2, 5] and 5 in (200, 500]; the 99th of 100 is 4/5 into (200, 500].
+    assert rows["orders:*"].p99 == pytest.approx(200 + 300 * 4 / 5)
+    assert rows["task:*"].p99 is None
