@@ -86,12 +86,12 @@ def parse_record(stream_id: str | bytes, fields: Mapping[Any, Any]) -> Record | 
         return None
     try:
         doc = orjson.loads(raw)
-        if not isinstance(doc, dict) or doc.get("v") != 1:
-            return None
+        if not isinstance(doc, dict) or doc.get("v") not in (1, 2) or doc.get("kind", "relay") != "relay":
+            return None  # v2 adds fields (read by engineer dash's sources); other kinds are not replicas
         lat = [max(int(n), 0) for n in doc.get("lat") or ()]
         lat = (lat + [0] * N_BUCKETS)[:N_BUCKETS]
         channels = {
-            str(p): {str(k): max(int(v), 0) for k, v in entry.items()}
+            str(p): {str(k): max(int(v), 0) for k, v in entry.items() if isinstance(v, int | float)}
             for p, entry in (doc.get("ch") or {}).items()
             if isinstance(entry, dict)
         }

@@ -73,6 +73,7 @@ class Settings:
     jwt_leeway: float = 5.0  # seconds of clock skew tolerated on `exp`
     publisher_key: str | None = dataclasses.field(default=None, repr=False)  # POST /publish; comma: several
     admin_key: str | None = dataclasses.field(default=None, repr=False)  # /admin/*; comma: several
+    admin_keys: str | None = dataclasses.field(default=None, repr=False)  # named: "ops-anna:<key>,ops-bo:<key>"
     metrics_key: str | None = dataclasses.field(default=None, repr=False)  # GET /metrics (or the admin key)
     allowed_origins: str = ""  # WebSocket Origin allowlist (comma); empty: same origin only (dev: any)
     cors_origins: str = ""  # CORS for /sse and the state endpoint (comma, or *); empty: none (dev: *)

@@ -23,6 +23,7 @@ import orjson
 from sidecar.config import Settings
 from sidecar.core import merge
 from sidecar.core.protocol import ProtocolError, validate_channel, validate_event
+from sidecar.pubstats import PublishStats
 from sidecar.store import Published, Snapshot, Store, connect
 
 __all__ = ["Publisher", "Published", "Snapshot", "PublishError"]
@@ -38,6 +39,7 @@ class Publisher:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.max_bytes = store.settings.max_publish_bytes
+        self.stats = PublishStats(store)  # publish -> Redis acknowledged, one "pub" record a second (pubstats.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Publisher:
@@ -70,6 +72,7 @@ class Publisher:
 
     def close(self) -> None:
         """Release the Redis connections."""
+        self.stats.close()
         self.store.redis.close()
 
     def __enter__(self) -> Publisher:
@@ -111,9 +114,11 @@ class Publisher:
 
     def _send(self, items: list[Item]) -> list[Published]:
         try:
-            return self.store.publish_many(items) if items else []
+            published = self.store.publish_many(items) if items else []
         except ProtocolError as exc:  # state-too-large
             raise PublishError(exc.code, exc.message) from None
+        self.stats.observe(item[5] for item in items)
+        return published
 
 
 class Batch:

@@ -57,6 +57,7 @@ class Loop:
     address: tuple[str, int] | None = None  # where MOVED sent it; None: the slot map's master
     kicked: bool = False  # the watchdog closed its connection on purpose
     failing_since: float | None = None
+    reconnects: int = 0  # connections dropped to be made again (errors, MOVED, the watchdog), ever
     thread: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -231,6 +232,7 @@ class Reader:
     def _drop(self, loop: Loop) -> None:
         client, loop.client = loop.client, None
         if client is not None:
+            loop.reconnects += 1
             with contextlib.suppress(Exception):
                 client.close()
                 client.connection_pool.disconnect()

@@ -10,6 +10,7 @@ valid on Redis Cluster; `t` is balanced_tags(shards)[k], or `k` itself with SIDE
     <prefix>:{t}:p:C         C's merge patches published since `base` was written, folded by compaction
     <prefix>:stats           replicas' per-second stats records
     <prefix>:throttle        the throttle policy set by ops
+    <prefix>:policy:log      ops' changes of it: who, what, when (MAXLEN ~ POLICY_LOG_LEN)
 The snapshot is `base` with the pending patches applied in order, folded in Python so JSON stays exact
 (Redis' Lua cjson loses empty arrays and number precision).
 """
@@ -39,6 +40,7 @@ from sidecar.core.slots import balanced_tags
 Client = redis.Redis | redis.RedisCluster
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 SHARD_TAGS = ("balanced", "bare")
+POLICY_LOG_LEN = 1000  # policy changes kept in <prefix>:policy:log
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +280,10 @@ class Store:
     def throttle_key(self) -> str:
         return f"{self.prefix}:throttle"
 
+    @property
+    def policy_log_key(self) -> str:
+        return f"{self.prefix}:policy:log"
+
     # -- the throttle policy (a hash: `doc` the JSON ops PUT, `v` its version, `at` when) -------------------
     def read_policy(self) -> tuple[int, bytes | None, float]:
         """(version, document or None for "the settings", set at epoch seconds); (0, None, 0.0) if never set."""
@@ -288,6 +294,17 @@ class Store:
         """Store a policy document (None: back to the settings) and return its version; replicas poll it."""
         args: list[bytes | str] = ["0", b"", repr(at)] if doc is None else ["1", doc, repr(at)]
         return int(self._policy(keys=[self.throttle_key], args=args))
+
+    def log_policy_change(self, at: float, who: str, what: str, policy: bytes | None) -> None:
+        """One entry of the policy-change log: when, who (an admin key's name), what, the new policy (JSON; None:
+        back to the settings')."""
+        fields: dict[Any, Any] = {"at": repr(at), "who": who, "what": what, "policy": policy or b""}
+        self.redis.xadd(self.policy_log_key, fields, maxlen=POLICY_LOG_LEN, approximate=True)
+
+    def read_policy_log(self, n: int) -> list[tuple[str, dict[str, str]]]:
+        """The last ``n`` policy changes, newest first: (stream id, fields)."""
+        entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", self.redis.xrevrange(self.policy_log_key, count=n))
+        return [(i.decode(), {k.decode(): v.decode(errors="replace") for k, v in f.items()}) for i, f in entries]
 
     # -- writes ---------------------------------------------------------------------------------------------
     def publish_args(

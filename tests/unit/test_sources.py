@@ -87,7 +87,7 @@ def test_parse_record_reads_the_schema_and_tolerates_missing_fields():
 
 
 @pytest.mark.parametrize(
-    "raw", [b"not json", orjson.dumps({"v": 2, "replica": "x", "ts": 1, "dt": 1}), orjson.dumps({"v": 1}),
+    "raw", [b"not json", orjson.dumps({"v": 3, "replica": "x", "ts": 1, "dt": 1}), orjson.dumps({"v": 1}),
             orjson.dumps({"v": 1, "replica": "x", "ts": 1, "dt": 0}), orjson.dumps([1, 2])],
 )  # fmt: skip
 def test_parse_record_skips_what_it_cannot_read(raw):
