@@ -24,16 +24,18 @@ from werkzeug.wsgi import get_input_stream
 from sidecar.auth import Auth, AuthError, Grant, bearer, presented_token
 from sidecar.config import Settings
 from sidecar.core.connection import SSE
-from sidecar.core.protocol import (
-    ProtocolError,
-    dumps,
-    error_body,
-    loads_exact,
-    publish_fields,
-    validate_channel,
+from sidecar.core.http_api import (
+    UNAVAILABLE,
+    UNKNOWN_CHANNEL,
+    Refusal,
+    publish_item,
+    publish_items,
+    refusal,
 )
+from sidecar.core.http_api import too_large as too_large_body
+from sidecar.core.protocol import ProtocolError, dumps, loads_exact, validate_channel
 from sidecar.core.session import Close, Session, Wait, Write, busy, sse_request
-from sidecar.publish import Publisher, PublishError
+from sidecar.publish import Publisher
 from sidecar.relay import Relay
 from sidecar.stats import CONTENT_TYPE_LATEST, exposition
 from sidecar.writer import Sink, drop_read_buffer, request_socket, writer
@@ -74,8 +76,13 @@ def settings_of() -> Settings:
     return current_app.config["SETTINGS"]
 
 
+def answer(refused: Refusal) -> Response:
+    """A core error answer (sidecar/core/http_api.py) as a Flask response."""
+    return Response(refused.body, status=refused.status, mimetype="application/json", headers=list(refused.headers))
+
+
 def error(status: int, code: str, message: str, **headers: str) -> Response:
-    return Response(error_body(code, message), status=status, mimetype="application/json", headers=headers)
+    return answer(refusal(status, code, message, **headers))
 
 
 def read_body() -> bytes | None:
@@ -96,7 +103,7 @@ def read_body() -> bytes | None:
 
 
 def too_large() -> Response:
-    return error(413, "too-large", f"request bodies are limited to {current_app.config['MAX_CONTENT_LENGTH']} bytes")
+    return answer(too_large_body(current_app.config["MAX_CONTENT_LENGTH"]))
 
 
 def _http_error(exc: HTTPException) -> Response:
@@ -131,7 +138,7 @@ def request_grant() -> Grant:
 
 def _redis_down(exc: redis.RedisError) -> Response:
     log.warning("Redis unavailable: %s", type(exc).__name__)
-    return error(503, "unavailable", "the relay cannot reach its store; retry shortly", **{"Retry-After": "1"})
+    return answer(UNAVAILABLE)
 
 
 @api.get("/metrics")
@@ -243,7 +250,7 @@ def channel_state(channel: str) -> Response:
     Auth.authorize(grant, [validate_channel(channel)])  # 403 before 404: no oracle for what exists
     pulled = relay_of().control.pull(channel)
     if pulled is None:
-        return error(404, "unknown-channel", "nothing has been published on this channel (or it expired)")
+        return answer(UNKNOWN_CHANNEL)
     etag, body = pulled
     if_none_match = request.headers.get("If-None-Match", "")
     if etag in if_none_match or if_none_match.strip() == "*":
@@ -259,27 +266,12 @@ def publish() -> Response:
     data = read_body()
     if data is None:
         return too_large()
-    body = loads_exact(data)
-    if isinstance(body, dict) and "messages" in body:
-        if len(body) > 1:
-            return error(400, "bad-request", 'a batch is {"messages": [...]} and nothing else')
-        items = body["messages"]
-    else:
-        items = [body]
-    if not isinstance(items, list) or not items:
-        return error(400, "bad-request", '"messages" must be a non-empty list')
-    try:
-        encoded = [_publish_item(publisher, i, item) for i, item in enumerate(items)]
-    except PublishError as exc:
-        return error(400, exc.code, exc.message)
+    encoded = publish_items(loads_exact(data), publisher.item)  # ProtocolError (PublishError too): a 400
     published = publisher._send(encoded)
     body = [{"channel": p.channel, "id": p.id, "seq": p.seq, "epoch": p.epoch} for p in published]  # protocol.md
     return Response(dumps({"published": body}), mimetype="application/json")
 
 
 def _publish_item(publisher: Publisher, index: int, item: Any) -> Any:
-    channel, kind, event, data, body = publish_fields(index, item)  # ProtocolError: a 400 like PublishError's
-    try:
-        return publisher.item(channel, kind, event, data, body)
-    except PublishError as exc:
-        raise PublishError(exc.code, (f"message {index}: " if index else "") + exc.message) from None
+    """Kept for the asgi front until it imports sidecar.core.http_api.publish_item itself."""
+    return publish_item(index, item, publisher.item)

@@ -27,9 +27,10 @@ from wsproto.events import Request as WSRequest
 from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import RemoteProtocolError
 
-from sidecar.app import error
+from sidecar.app import answer, error
 from sidecar.auth import AuthError, Grant, presented_token
 from sidecar.core.connection import WS
+from sidecar.core.http_api import NOT_WEBSOCKET, UNSUPPORTED_VERSION
 from sidecar.core.protocol import ProtocolError
 from sidecar.core.session import (
     STORE_DOWN,
@@ -139,7 +140,6 @@ def _request(relay: Any, session: Session, asked: Request | None) -> Close | Non
     return asked if isinstance(asked, Close) else None
 
 
-NOT_WEBSOCKET = "this endpoint speaks WebSocket only (RFC 6455)"
 KEY = re.compile(r"[A-Za-z0-9+/]{21}[AQgw]==")  # base64 of 16 bytes (RFC 6455 section 4.1)
 
 
@@ -148,7 +148,7 @@ def not_websocket(exc: WebsocketMismatch) -> Response:
     # Werkzeug's router takes a request without `Connection: Upgrade` + `Upgrade: websocket` for plain HTTP.
     if request.path != "/ws":
         return error(400, "bad-request", exc.description or "")  # a WebSocket to a plain HTTP route
-    return error(400, "not-websocket", NOT_WEBSOCKET)
+    return answer(NOT_WEBSOCKET)
 
 
 @sock.bp.before_request
@@ -158,10 +158,9 @@ def handshake() -> Response | None:
     WebSocket hijacking), a bad or expired token a 401. Without a token the socket opens, and must send
     {"op": "auth", "token": ...} within `auth_timeout`."""
     if request.headers.get("Upgrade", "").lower() != "websocket":
-        raise ProtocolError("not-websocket", NOT_WEBSOCKET)
+        raise ProtocolError(NOT_WEBSOCKET.code, NOT_WEBSOCKET.message)
     if request.headers.get("Sec-WebSocket-Version") != "13":
-        message = "this server speaks WebSocket version 13 (RFC 6455)"
-        return error(426, "unsupported-version", message, **{"Sec-WebSocket-Version": "13"})
+        return answer(UNSUPPORTED_VERSION)
     problem = _malformed(request.environ)
     if problem:
         raise ProtocolError("bad-handshake", problem)

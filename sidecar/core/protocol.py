@@ -216,29 +216,6 @@ def error_body(code: str, message: str) -> bytes:
     return orjson.dumps({"error": code, "message": message})
 
 
-PUBLISH_KINDS = {"event": None, "diff": "changes", "state": "state", "poke": None}  # kind -> its body's field
-
-
-def publish_fields(index: int, item: object) -> tuple[Any, str, Any, Any, Any]:
-    """The (channel, kind, event, data, body) of message `index` of a POST /publish, checked for shape: its
-    kind (defaulted from its fields) and the fields that kind allows. ProtocolError names the message."""
-    where = f"message {index}: " if index else ""
-    if not isinstance(item, dict):
-        raise ProtocolError("bad-request", f"{where}each message is a JSON object")
-    kind = item.get("kind", "diff" if "changes" in item else "state" if "state" in item else "event")
-    if not isinstance(kind, str) or kind not in PUBLISH_KINDS:
-        raise ProtocolError("bad-kind", f"{where}kind must be one of {', '.join(PUBLISH_KINDS)}")
-    field = PUBLISH_KINDS[kind]
-    if field and field not in item:
-        raise ProtocolError("bad-request", f'{where}a {kind} message needs "{field}"')
-    unknown = set(item) - {"channel", "event", "kind", "data", field} - {None}
-    if unknown:
-        fields = ", ".join(sorted(unknown))
-        raise ProtocolError("bad-request", f"{where}fields not allowed in a {kind} message: {fields}")
-    event = item.get("event", "changed" if kind == "poke" else None)
-    return item.get("channel"), kind, event, item.get("data"), item.get(field) if field else None
-
-
 def sse_frame(event: str, payload: bytes) -> bytes:
     """An SSE event without its `id:` line (the id is per connection, see :func:`encode_cursor`)."""
     return b"event: " + event.encode() + b"\ndata: " + payload + b"\n\n"
