@@ -251,7 +251,8 @@ def test_lost_prefork_child_fails_the_task_with_its_runtime(prefork: Stack) -> N
     assert [m["event"] for m in history] == ["task-started", "task-failed"]
     failed = history[-1]["diff"]
     assert failed["error"]["type"] == "WorkerLostError"
-    assert isinstance(failed["runtime"], float) and 0 <= failed["runtime"] < 5
+    # A duration from the task's start, not a timestamp; the bound is loose: a loaded machine is slow.
+    assert isinstance(failed["runtime"], float) and 0 <= failed["runtime"] < 60
 
 
 def test_a_chain_whose_first_task_fails_fails_the_channels_of_the_rest(stack: Stack) -> None:
