@@ -1,12 +1,18 @@
 """The relay of one sidecar process: the store, the hub, the reader, and the subscribe handshake between them.
 
-Runs on gevent (one OS thread): hub calls never yield, so they need no lock; only Redis reads yield.
+The hub is single-threaded on both fronts (sidecar/runtime.py): on gevent every greenlet runs on one OS thread
+and hub calls never yield; on asyncio the reader's loops are OS threads that hand their messages to the event
+loop with `runtime.call_soon`. A connection's handshakes with Redis (subscribe, resync) are generators of hub
+steps that yield the Redis reads they need: the gevent front runs each read where it is (it yields to other
+greenlets), the asyncio front awaits it in the runtime's pool (:func:`drive` and :func:`drive_async`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Generator
+from functools import partial
 
 import redis
 
@@ -17,7 +23,7 @@ from sidecar.core.hub import Hub, Sync
 from sidecar.core.protocol import Message, Position, shard_of
 from sidecar.core.throttle import Throttle
 from sidecar.reader import Reader
-from sidecar.scheduler import Scheduler
+from sidecar.runtime import AsyncioRuntime, GeventRuntime, Runtime
 from sidecar.stats import Stats
 from sidecar.store import Store, connect
 
@@ -25,23 +31,60 @@ log = logging.getLogger(__name__)
 
 RESYNC_ATTEMPTS = 4  # reads of a resync's snapshot before its error reaches the connection (0.2 + 0.4 + 0.6 s)
 
+Steps = Generator[Callable[[], Sync], Sync, None]  # hub steps, yielding the Redis reads between them
+
+
+def drive(steps: Steps) -> None:
+    """Run `steps` here, each read where it stands (gevent: a read yields to the other greenlets)."""
+    try:
+        read = steps.send(None)  # type: ignore[arg-type]
+        while True:
+            try:
+                sync = read()
+            except BaseException as exc:
+                read = steps.throw(exc)
+            else:
+                read = steps.send(sync)
+    except StopIteration:
+        return
+
+
+async def drive_async(steps: Steps, runtime: AsyncioRuntime) -> None:
+    """Run `steps` on the event loop, each read awaited in the runtime's pool (the hub steps stay on the loop)."""
+    try:
+        read = steps.send(None)  # type: ignore[arg-type]
+        while True:
+            try:
+                sync = await runtime.read(read)
+            except BaseException as exc:
+                read = steps.throw(exc)
+            else:
+                read = steps.send(sync)
+    except StopIteration:
+        return
+
 
 class Relay:
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(self, settings: Settings, store: Store | None = None, runtime: Runtime | None = None) -> None:
         if not settings.redis_url:
             raise ValueError("the relay needs a Redis URL")
         self.settings = settings
+        self.runtime: Runtime = runtime or GeventRuntime()
         self.store = store or Store(connect(settings.redis_url, settings), settings)
         self.throttle = Throttle(policy_from_settings(settings), time.monotonic)
         self.hub = Hub(self.throttle)
-        self.scheduler = Scheduler()  # every timer of the process (docs/operations.md)
-        self.reader = Reader(self.store, settings, self.hub.dispatch, self.resync_shard, self.hub.failed)
+        soon = self.runtime.call_soon  # the reader's loops hand the hub their messages on the hub's thread
+        self.reader = Reader(
+            self.store, settings, partial(soon, self.hub.dispatch), partial(soon, self.resync_shard),
+            partial(soon, self.hub.failed),
+        )  # fmt: skip
         self.hub.on_error = self._dispatch_failed
         self._causes: set[tuple[str, str, int]] = set()  # dispatch errors logged already: (type, file, line)
         self.stats = Stats(self)
         self.control = Control(self)
 
     def start(self) -> Relay:
+        self.runtime.start()
         self.reader.start()
         self.stats.start()
         self.control.start()
@@ -51,6 +94,7 @@ class Relay:
         self.reader.stop()
         self.stats.stop()
         self.control.stop()
+        self.runtime.stop()
 
     def healthy(self) -> bool:
         if not self.reader.alive or not self.reader.healthy:
@@ -69,18 +113,25 @@ class Relay:
         return self.hub.connect(Connection(transport, wake, p.queue_frames, p.queue_bytes))  # type: ignore[arg-type]
 
     def subscribe(self, conn: Connection, channels: list[str], mode: str, since: dict[str, Position]) -> None:
+        drive(self.subscribing(conn, channels, mode, since))
+
+    def subscribing(self, conn: Connection, channels: list[str], mode: str, since: dict[str, Position]) -> Steps:
         """Register every channel, then read and start each (see the hub's docstring). Registering all first
         keeps the connection's cursor whole from the first frame. Redis errors propagate after unregistering."""
         subs = [self.hub.subscribe(conn, channel, mode, since.get(channel)) for channel in channels]
         try:
             for sub in subs:
-                self.hub.start(sub, self.read(sub.channel, since.get(sub.channel)))
+                sync = yield partial(self.read, sub.channel, since.get(sub.channel))
+                self.hub.start(sub, sync)
         except Exception:
             for sub in subs:
                 self.hub.unsubscribe(conn, sub.channel)
             raise
 
     def resync(self, conn: Connection) -> None:
+        drive(self.resyncing(conn))
+
+    def resyncing(self, conn: Connection) -> Steps:
         """Bring the channels whose backlog was dropped (or that saw a hole) back: snapshot or reset."""
         for channel in list(conn.resync):
             sub: Subscription | None = conn.subs.get(channel)
@@ -89,7 +140,7 @@ class Relay:
                 continue
             self.hub.hold(sub)  # register first, then read: what arrives during the read is kept
             try:
-                sync = self._read_retrying(channel)
+                sync = yield partial(self._read_retrying, channel)
             except BaseException:
                 conn.resync.add(channel)  # still owed (hold() took the request)
                 raise

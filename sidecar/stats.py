@@ -44,6 +44,7 @@ from prometheus_client.utils import floatToGoString
 from sidecar.core.connection import Connection
 from sidecar.core.patterns import glob_match
 from sidecar.core.throttle import PATTERN_RE
+from sidecar.runtime import GeventRuntime
 
 __all__ = ["CONTENT_TYPE_LATEST", "Labels", "Stats", "exposition"]
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 RECORD_VERSION = 1
 RECORD_FIELD = "r"  # the stream entry's one field: the record as JSON
 STOP_JOIN = 2.0  # seconds stop() waits for a record being written before it writes the last one
+_DIRECT = GeventRuntime()  # for a relay without a runtime (unit tests): calls are direct
 
 # Upper bounds (ms) of the latency buckets: publish call -> frame written to the socket.
 LATENCY_BOUNDS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, float("inf"))
@@ -187,8 +189,7 @@ class Stats:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="sidecar-stats", daemon=True)
-        self._thread.start()
+        self._thread = self._runtime().spawn(self._run, "sidecar-stats")
 
     def stop(self) -> None:
         """Stop the writer; after a clean stop one last record says ``"stopped": 1`` (the dashboard then shows the
@@ -211,9 +212,13 @@ class Stats:
             if next_tick < time.monotonic():  # fell behind (a Redis stall): skip ticks rather than burst
                 next_tick = time.monotonic() + interval
 
+    def _runtime(self) -> Any:
+        return getattr(self.relay, "runtime", None) or _DIRECT
+
     def write(self, stopped: bool = False) -> bool:
-        """Sample and XADD one record; False (logged once per outage, never raised) if Redis refused it."""
-        record, commit = self.sample()
+        """Sample and XADD one record; False (logged once per outage, never raised) if Redis refused it. The
+        sample and its commit touch the hub: they run on its thread (sidecar/runtime.py), the XADD here."""
+        record, commit = self._runtime().call(self.sample)
         if stopped:
             record["stopped"] = 1
         store = self.relay.store
@@ -234,7 +239,7 @@ class Stats:
             log.info("stats: writing records again")
         self._failing = False
         self.records_written += 1
-        commit()
+        self._runtime().call(commit)
         return True
 
     # -- sampling -------------------------------------------------------------------------------------------
