@@ -23,7 +23,6 @@ from werkzeug.wsgi import get_input_stream
 
 from sidecar.auth import Auth, AuthError, Grant, bearer, presented_token
 from sidecar.config import Settings
-from sidecar.control import busy
 from sidecar.core.connection import SSE
 from sidecar.core.protocol import (
     ProtocolError,
@@ -31,12 +30,9 @@ from sidecar.core.protocol import (
     error_body,
     loads_exact,
     publish_fields,
-    sse_frame,
-    sse_id_line,
-    sse_retry,
     validate_channel,
 )
-from sidecar.core.session import Close, Session, Wait, Write, sse_request
+from sidecar.core.session import Close, Session, Wait, Write, busy, sse_request
 from sidecar.publish import Publisher, PublishError
 from sidecar.relay import Relay
 from sidecar.stats import CONTENT_TYPE_LATEST, exposition
@@ -185,10 +181,8 @@ def sse() -> Response:
     except BaseException:
         relay.hub.disconnect(conn)
         raise
-    ready = orjson.dumps({"type": "ready", "channels": channels, "mode": mode})
-    conn.push(sse_id_line(conn.cursor()) + sse_frame("ready", ready))
-    retry_ms = int(settings.sse_retry_ms * random.uniform(1.0, 2.0))  # jittered: no synchronized reconnects
     session = Session(conn, relay.hub, settings, grant, time.time())
+    session.stream(channels, mode, random.random())
     direct = request.method == "GET"  # a HEAD's body is not written
     drop_read_buffer(request.environ)  # 8 KB per stream, never read again
     chunked = request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"  # both gevent.pywsgi and gunicorn chunk then
@@ -198,12 +192,15 @@ def sse() -> Response:
         # A client that leaves is gone now, not at the next keepalive.
         peer = writer.watch(client, wakeup.set) if direct else None
         try:
-            yield sse_retry(retry_ms)
-            # The headers are out: from here on the writer's pass writes our frames (sidecar/writer.py).
-            sink = writer.sink(conn, client, wakeup.set, relay.stats.observe_write, chunked=chunked, direct=direct)
             while peer is None or not peer.gone:
-                action = session.next(time.time(), sink.owed)
-                if isinstance(action, Write):
+                action = session.next(time.time(), sink is not None and sink.owed)
+                if sink is None:  # the head (`retry:`): the WSGI server writes it with the headers
+                    assert isinstance(action, Write)
+                    yield action.data
+                    # The headers are out: from here on the writer's pass writes our frames (sidecar/writer.py).
+                    sink = writer.sink(conn, client, wakeup.set, relay.stats.observe_write, chunked=chunked,
+                                       direct=direct)  # fmt: skip
+                elif isinstance(action, Write):
                     with conn.writing(time.monotonic()):  # a write that lasts is a stuck peer (control.py)
                         sink.write(action.data)
                         out = sink.take()

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Collection
 from typing import Any
@@ -24,6 +23,7 @@ import orjson
 import redis
 
 from sidecar.config import Settings
+from sidecar.core.session import busy as busy  # moved to the core; importers of it here keep working
 from sidecar.core.throttle import Policy, PolicyError
 from sidecar.runtime import Cancellable
 from sidecar.state_cache import StateCache
@@ -48,15 +48,6 @@ def policy_from_settings(settings: Settings) -> Policy:
     except (PolicyError, orjson.JSONDecodeError) as exc:
         raise ValueError(f"SIDECAR_* throttle settings: {exc}") from None
     return policy
-
-
-def busy(retry: float) -> tuple[bytes, str, str]:
-    """A refused connection: the 503's JSON body, the WebSocket close reason (RFC 6455: <= 123 bytes; clients
-    read its "retry in N ms"), and the 503's Retry-After (whole seconds, rounded up)."""
-    ms = max(1, round(retry * 1000))
-    reason = f"too many connections; retry in {ms} ms"
-    body = orjson.dumps({"error": "busy", "message": reason, "retry_ms": ms})
-    return body, reason, str(max(1, math.ceil(retry)))
 
 
 class Control:

@@ -28,13 +28,11 @@ from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import RemoteProtocolError
 
 from sidecar.app import error
-from sidecar.auth import AuthError, presented_token
-from sidecar.control import busy
+from sidecar.auth import AuthError, Grant, presented_token
 from sidecar.core.connection import WS
 from sidecar.core.protocol import ProtocolError
 from sidecar.core.session import (
-    CLOSE_TRY_AGAIN,
-    CLOSE_UNAUTHORIZED,
+    STORE_DOWN,
     Authenticate,
     Close,
     Request,
@@ -42,6 +40,7 @@ from sidecar.core.session import (
     Subscribe,
     Wait,
     Write,
+    admission,
 )
 from sidecar.writer import drop_read_buffer, writer
 
@@ -72,11 +71,10 @@ def websocket(ws: Any) -> None:
     relay = current_app.extensions["relay"]
     settings = current_app.config["SETTINGS"]
     grant = g.get("grant")
-    # Admission control: 1013 is "try again later" (RFC 6455 section 7.4.1). A socket without a token yet is
-    # admitted as a connection only when its auth frame brings one (_authenticate).
-    retry = relay.control.admit() if grant is not None else relay.control.admit_unauthenticated()
-    if retry is not None:
-        ws.close(reason=CLOSE_TRY_AGAIN, message=busy(retry)[1])
+    # A socket without a token yet is admitted as a connection only when its auth frame brings one (_request).
+    refused = admission(relay.control.admit() if grant is not None else relay.control.admit_unauthenticated())
+    if refused is not None:
+        ws.close(reason=refused.code, message=refused.reason)
         drop_read_buffer(request.environ)
         return
     conn = relay.connection(WS, ws.event.set)
@@ -111,7 +109,7 @@ def websocket(ws: Any) -> None:
         if close is not None:
             ws.close(reason=close.code, message=close.reason)
     except redis.RedisError:
-        ws.close(reason=CLOSE_TRY_AGAIN, message="store unavailable, retry shortly")
+        ws.close(reason=STORE_DOWN.code, message=STORE_DOWN.reason)
     except OSError:
         pass  # the client went away
     finally:
@@ -131,14 +129,13 @@ def _request(relay: Any, session: Session, asked: Request | None) -> Close | Non
         except ProtocolError as exc:
             session.error(exc, asked.channel)
     elif isinstance(asked, Authenticate):
+        verdict: Grant | str
         try:
-            grant = current_app.extensions["auth"].grant(asked.token)
+            verdict = current_app.extensions["auth"].grant(asked.token)
         except AuthError as exc:
-            return Close(CLOSE_UNAUTHORIZED, exc.message)
-        retry = relay.control.authorised(session.conn.id)  # its first token: now it counts as a connection
-        if retry is not None:
-            return Close(CLOSE_TRY_AGAIN, busy(retry)[1])
-        session.authorized(grant)
+            verdict = exc.message
+        # Its first token: from now on it counts as a connection (or it is refused, the replica being full).
+        return session.authenticate(verdict, lambda: relay.control.authorised(session.conn.id))
     return asked if isinstance(asked, Close) else None
 
 

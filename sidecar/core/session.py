@@ -13,13 +13,17 @@ The front runs one loop per connection, the same for SSE and WebSocket::
             for raw in client_frames: act on session.receive(raw, now)  # WebSocket only
         elif isinstance(action, Close): close with action.code and action.reason (SSE: write action.data)
 
+An SSE stream is made once its channels are subscribed, and `stream()` queues its `ready` event; its first
+Write is the body's head (the `retry:` line), which the front may need to write with the response headers.
 `receive` queues its replies on the connection (they go out with the next Write) and may ask for what needs
-the front: a Subscribe (a Redis read), an Authenticate (the front's auth and admission, then `authorized`
-or a Close), or a Close.
+the front: a Subscribe (a Redis read), an Authenticate (the front checks the token, then hands its verdict to
+`authenticate`, which decides: authorized, or a Close), or a Close. Refusals are decided here too: `admission`
+(a WebSocket at its upgrade), `busy` (the 503 body of an SSE request, the close reason), `STORE_DOWN`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,6 +41,8 @@ from sidecar.core.protocol import (
     parse_client_frame,
     parse_cursor,
     sse_frame,
+    sse_id_line,
+    sse_retry,
     stream_key,
     validate_channel,
     validate_mode,
@@ -52,6 +58,15 @@ CLOSE_UNAUTHORIZED = 3000  # IANA WebSocket close code registry: "Unauthorized"
 
 FORBIDDEN = "the token does not grant this channel"
 TOKEN_EXPIRED = orjson.dumps({"type": "error", "code": "token-expired", "message": "reconnect with a fresh token"})
+
+
+def busy(retry: float) -> tuple[bytes, str, str]:
+    """A refused connection: the 503's JSON body, the WebSocket close reason (RFC 6455: <= 123 bytes; clients
+    read its "retry in N ms"), and the 503's Retry-After (whole seconds, rounded up)."""
+    ms = max(1, round(retry * 1000))
+    reason = f"too many connections; retry in {ms} ms"
+    body = orjson.dumps({"error": "busy", "message": reason, "retry_ms": ms})
+    return body, reason, str(max(1, math.ceil(retry)))
 
 
 class Grant(Protocol):
@@ -76,6 +91,8 @@ class Limits(Protocol):  # sidecar.config.Settings
     def max_frame_bytes(self) -> int: ...
     @property
     def max_channels(self) -> int: ...
+    @property
+    def sse_retry_ms(self) -> int: ...
 
 
 class Hub(Protocol):
@@ -133,12 +150,20 @@ class Authenticate:
 Action = Write | Wait | Close | _Resync
 Request = Subscribe | Authenticate | Close
 
+STORE_DOWN = Close(CLOSE_TRY_AGAIN, "store unavailable, retry shortly")  # a WebSocket's Redis read failed
+
+
+def admission(retry: float | None) -> Close | None:
+    """The admission verdict of a WebSocket (the throttle's retry hint, None: admitted) as its close, if any:
+    1013 "try again later" (RFC 6455 section 7.4.1), saying when."""
+    return None if retry is None else Close(CLOSE_TRY_AGAIN, busy(retry)[1])
+
 
 class Session:
     """One connection's deadlines (keepalive, auth, token expiry), its writes and, for a WebSocket, its client
     frames: auth, subscribe (rate-limited), unsubscribe, ping."""
 
-    __slots__ = ("conn", "hub", "limits", "grant", "auth_deadline", "subscribes", "keepalive", "idle")  # memory
+    __slots__ = ("conn", "hub", "limits", "grant", "auth_deadline", "subscribes", "keepalive", "idle", "head")
 
     def __init__(self, conn: Connection, hub: Hub, limits: Limits, grant: Grant | None, now: float) -> None:
         self.conn = conn
@@ -150,11 +175,23 @@ class Session:
         self.subscribes: TokenBucket | None = None
         self.keepalive = SSE_KEEPALIVE if conn.transport == SSE else WS_PING
         self.idle = False  # the last wait ran to its deadline: a keepalive is due if nothing else is written
+        self.head = b""  # what the first Write sends before any frame (an SSE stream's `retry:` line)
+
+    def stream(self, channels: list[str], mode: str, jitter: float) -> None:
+        """An SSE stream whose channels are subscribed: queue its `ready` event (after the subscribe's frames,
+        with the cursor as its `id:`), and start its body with `retry:` (the SSE spec's reconnection time),
+        `sse_retry_ms` times 1 + `jitter` (the front's random number in [0, 1)): no synchronized reconnects."""
+        ready = orjson.dumps({"type": "ready", "channels": channels, "mode": mode})
+        self.conn.push(sse_id_line(self.conn.cursor()) + sse_frame("ready", ready))
+        self.head = sse_retry(int(self.limits.sse_retry_ms * (1.0 + jitter)))
 
     # -- the loop -------------------------------------------------------------------------------------------
     def next(self, now: float, owed: bool = False) -> Action:
         """What to do now. `owed`: the sink has the rest of a write to finish (or found its peer gone)."""
         conn = self.conn
+        if self.head:  # written on its own: the front may have to send it with the response's headers
+            head, self.head = self.head, b""
+            return Write(head)
         if conn.transport == WS:  # a WebSocket closes on its deadline before writing anything more
             close = self._deadline(now)
             if close is not None:
@@ -224,6 +261,17 @@ class Session:
         if isinstance(channel, str):
             body["channel"] = channel[:200]
         self.reply(body)
+
+    def authenticate(self, verdict: Grant | str, admit: Callable[[], float | None]) -> Close | None:
+        """The front's verdict on an Authenticate's token: its grant, or why it is refused (the close reason).
+        A valid token then needs `admit()` (the admission verdict, asked only for a valid token: None or the
+        retry hint), and holds from now on; otherwise the Close to end the socket with."""
+        if isinstance(verdict, str):
+            return Close(CLOSE_UNAUTHORIZED, verdict)
+        close = admission(admit())
+        if close is None:
+            self.authorized(verdict)
+        return close
 
     def authorized(self, grant: Grant) -> None:
         """The token of an Authenticate is valid and the connection admitted: it holds from now on."""

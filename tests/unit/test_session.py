@@ -11,12 +11,14 @@ import pytest
 from sidecar.auth import OPEN, Grant
 from sidecar.core.connection import SSE, WS, Connection
 from sidecar.core.hub import Hub, Sync
-from sidecar.core.protocol import SSE_KEEPALIVE, WS_PING, Position, ProtocolError, sse_frame
+from sidecar.core.protocol import SSE_KEEPALIVE, WS_PING, Position, ProtocolError, sse_frame, sse_id_line
 from sidecar.core.session import (
     CLOSE_INVALID,
+    CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNSUPPORTED,
     RESYNC,
+    STORE_DOWN,
     TOKEN_EXPIRED,
     Authenticate,
     Close,
@@ -24,6 +26,8 @@ from sidecar.core.session import (
     Subscribe,
     Wait,
     Write,
+    admission,
+    busy,
     sse_request,
 )
 
@@ -38,6 +42,7 @@ class Limits:
     subscribe_burst: int = 3
     max_frame_bytes: int = 65_536
     max_channels: int = 2
+    sse_retry_ms: int = 2_000
 
 
 def session(transport: str = WS, grant: Grant | None = OPEN, **limits: float) -> Session:
@@ -119,6 +124,74 @@ def test_a_stream_writes_what_it_has_then_ends_with_token_expired() -> None:
     close = s.next(T0 + 5)
     assert isinstance(close, Close) and close.data == sse_frame("error", TOKEN_EXPIRED)
     assert orjson.loads(TOKEN_EXPIRED)["code"] == "token-expired"
+
+
+# -- an SSE stream's start ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("jitter", "retry"), [(0.0, b"retry: 2000\n\n"), (0.5, b"retry: 3000\n\n"),
+                                               (0.99995, b"retry: 3999\n\n")])  # fmt: skip
+def test_a_stream_starts_with_its_jittered_retry_alone_then_ready_after_the_subscribes_frames(
+    jitter: float, retry: bytes
+) -> None:
+    s = session(SSE)
+    subscribed(s, "a")
+    s.conn.push(b"catch-up")  # what the subscribe queued
+    s.stream(["a"], "state", jitter)
+    assert s.next(T0) == Write(retry)  # on its own: the front may send it with the headers
+    ready = sse_id_line(s.conn.cursor()) + sse_frame("ready", b'{"type":"ready","channels":["a"],"mode":"state"}')
+    assert s.next(T0) == Write(b"catch-up" + ready, frames=True)
+    assert s.next(T0) == Wait(T0 + 15.0)
+
+
+def test_a_stream_whose_token_expired_still_writes_its_head_and_ready_then_token_expired() -> None:
+    s = session(SSE, grant=Grant(("*",), expires=T0 + 5))
+    subscribed(s, "a")
+    s.stream(["a"], "diff", 0.0)
+    assert s.next(T0 + 5) == Write(b"retry: 2000\n\n")
+    assert isinstance(s.next(T0 + 5), Write)
+    assert s.next(T0 + 5) == Close(CLOSE_UNAUTHORIZED, "the token has expired", sse_frame("error", TOKEN_EXPIRED))
+
+
+def test_a_websocket_has_no_head() -> None:
+    assert session(WS).next(T0) == Wait(T0 + 15.0)
+
+
+# -- refusals -----------------------------------------------------------------------------------------------
+def test_busy_gives_the_503_body_the_close_reason_and_a_whole_retry_after() -> None:
+    body, reason, after = busy(2.3456)
+    assert orjson.loads(body) == {"error": "busy", "message": reason, "retry_ms": 2346}
+    assert (reason, after) == ("too many connections; retry in 2346 ms", "3")
+    assert busy(0.0)[1:] == ("too many connections; retry in 1 ms", "1")  # never "retry in 0"
+
+
+def test_admission_closes_a_refused_websocket_with_1013_saying_when() -> None:
+    assert admission(None) is None
+    assert admission(0.25) == Close(CLOSE_TRY_AGAIN, "too many connections; retry in 250 ms")
+    assert STORE_DOWN.code == CLOSE_TRY_AGAIN
+
+
+def test_a_refused_token_closes_with_3000_and_its_reason_without_asking_admission() -> None:
+    s = session(grant=None)
+    asked: list[int] = []
+    assert s.authenticate("the token has expired", lambda: asked.append(1) or None) == Close(
+        CLOSE_UNAUTHORIZED, "the token has expired"
+    )
+    assert (asked, s.grant, replies(s)) == ([], None, [])
+
+
+def test_a_valid_token_admitted_holds_and_is_answered_authorized() -> None:
+    s = session(grant=None)
+    grant = Grant(("*",), expires=T0 + 60)
+    assert s.authenticate(grant, lambda: None) is None
+    assert s.grant is grant
+    assert replies(s) == [{"type": "authorized", "expires": T0 + 60}]
+    assert s.next(T0 + 10) == Wait(T0 + 25)  # no auth deadline any more
+
+
+def test_a_valid_token_on_a_full_replica_closes_with_1013_and_grants_nothing() -> None:
+    s = session(grant=None)
+    full = s.authenticate(Grant(("*",)), lambda: 1.5)
+    assert full == Close(CLOSE_TRY_AGAIN, "too many connections; retry in 1500 ms")
+    assert (s.grant, replies(s)) == (None, [])
 
 
 # -- client frames ------------------------------------------------------------------------------------------
