@@ -41,28 +41,19 @@ from wsproto.events import CloseConnection
 
 from sidecar.auth import Auth, AuthError, Grant, bearer, presented_token
 from sidecar.config import Settings
-from sidecar.control import HOUSEKEEPING, busy
+from sidecar.control import HOUSEKEEPING
 from sidecar.core.connection import SSE, WS, Connection
-from sidecar.core.protocol import (
-    SSE_KEEPALIVE,
-    ProtocolError,
-    dumps,
-    error_body,
-    loads_exact,
-    sse_frame,
-    sse_id_line,
-    sse_retry,
-    validate_channel,
-)
+from sidecar.core.protocol import SSE_KEEPALIVE, ProtocolError, dumps, error_body, loads_exact, validate_channel
 from sidecar.core.session import (
-    CLOSE_TRY_AGAIN,
-    CLOSE_UNAUTHORIZED,
+    STORE_DOWN,
     Authenticate,
     Close,
     Session,
     Subscribe,
     Wait,
     Write,
+    admission,
+    busy,
     sse_request,
 )
 from sidecar.publish import Publisher, PublishError
@@ -276,14 +267,12 @@ async def sse(request: Request) -> Response:
     except BaseException:
         relay.hub.disconnect(conn)
         raise
-    ready = orjson.dumps({"type": "ready", "channels": channels, "mode": mode})
-    conn.push(sse_id_line(conn.cursor()) + sse_frame("ready", ready))
-    retry_ms = int(settings.sse_retry_ms * random.uniform(1.0, 2.0))  # jittered: no synchronized reconnects
     session = Session(conn, relay.hub, settings, grant, time.time())
+    session.stream(channels, mode, random.random())  # queues `ready`; its first Write is the `retry:` line
     # The stuck check (control.py) closes a stream stuck in a write after stuck_timeout; the send timeout is
     # only a backstop, for a loop too busy to run it.
     response = _EventStream(
-        _sse_stream(front, relay, conn, session, wake, retry_ms), headers=headers, ping=settings.keepalive,
+        _sse_stream(front, relay, conn, session, wake), headers=headers, ping=settings.keepalive,
         sep="\n", ping_message_factory=lambda: _Keepalive(),
         send_timeout=relay.throttle.policy.stuck_timeout + 3 * HOUSEKEEPING,
     )  # fmt: skip
@@ -291,7 +280,7 @@ async def sse(request: Request) -> Response:
 
 
 async def _sse_stream(
-    front: Front, relay: Relay, conn: Connection, session: Session, wake: asyncio.Event, retry_ms: int
+    front: Front, relay: Relay, conn: Connection, session: Session, wake: asyncio.Event
 ) -> AsyncIterator[bytes]:
     """The SSE connection's loop: the Session's actions carried out as the response's chunks. The keepalive is
     sse-starlette's ping (so the session's idle timer is not reported), and a client that leaves is seen by
@@ -299,7 +288,6 @@ async def _sse_stream(
     task = asyncio.current_task()
     conn.abort = _canceller(task)  # a stuck write (control.py); send_timeout too
     try:
-        yield sse_retry(retry_ms)
         while True:
             action = session.next(time.time())
             if isinstance(action, Write):
@@ -414,10 +402,11 @@ async def websocket(ws: WebSocket) -> None:
         await _deny(ws, exc)
         return
     relay = await front.ready()
-    retry = relay.control.admit() if grant is not None else relay.control.admit_unauthenticated()
+    # A socket without a token yet is admitted as a connection only when its auth frame brings one (_request).
+    refused = admission(relay.control.admit() if grant is not None else relay.control.admit_unauthenticated())
     await ws.accept()
-    if retry is not None:
-        await ws.close(CLOSE_TRY_AGAIN, busy(retry)[1])
+    if refused is not None:
+        await ws.close(refused.code, refused.reason)
         return
     wake = asyncio.Event()
     conn = relay.connection(WS, wake.set)
@@ -468,7 +457,7 @@ async def websocket(ws: WebSocket) -> None:
             await ws.close(close.code, close.reason)
     except redis.RedisError:
         with contextlib.suppress(Exception):
-            await ws.close(CLOSE_TRY_AGAIN, "store unavailable, retry shortly")
+            await ws.close(STORE_DOWN.code, STORE_DOWN.reason)
     except (WebSocketDisconnect, OSError, RuntimeError):
         pass  # the client went away (Starlette raises RuntimeError for a send after the close)
     finally:
@@ -518,14 +507,13 @@ async def _request(front: Front, relay: Relay, session: Session, asked: object) 
         except ProtocolError as exc:
             session.error(exc, asked.channel)
     elif isinstance(asked, Authenticate):
+        verdict: Grant | str
         try:
-            grant = front.auth.grant(asked.token)
+            verdict = front.auth.grant(asked.token)
         except AuthError as exc:
-            return Close(CLOSE_UNAUTHORIZED, exc.message)
-        retry = relay.control.authorised(session.conn.id)  # its first token: now it counts as a connection
-        if retry is not None:
-            return Close(CLOSE_TRY_AGAIN, busy(retry)[1])
-        session.authorized(grant)
+            verdict = exc.message
+        # Its first token: from now on it counts as a connection (or it is refused, the replica being full).
+        return session.authenticate(verdict, lambda: relay.control.authorised(session.conn.id))
     return asked if isinstance(asked, Close) else None
 
 
