@@ -23,6 +23,7 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -33,7 +34,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as _UvicornWSProtocol
 from wsproto.connection import ConnectionState
@@ -63,6 +65,7 @@ from sidecar.state_cache import Pulled
 from sidecar.stats import CONTENT_TYPE_LATEST, exposition
 
 log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
 
 # The app's own way to authorise a request (a session cookie, say): a Grant, or None for the JWT path.
 Authorize = Callable[[HTTPConnection], Grant | None | Awaitable[Grant | None]]
@@ -551,6 +554,7 @@ def create_app(settings: Settings, authorize: Authorize | None = None) -> Starle
         Route("/admin/throttle", admin_throttle, methods=["GET", "PUT", "DELETE"]),
         WebSocketRoute("/ws", websocket),
         Route("/ws", _not_websocket),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),  # realtime.js, as the Flask front serves it
     ]
     handlers = {
         ProtocolError: _protocol_error, AuthError: _auth_error, redis.RedisError: _redis_down,
