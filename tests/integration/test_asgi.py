@@ -43,14 +43,16 @@ def session_grant(conn: HTTPConnection) -> Grant | None:
     return Grant((f"user:{user}:*",)) if user else None
 
 
-def fastapi_app():  # noqa: ANN201 (FastAPI is imported here only: the module is collected without it)
+def fastapi_app(lifespan: bool = True):  # noqa: ANN201 (FastAPI is imported here only)
     from fastapi import Depends, FastAPI
 
     from sidecar.asgi import create_app
     from sidecar.config import Settings
 
     relay = create_app(Settings.from_env(), authorize=session_grant)
-    app = FastAPI(lifespan=relay.state.front.lifespan)  # starts and stops the mounted relay
+    # The relay's lifespan starts and stops it; without it (Starlette runs no lifespan of a mounted app) the
+    # relay starts at its first request.
+    app = FastAPI(lifespan=relay.state.front.lifespan) if lifespan else FastAPI()
 
     @app.get("/me")
     def me(user: str | None = Depends(current_user)) -> dict:
@@ -60,11 +62,15 @@ def fastapi_app():  # noqa: ANN201 (FastAPI is imported here only: the module is
     return app
 
 
-@pytest.fixture
-def mounted(redis_server, tmp_path: Path) -> Iterator[str]:
+def fastapi_app_without_lifespan():  # noqa: ANN201
+    return fastapi_app(lifespan=False)
+
+
+@pytest.fixture(params=["fastapi_app", "fastapi_app_without_lifespan"])
+def mounted(redis_server, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     port = free_port()
     env = child_env(redis_server.url, {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_DEV": "1"})
-    argv = [sys.executable, "-m", "uvicorn", "--factory", "tests.integration.test_asgi:fastapi_app",
+    argv = [sys.executable, "-m", "uvicorn", "--factory", f"tests.integration.test_asgi:{request.param}",
             "--host", "127.0.0.1", "--port", str(port), "--ws", "wsproto", "--no-access-log"]  # fmt: skip
     proc = ManagedProcess(f"fastapi-{port}", argv, {**env, "PYTHONPATH": str(REPO_ROOT)}, tmp_path / "fastapi.log")
     base = f"http://127.0.0.1:{port}"
