@@ -21,7 +21,6 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -300,8 +299,7 @@ async def _sse_stream(
                 if action.frames:
                     relay.stats.observe_write(conn)
             elif isinstance(action, Wait):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), max(0.0, action.deadline - time.time()))
+                await _woken(wake, action.deadline - time.time())
                 wake.clear()
             elif isinstance(action, Close):
                 if action.data:
@@ -312,6 +310,19 @@ async def _sse_stream(
     finally:
         conn.abort = None
         relay.hub.disconnect(conn)
+
+
+async def _woken(wake: asyncio.Event, timeout: float) -> bool:
+    """Wait for `wake` up to `timeout` seconds: True if woken. In the connection's own task (wait_for would make
+    one more task per wait: memory for every idle connection)."""
+    if wake.is_set():
+        return True
+    try:
+        async with asyncio.timeout(max(0.0, timeout)):
+            await wake.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 async def channel_state(request: Request) -> Response:
@@ -416,12 +427,13 @@ async def websocket(ws: WebSocket) -> None:
     if grant is None:
         relay.control.unauthenticated.add(conn.id)
     session = Session(conn, relay.hub, settings, grant, time.time())
-    inbox: deque[str | bytes] = deque()
-    gone = asyncio.Event()
+    inbox: list[str | bytes] = []  # lists, not deques or Events: every idle socket holds these
+    gone = False
     task = asyncio.current_task()
     conn.abort = _canceller(task)  # a stuck write (control.py)
 
     async def receive() -> None:
+        nonlocal gone
         try:
             while True:
                 message = await ws.receive()
@@ -431,13 +443,13 @@ async def websocket(ws: WebSocket) -> None:
                 inbox.append(raw if raw is not None else message.get("bytes") or b"")
                 wake.set()
         finally:
-            gone.set()
+            gone = True
             wake.set()
 
     receiver = asyncio.create_task(receive())
     close: Close | None = None
     try:
-        while not gone.is_set() and close is None:
+        while not gone and close is None:
             action = session.next(time.time())
             if isinstance(action, Write):
                 with conn.writing(time.monotonic()):
@@ -445,13 +457,11 @@ async def websocket(ws: WebSocket) -> None:
                 if action.frames:
                     relay.stats.observe_write(conn)
             elif isinstance(action, Wait):
-                try:
-                    await asyncio.wait_for(wake.wait(), max(0.0, action.deadline - time.time()))
-                except TimeoutError:
+                if not await _woken(wake, action.deadline - time.time()):
                     session.timer_fired()  # its keepalive is a ping frame: uvicorn's own ping sends those
                 wake.clear()
                 while inbox and close is None:
-                    close = await _request(front, relay, session, session.receive(inbox.popleft(), time.time()))
+                    close = await _request(front, relay, session, session.receive(inbox.pop(0), time.time()))
             elif isinstance(action, Close):
                 close = action
             else:
