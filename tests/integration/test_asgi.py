@@ -212,6 +212,11 @@ def test_a_browser_like_websocket_offering_permessage_deflate_gets_every_message
 def test_asgi_front_answers_plain_http_on_ws_and_unknown_routes_with_json_errors(redis_server, tmp_path):
     proc = SidecarProcess(redis_server.url, tmp_path, front="asgi")
     try:
+        metrics = requests.get(f"{proc.url}/metrics", timeout=5)  # dev mode: open
+        assert metrics.status_code == 200 and metrics.headers["Content-Type"].startswith("text/plain")
+        assert "# TYPE sidecar_dispatch_errors_total counter" in metrics.text
+        js = requests.get(f"{proc.url}/static/realtime.js", timeout=5)
+        assert js.status_code == 200 and "export" in js.text
         plain = requests.get(f"{proc.url}/ws", timeout=5)
         assert plain.status_code == 400 and plain.json()["error"] == "not-websocket"
         missing = requests.get(f"{proc.url}/nothing-here", timeout=5)
