@@ -20,7 +20,7 @@ from bench import report
 from bench.context import Context, cores
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("redis", "fanout", "spread", "connections", "celery", "polling", "herd", "readers")
+SCENARIOS = ("redis", "fanout", "spread", "connections", "celery", "polling", "herd", "readers", "cluster", "wait")
 
 
 def run_herd(ctx: Context) -> list[dict]:
@@ -70,6 +70,14 @@ def run_scenario(name: str, ctx: Context) -> list[dict]:
         from bench import readers
 
         return readers.run(ctx)
+    if name == "cluster":
+        from bench import cluster_fanout
+
+        return cluster_fanout.run(ctx)
+    if name == "wait":
+        from bench import wait
+
+        return wait.run(ctx)
     return run_herd(ctx)
 
 

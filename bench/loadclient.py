@@ -11,6 +11,10 @@ Run by bench.load.LoadClients, never by hand. Commands are JSON lines on stdin, 
 Kinds: `sse` and `ws` speak to the sidecar, `sio` to Flask-SocketIO (engine.io 4 over WebSocket), `raw-sse` and
 `raw-ws` to the raw ceiling server, `poll` GETs the state endpoint with keep-alive and an ETag.
 Latency is the arrival time (time.time(), ms) minus the message's `ts`: the publisher's clock is the same one.
+
+`ws` clients offer permessage-deflate exactly as Chromium does (`"deflate": false` in the open command: they do
+not). When the server accepts, they compress what they send, as Chromium does, and inflate what arrives
+compressed (RFC 7692), so a server that compresses is measured as browsers see it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import selectors
 import socket
 import sys
 import time
+import zlib
 from array import array
 
 from bench.wire import HIST_BUCKETS, HIST_LO_MS, HIST_PER_DECADE, SEQ_TS, http_get, now_ms, ws_client_frame, ws_upgrade
@@ -36,12 +41,23 @@ SEQ_RE = re.compile(rb'"seq": ?(\d+)')
 TS_RE = re.compile(rb'"ts": ?([\d.]+)')
 ETAG_RE = re.compile(rb"(?i)\r\netag: *([^\r\n]+)")
 LENGTH_RE = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+CHROMIUM_OFFER = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+ACCEPTED_RE = re.compile(rb"(?i)\r\nsec-websocket-extensions: *permessage-deflate")
+
+
+def deflated_frame(payload: bytes) -> bytes:
+    """A compressed client text frame (RFC 7692 section 7.2.1: RSV1, the sync flush's 00 00 ff ff dropped). A
+    fresh context per message: the server's side costs the same, and the client keeps no 256 KB per socket."""
+    packer = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15, 1)
+    frame = bytearray(ws_client_frame((packer.compress(payload) + packer.flush(zlib.Z_SYNC_FLUSH))[:-4]))
+    frame[0] |= 0x40
+    return bytes(frame)
 
 
 class Conn:
     __slots__ = (
         "sock", "state", "pre", "tail", "steps", "marker", "need", "count", "last_seq", "channels",
-        "etag", "due", "waiting", "resp",
+        "etag", "due", "waiting", "resp", "inflater", "deflate", "frames",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket) -> None:
@@ -59,6 +75,9 @@ class Conn:
         self.due = 0.0
         self.waiting = False
         self.resp = b""
+        self.deflate = False  # the server accepted permessage-deflate
+        self.frames = b""  # then: the start of a frame not yet whole
+        self.inflater: object = None  # its inflate context, made at the first compressed frame
 
 
 class Client:
@@ -71,6 +90,7 @@ class Client:
         self.failed = 0
         self.closed = 0
         self.errors: dict[str, int] = {}
+        self.deflated = 0  # connections whose server accepted permessage-deflate
         self.from_seq = 0
         self.lats = array("d")
         self.received = 0
@@ -134,6 +154,7 @@ class Client:
             "received": self.received, "stale": self.stale, "gaps": self.gaps, "closed": self.closed,
             "responses": self.responses, "hist": hist, "max": top, "conns": len(counts),
             "min_count": min(counts) if counts else 0, "max_count": max(counts) if counts else 0,
+            "deflated": self.deflated,
         }  # fmt: skip
 
     # -- connections --------------------------------------------------------------------------------------------
@@ -177,7 +198,9 @@ class Client:
         if kind == "poll":
             self.ready(conn)
             return
-        if kind in ("ws", "sio", "raw-ws"):
+        if kind == "ws" and spec.get("deflate", True):
+            request = ws_upgrade(host, port, path, CHROMIUM_OFFER)
+        elif kind in ("ws", "sio", "raw-ws"):
             request = ws_upgrade(host, port, path)
         else:
             request = http_get(host, port, path, "Accept: text/event-stream\r\n")
@@ -205,9 +228,13 @@ class Client:
                 return
             conn.state, conn.pre = "handshake", rest
             if self.spec["kind"] == "ws":
+                conn.deflate = bool(ACCEPTED_RE.search(head))
+                self.deflated += conn.deflate
                 for channel in conn.channels:
-                    frame = {"op": "subscribe", "channel": channel, "mode": self.spec.get("mode", "event")}
-                    conn.sock.sendall(ws_client_frame(json.dumps(frame).encode()))
+                    frame = json.dumps({"op": "subscribe", "channel": channel, "mode": self.spec.get("mode", "event")})
+                    conn.sock.sendall((deflated_frame if conn.deflate else ws_client_frame)(frame.encode()))
+            if conn.deflate and conn.pre:
+                conn.pre = self.inflated(conn, conn.pre)
         while conn.steps and conn.steps[0][0] in conn.pre:
             wanted, reply = conn.steps.pop(0)
             conn.pre = conn.pre[conn.pre.index(wanted) + len(wanted) :]
@@ -228,6 +255,8 @@ class Client:
         if not data:
             self.fail(conn, "eof")
             return
+        if conn.deflate:
+            data = self.inflated(conn, data)
         if conn.state != "ready":
             self.on_handshake(conn, data)
             return
@@ -264,6 +293,30 @@ class Client:
         conn.count += n
         self.received += n
         self.lats.extend([now - float(ts) for _, ts in pairs])
+
+    def inflated(self, conn: Conn, data: bytes) -> bytes:
+        """The payloads of the whole frames received so far (compressed ones inflated), the rest kept. A server
+        that never compresses (RSV1 clear) costs only this parse."""
+        buf = conn.frames + data if conn.frames else data
+        out, i = [], 0
+        while len(buf) - i >= 2:
+            n, head = buf[i + 1] & 0x7F, 2
+            if n >= 126:
+                head = 4 if n == 126 else 10
+                if len(buf) - i < head:
+                    break
+                n = int.from_bytes(buf[i + 2 : i + head], "big")
+            if len(buf) - i < head + n:
+                break
+            payload = buf[i + head : i + head + n]
+            if buf[i] & 0x40:
+                if conn.inflater is None:
+                    conn.inflater = zlib.decompressobj(-15)
+                payload = conn.inflater.decompress(payload + b"\x00\x00\xff\xff")  # type: ignore[attr-defined]
+            out.append(payload)
+            i += head + n
+        conn.frames = buf[i:]
+        return b"".join(out)
 
     # -- polling ----------------------------------------------------------------------------------------------
     def send_polls(self) -> float:

@@ -11,28 +11,39 @@ from pathlib import Path
 import psutil
 import requests
 
-from tests.processes import ManagedProcess, SidecarProcess, child_env, free_port
+from tests.processes import REPO_ROOT, ManagedProcess, SidecarProcess, child_env, free_port
 
-__all__ = ["CeilingProcess", "Meter", "PeerProcess", "SidecarProcess", "start_sidecar"]
+__all__ = ["FRONTS", "CeilingProcess", "Meter", "PeerProcess", "SidecarProcess", "start_sidecar"]
 
 
-def start_sidecar(redis_url: str, log_dir: Path, tree: Path | None = None, **env: object) -> SidecarProcess:
-    """The sidecar of this repository, or of another checkout `tree` (a before/after comparison)."""
-    if tree is None:
+FRONTS = ("gevent", "asgi")  # `sidecar serve --front`: Flask on gevent.pywsgi, or the asyncio front on uvicorn
+
+
+def start_sidecar(
+    redis_url: str, log_dir: Path, tree: Path | None = None, front: str = "gevent", **env: object
+) -> SidecarProcess:
+    """The sidecar of this repository, or of another checkout `tree` (a before/after comparison), on `front`."""
+    if tree is None and front == "gevent":
         return SidecarProcess(redis_url, log_dir, env, ready_timeout=30)
-    return TreeSidecar(redis_url, log_dir, tree, env)
+    return TreeSidecar(redis_url, log_dir, tree or REPO_ROOT, env, front)
 
 
 class TreeSidecar(SidecarProcess):
-    """`python -m sidecar serve` run from another checkout: its own `sidecar` package comes first on sys.path."""
+    """`python -m sidecar serve` run from a checkout (its own `sidecar` package comes first on sys.path), on a
+    front: the default one is started without `--front`, so an older checkout runs too."""
 
-    def __init__(self, redis_url: str, log_dir: Path, tree: Path, env: Mapping[str, object]) -> None:
+    def __init__(
+        self, redis_url: str, log_dir: Path, tree: Path, env: Mapping[str, object], front: str = "gevent"
+    ) -> None:
+        if front not in FRONTS:
+            raise ValueError(f"front {front!r}: one of {', '.join(FRONTS)}")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.allow_tracebacks = False
         argv = [sys.executable, "-m", "sidecar", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        name = f"sidecar-{tree.name}-{self.port}"
+        argv += [] if front == "gevent" else ["--front", front]
+        name = f"sidecar-{tree.name}-{front}-{self.port}"
         environ = child_env(redis_url, {"SIDECAR_DEV": "1", **env})
         ManagedProcess.__init__(self, name, argv, environ, log_dir / f"{name}.log", cwd=tree)
         self.wait_until("GET /healthz 200", self._healthy, 30)

@@ -30,9 +30,9 @@ def http_get(host: str, port: int, path: str, extra: str = "") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode()
 
 
-def ws_upgrade(host: str, port: int, path: str) -> bytes:
+def ws_upgrade(host: str, port: int, path: str, extra: str = "") -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
-    extra = f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+    extra += f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
     return http_get(host, port, path, extra)
 
 

@@ -30,15 +30,21 @@ import pandas as pd  # noqa: E402
 import panel as pn  # noqa: E402
 from bokeh.models import (  # noqa: E402
     BasicTicker,
+    ColorBar,
     ColumnDataSource,
     DataRange1d,
     DataTable,
+    FactorRange,
     HoverTool,
     Label,
+    LabelSet,
+    LogColorMapper,
     NumeralTickFormatter,
     Range1d,
+    Span,
     TableColumn,
 )
+from bokeh.palettes import Viridis256  # noqa: E402
 from bokeh.plotting import figure  # noqa: E402
 
 from sidecar.core.throttle import ChannelPolicy  # noqa: E402
@@ -51,11 +57,10 @@ from .policy import (  # noqa: E402
     in_force,
     limit_rows,
     policy_fields,
-    read_policy,
     rule_for,
     with_rule,
 )
-from .sources import LATENCY_BOUNDS_MS, Point, ReplicaRow, Window, bucket_labels  # noqa: E402
+from .sources import LATENCY_BOUNDS_MS, N_BUCKETS, Point, ReplicaRow, Window, bucket_labels, heat_rows  # noqa: E402
 from .whatif import channel_policy, compare  # noqa: E402
 
 REFRESH_MS = 500
@@ -63,10 +68,17 @@ HISTOGRAM_SECONDS = 10
 TOP_SECONDS = 10
 WINDOWS = {"5 min": 300, "15 min": 900, "60 min": 3600}
 POLICY_EVERY = 2.0  # seconds between reads of the throttle policy
-REPLICA_COLUMNS = ["replica", "status", "SSE", "WS", "connections", "subscribers", "delivered/s", "reader",
-                   "restarts", "uptime (s)"]  # fmt: skip
+REPLICA_COLUMNS = ["replica", "status", "front", "version", "SSE", "WS", "connections", "subscribers",
+                   "delivered/s", "reader", "lag (ms)", "reconnects", "restarts", "uptime (s)"]  # fmt: skip
+SHARD_COLUMNS = ["shard", "replicas", "lag (ms)", "worst replica", "reconnects", "last record (s ago)"]
+SLOW_COLUMNS = ["replica", "transport", "channels", "queued bytes", "queued frames", "age (s)"]
+CHANGE_COLUMNS = ["time (UTC)", "who", "what"]
+SLOWEST = 10  # rows of the slowest-connections table
+STAGES = {"ack": ("publish \u2192 Redis ack", "#8c564b"), "read": ("Redis \u2192 reader", "#1f77b4"),
+          "held": ("held by the throttle", "#ff7f0e"), "queue": ("queue \u2192 socket", "#2ca02c"),
+          "lat": ("end to end", "#d62728")}  # fmt: skip
 CHANNEL_COLUMNS = ["pattern", "published/s", "delivered/s", "subscribers", "coalesced/s", "dropped/s",
-                   "pokes delayed/s", "pulls/s"]  # fmt: skip
+                   "pokes delayed/s", "pulls/s", "p99 (ms)"]  # fmt: skip
 WHATIF_COLUMNS = ["what", "in force", "proposed"]
 NOTE_KINDS = {"ok": "success", "error": "danger", "read-only": "warning", "hint": "info"}
 
@@ -76,9 +88,9 @@ def shared_feed(config: DashboardConfig) -> StatsFeed:
 
     def make() -> StatsFeed:
         client = redis_client(config, timeout=1.0)
-        return StatsFeed(
-            client, config.stats_key, span=max(config.window, max(WINDOWS.values())), stale_after=config.stale_after
-        )
+        return StatsFeed(client, config.stats_key, span=max(config.window, max(WINDOWS.values())),
+                         stale_after=config.stale_after, throttle_key=config.throttle_key,
+                         log_key=config.log_key)  # fmt: skip
 
     return pn.state.as_cached(f"sidecar-stats-feed:{config.redis_url}:{config.stats_key}", make)
 
@@ -110,7 +122,63 @@ def _columns(points: list[Point]) -> dict[str, dict[str, list[Any]]]:
             "coalesced": [p.coalesced for p in points],
             "poke_delayed": [p.poke_delayed for p in points],
         },
+        "stages": {
+            "t": list(t),
+            **{
+                f"{stage}_{q}": [_nan(p.stage_p(stage, n)) for p in points]
+                for stage in STAGES
+                for q, n in (("p50", 50), ("p99", 99))
+            },
+            "lag": [_nan(p.lag) for p in points],
+        },  # fmt: skip
+        "throttle": {
+            "t": list(t),
+            "ratio": [_nan(p.coalescing) for p in points],
+            "messages_in": [p.coal_in for p in points],
+            "frames_out": [p.coal_out for p in points],
+            "held_p50": [_nan(p.stage_p("held", 50)) for p in points],
+            "held_p99": [_nan(p.stage_p("held", 99)) for p in points],
+            "spread_ms": [p.spread * 1000 for p in points],
+            "dropped": [p.dropped for p in points],
+            "resyncs": [p.slow for p in points],
+        },
+        "admission": {
+            "t": list(t),
+            "admitted": [p.admitted_conn for p in points],
+            "deferred": [p.deferred for p in points],
+            "rejected": [p.refused for p in points],
+            "attempts": [p.attempts for p in points],
+            "bucket": [p.bucket for p in points],
+        },
+        "queues": {
+            "t": list(t),
+            "p50": [_nan(p.depth_p(50)) for p in points],
+            "p95": [_nan(p.depth_p(95)) for p in points],
+            "p99": [_nan(p.depth_p(99)) for p in points],
+            "stuck": [p.stuck for p in points],
+        },
     }
+
+
+def _heat(points: list[Point]) -> dict[str, list[Any]]:
+    """The heatmap's cells for its source: x at the middle of the second, y the bucket's label."""
+    cells = heat_rows(points)
+    labels = bucket_labels()
+    return {"t": [_ms(t) + 500 for t in cells["t"]], "bucket": [labels[i] for i in cells["bucket"]],
+            "count": cells["count"]}  # fmt: skip
+
+
+def _limit(name: str, color: str = "#d62728") -> Span:
+    """A policy limit drawn on a chart, as a horizontal line (hidden while the limit is off)."""
+    return Span(location=0, dimension="width", line_color=color, line_dash="dotted", line_width=2, name=f"limit-{name}",
+                visible=False)  # fmt: skip
+
+
+def _changes(changes: list[Any]) -> dict[str, list[Any]]:
+    """The policy-change markers' source, oldest first."""
+    ordered = list(reversed(changes))
+    return {"t": [c.at * 1000 for c in ordered], "who": [c.who for c in ordered], "what": [c.what for c in ordered],
+            "label": [f"{c.who}: {c.what}" for c in ordered]}  # fmt: skip
 
 
 def _figure(title: str, x_range: Range1d, y_label: str, height: int = 260, counts: bool = False) -> Any:
@@ -210,6 +278,7 @@ class Dashboard:
         self.admin = AdminAPI(config.sidecar_url, config.admin_key)
         self._policy_at = 0.0
         self.policy = PolicyView()
+        self._change_ids: list[str] = []
         self.in_force, self.policy_source = config.defaults, "settings"
         self.range = next((v for v in WINDOWS.values() if v >= config.window), max(WINDOWS.values()))
         self._build()
@@ -272,9 +341,21 @@ class Dashboard:
         self.herd_fig.line("t", "pending", source=src, legend_label="pokes pending", line_width=2, color="#d62728")
         self.herd_fig.line("t", "pulled", source=src, legend_label="pulls/s", line_width=2, color="#1f77b4")
         self.herd_fig.line("t", "poke_delayed", source=src, legend_label="pokes delayed/s", color="#8c564b")
-        self.figures = [self.rates_fig, self.latency_fig, self.conn_fig, self.herd_fig]
+        self.herd_fig.add_layout(limit := _limit("poke_rate"))
+        self.limits = {"poke_rate": limit}
+        self._build_v2()
+        self.figures = [self.rates_fig, self.latency_fig, self.conn_fig, self.herd_fig, self.stage_fig,
+                        self.ratio_fig, self.held_fig, self.drops_fig, self.adm_fig, self.queue_fig]  # fmt: skip
         for fig in self.figures:
             _legend(fig)
+        # Policy changes: a vertical marker on every time chart, who and what written on two of them.
+        self.changes = ColumnDataSource(_changes([]), name="changes")
+        for fig in (*self.figures, self.heat_fig):
+            fig.vspan(x="t", source=self.changes, line_color="#7f7f7f", line_dash="dashed", line_width=2,
+                      name="policy-marker")  # fmt: skip
+        for fig in (self.rates_fig, self.ratio_fig):
+            fig.add_layout(LabelSet(x="t", y=5, y_units="screen", text="label", source=self.changes, x_offset=4,
+                                    text_font_size="11px", text_color="#555555", name="policy-label"))  # fmt: skip
         demo = f"{self.config.sidecar_url}/demo"
         self.empty = {  # figure -> (its label, the source and columns it needs, what to say without them)
             "rates": (_empty_label(self.rates_fig, "rates"), "rates", ("published", "delivered"),
@@ -285,8 +366,22 @@ class Dashboard:
                             f"No client connected: open {demo} to connect one"),
             "herd": (_empty_label(self.herd_fig, "herd"), "herd", ("pending", "pulled", "poke_delayed"),
                      "No pokes or pulls: poke_rate is 0, or no poke subscriber"),
+            "stages": (_empty_label(self.stage_fig, "stages"), "stages", tuple(f"{s}_p99" for s in STAGES),
+                       f"No stage latencies in this range: open {demo} to see them (replicas writing v1 "
+                       "records do not split latency by stage)"),
+            "throttle": (_empty_label(self.ratio_fig, "ratio"), "throttle", ("ratio",),
+                         "Nothing offered to the throttle in this range: no subscriber of these channels"),
+            "held": (_empty_label(self.held_fig, "held"), "throttle", ("held_p99",),
+                     "No frame held: no coalescing window or poke spreading in this range"),
+            "drops": (_empty_label(self.drops_fig, "drops"), "throttle", ("dropped", "resyncs"),
+                      "No drops or resyncs in this range"),
+            "admission": (_empty_label(self.adm_fig, "admission"), "admission", ("attempts", "bucket"),
+                          "No connection attempt in this range (and no admission bucket: admit_rate is 0)"),
+            "queues": (_empty_label(self.queue_fig, "queues"), "queues", ("p99", "stuck"),
+                       f"No connection with a queue: open {demo} to connect one"),
         }  # fmt: skip
         self.hist_empty = _empty_label(self.hist_fig, "histogram")
+        self.heat_empty = _empty_label(self.heat_fig, "heatmap")
 
         self.status = pn.pane.Alert("reading the stats stream\u2026", alert_type="info", sizing_mode="stretch_width")
         self.filter_label = pn.pane.Markdown("**Channels:** all", margin=(5, 10))
@@ -345,6 +440,81 @@ class Dashboard:
             visible=controls_ok,
         )
 
+    def _build_v2(self) -> None:
+        """The charts and tables of record v2: stages, the heatmap, the throttle, admission, queues, the fleet."""
+        self.heatmap = ColumnDataSource({"t": [], "bucket": [], "count": []}, name="heatmap")
+        for name, data in _columns([]).items():
+            self.sources.setdefault(name, ColumnDataSource(data, name=name))
+        src = self.sources["stages"]
+        self.stage_fig = _figure("where the time goes: p99 by stage (all channels)", self.x_range, "latency (ms)")
+        for stage, (label, color) in STAGES.items():
+            dash = "dashed" if stage == "lat" else "solid"
+            self.stage_fig.line("t", f"{stage}_p99", source=src, legend_label=label, line_width=2, color=color,
+                                line_dash=dash)  # fmt: skip
+        self.stage_fig.line("t", "lag", source=src, legend_label="reader lag, worst shard", color="#7f7f7f",
+                            line_dash="dotted", line_width=2)  # fmt: skip
+        self.stage_fig.scatter([0, 0], [0, 1], alpha=0)  # the axes without data (see latency_fig)
+
+        self.heat_fig = figure(
+            title="latency heatmap (socket writes per second and bucket)",
+            x_axis_type="datetime",
+            x_range=self.x_range,
+            y_range=FactorRange(*bucket_labels()),
+            height=260,
+            sizing_mode="stretch_width",
+            tools="pan,xwheel_zoom,reset,save",
+            toolbar_location="right",
+        )
+        mapper = LogColorMapper(palette=Viridis256, low=1, high=1000, low_color="#f4f4f4")
+        self.heat_fig.rect(x="t", y="bucket", width=1000, height=1, source=self.heatmap, line_color=None,
+                           fill_color={"field": "count", "transform": mapper})  # fmt: skip
+        self.heat_fig.add_layout(ColorBar(color_mapper=mapper, title="writes", width=10), "right")
+        self.heat_fig.add_tools(HoverTool(tooltips=[("bucket", "@bucket ms"), ("writes", "@count{0.0}")]))
+        self.heat_fig.xaxis.axis_label = "time (UTC)"
+        self.heat_fig.yaxis.axis_label = "latency bucket (ms)"
+
+        src = self.sources["throttle"]
+        self.ratio_fig = _figure("coalescing: messages in / frames out", self.x_range, "ratio (1: none coalesced)")
+        self.ratio_fig.line("t", "ratio", source=src, legend_label="in / out", line_width=2, color="#9467bd")
+        self.held_fig = _figure("time held by windows and poke spreading", self.x_range, "ms")
+        self.held_fig.line("t", "held_p50", source=src, legend_label="held p50", line_width=2, color="#ff7f0e")
+        self.held_fig.line("t", "held_p99", source=src, legend_label="held p99", line_width=2, color="#d62728")
+        self.held_fig.line("t", "spread_ms", source=src, legend_label="poke spread", color="#8c564b",
+                           line_dash="dashed")  # fmt: skip
+        self.held_fig.scatter([0, 0], [0, 1], alpha=0)
+        self.drops_fig = _figure("slow-consumer drops and resyncs", self.x_range, "per second")
+        self.drops_fig.line("t", "dropped", source=src, legend_label="frames dropped/s", line_width=2, color="#d62728")
+        self.drops_fig.line("t", "resyncs", source=src, legend_label="resync drops/s (all channels)", color="#7f7f7f")
+
+        src = self.sources["admission"]
+        self.adm_fig = _figure("admission (every replica)", self.x_range, "connections/s, tokens")
+        for column, label, color in (
+            ("admitted", "admitted/s", "#2ca02c"),
+            ("deferred", "deferred/s", "#ff7f0e"),
+            ("rejected", "rejected/s", "#d62728"),
+            ("bucket", "bucket level", "#1f77b4"),
+        ):
+            dash = "dashed" if column == "bucket" else "solid"
+            self.adm_fig.line("t", column, source=src, legend_label=label, line_width=2, color=color, line_dash=dash)
+
+        src = self.sources["queues"]
+        self.queue_fig = _figure("queued frames per connection", self.x_range, "frames")
+        for q, color in (("p50", "#2ca02c"), ("p95", "#ff7f0e"), ("p99", "#d62728")):
+            self.queue_fig.line("t", q, source=src, legend_label=q, line_width=2, color=color)
+        self.queue_fig.line("t", "stuck", source=src, legend_label="stuck closes/s", color="#7f7f7f",
+                            line_dash="dashed")  # fmt: skip
+        self.queue_fig.scatter([0, 0], [0, 1], alpha=0)
+        for name, fig in (("window", self.held_fig), ("admit_rate", self.adm_fig), ("queue_frames", self.queue_fig)):
+            fig.add_layout(span := _limit(name))
+            self.limits[name] = span
+        self.limits_note = pn.pane.Markdown("", margin=(0, 10))
+
+        self.shards_table = _table(SHARD_COLUMNS, 240, name="shards")
+        self.slow_table = _table(SLOW_COLUMNS, 300, name="slowest")
+        self.slow_note = pn.pane.Markdown("", margin=(0, 10))
+        self.changes_table = _table(CHANGE_COLUMNS, 240, name="changes")
+        self.publishers_note = pn.pane.Markdown("", margin=(0, 10))
+
     def panel(self) -> pn.viewable.Viewable:
         pane = dict(sizing_mode="stretch_width")
 
@@ -375,6 +545,33 @@ class Dashboard:
                 pn.Column(pn.pane.Bokeh(self.hist_fig, **pane), histogram, **pane),
                 **pane,
             ),
+            heading("Where the time goes"),
+            self.publishers_note,
+            pn.Row(
+                pn.Column(pn.pane.Bokeh(self.stage_fig, **pane), series("stages"), **pane),
+                pn.Column(
+                    pn.pane.Bokeh(self.heat_fig, **pane),
+                    _csv("latency-heatmap", lambda: _series_frame(self.heatmap)),
+                    **pane,
+                ),
+                **pane,
+            ),  # fmt: skip
+            heading("What the throttle did (the channel filter chooses the pattern; dotted: the policy's limits)"),
+            self.limits_note,
+            pn.Row(pn.pane.Bokeh(self.ratio_fig, **pane), pn.pane.Bokeh(self.held_fig, **pane), **pane),
+            pn.Row(pn.pane.Bokeh(self.drops_fig, **pane), pn.pane.Bokeh(self.adm_fig, **pane), **pane),
+            pn.Row(series("throttle"), series("admission")),
+            heading("Connections that struggle"),
+            pn.Row(
+                pn.Column(pn.pane.Bokeh(self.queue_fig, **pane), series("queues"), **pane),
+                pn.Column(
+                    self.slow_note,
+                    self.slow_table,
+                    table("slowest", self.slow_table),
+                    **pane,
+                ),
+                **pane,
+            ),  # fmt: skip
             heading(f"Top channels (last {TOP_SECONDS} s; click a row to filter the plots)"),
             self.channels_table,
             table("channels", self.channels_table),
@@ -394,8 +591,14 @@ class Dashboard:
             heading("Replicas"),
             self.replicas_table,
             table("replicas", self.replicas_table),
+            heading("Redis shards"),
+            self.shards_table,
+            table("shards", self.shards_table),
             heading("Throttle policy"),
             self.policy_state,
+            pn.pane.Markdown("**Changes** (newest first; dashed lines on the charts)", margin=(0, 10)),
+            self.changes_table,
+            table("policy-changes", self.changes_table),
             pn.Row(
                 pn.Column(self.policy_table, table("policy", self.policy_table), **pane),
                 pn.Column(self.limits_table, table("limits", self.limits_table), width=320),
@@ -420,6 +623,7 @@ class Dashboard:
             points = window.series(start, settled, self.pattern)
             for name, data in _columns(points).items():
                 self.sources[name].stream(data, rollover=self.range)
+            self.heatmap.stream(_heat(points), rollover=self.range * N_BUCKETS)
             self.end = settled
             counts = window.histogram(settled, HISTOGRAM_SECONDS)
             self.histogram.patch({"count": [(slice(0, len(counts)), counts)]})
@@ -437,6 +641,9 @@ class Dashboard:
         writes = any(self.histogram.data["count"])
         self.hist_empty.text = "" if writes else f"No socket write in the last {HISTOGRAM_SECONDS} s"
         self.hist_empty.visible = not writes
+        cells = bool(self.heatmap.data["count"])
+        self.heat_empty.text = "" if cells else "No socket write in this range: nothing to place in latency buckets"
+        self.heat_empty.visible = not cells
 
     def _poll(self, now: float, force: bool = False) -> None:
         feed = self.feed
@@ -451,6 +658,7 @@ class Dashboard:
         points = window.series(start, self.end, self.pattern)
         for name, data in _columns(points).items():
             self.sources[name].data = data
+        self.heatmap.data = _heat(points)
         self.histogram.data = {"bucket": bucket_labels(), "count": window.histogram(self.end, HISTOGRAM_SECONDS)}
         if points:
             self._update_numbers(points[-1])
@@ -484,34 +692,97 @@ class Dashboard:
         self.transport_numbers.object = f"**SSE** {sse} &nbsp; **WebSocket** {ws} &nbsp; **total** {sse + ws}"
         self.replicas_table.value = pd.DataFrame(
             [
-                (r.replica, _status(r), r.sse, r.ws, r.connections,
-                 r.subscribers, round(r.delivered, 1), "ok" if r.reader_ok else "DOWN", r.restarts, round(r.uptime))
+                (r.replica, _status(r), r.front or "?", r.version or "?", r.sse, r.ws, r.connections,
+                 r.subscribers, round(r.delivered, 1), "ok" if r.reader_ok else "DOWN",
+                 "" if r.lag_ms is None else round(r.lag_ms, 1), r.reconnects, r.restarts, round(r.uptime))
                 for r in replicas
             ],
             columns=REPLICA_COLUMNS,
         )  # fmt: skip
+        self._update_fleet(now)
         rows = window.top_channels(self.end, TOP_SECONDS, now)[:100]
         self.channels_table.value = pd.DataFrame(
             [
                 (c.pattern, round(c.published, 2), round(c.delivered, 2), c.subscribers, round(c.coalesced, 2),
-                 round(c.dropped, 2), round(c.poke_delayed, 2), round(c.pulled, 2))
+                 round(c.dropped, 2), round(c.poke_delayed, 2), round(c.pulled, 2),
+                 "" if c.p99 is None else round(c.p99, 1))
                 for c in sorted(rows, key=lambda c: c.pattern)  # stable rows; the table sorts on screen
             ],
             columns=CHANNEL_COLUMNS,
         )  # fmt: skip
 
+    def _update_fleet(self, now: float) -> None:
+        """The shard, slowest-connection and publisher views (v2 records; empty with v1 ones)."""
+        window = self.feed.window
+        self.shards_table.value = pd.DataFrame(
+            [(s.shard, s.replicas, "" if s.lag_ms is None else round(s.lag_ms, 1), s.worst, s.reconnects,
+              round(s.age, 1) if math.isfinite(s.age) else "") for s in window.shards(now)],
+            columns=SHARD_COLUMNS,
+        )  # fmt: skip
+        slowest = window.slowest(now, SLOWEST)
+        self.slow_table.value = pd.DataFrame(
+            [(r.replica, r.transport, r.channels, r.queued_bytes, r.queued_frames, round(r.age, 1)) for r in slowest],
+            columns=SLOW_COLUMNS,
+        )
+        self.slow_note.object = (
+            f"**Slowest {SLOWEST} connections** (most queued bytes, live replicas)"
+            if slowest
+            else "**Slowest connections**: none has bytes queued now (nobody is behind)."
+        )
+        pubs = window.publishers(now)
+        self.publishers_note.object = (
+            f"Publish \u2192 Redis ack from {len(pubs)} publisher process{'es' if len(pubs) != 1 else ''} "
+            f"({sum(n for _, _, n in pubs)} publishes in the window); each stage's p99 below, every replica summed."
+            if pubs else "No publisher record in the window (publishers write one only when they publish): the "
+            "publish \u2192 Redis ack line stays empty."
+        )  # fmt: skip
+
+    def _update_limits(self) -> None:
+        """The policy's limits on the charts: the filtered pattern's rule (or ``*``'s) and the replica-wide ones,
+        summed over the live replicas where the chart sums them (the admission rate)."""
+        pattern = self.pattern or "*"
+        rule = rule_for(self.in_force, pattern)
+        replicas = max(len(self.feed.window.live(self.clock())), 1)
+        values = {
+            "window": rule.window * 1000,
+            "poke_rate": rule.poke_rate,
+            "admit_rate": self.in_force.admit_rate * replicas,
+            "queue_frames": self.in_force.queue_frames,
+        }
+        for name, span in self.limits.items():
+            span.location = values[name]
+            span.visible = values[name] > 0
+        self.limits_note.object = (
+            f"Limits of `{pattern}`: window {rule.window:g} s, poke rate {rule.poke_rate:g} pulls/s (floor "
+            f"{rule.poke_floor:g} s); every replica: admit_rate {self.in_force.admit_rate:g}/s, queue_frames "
+            f"{self.in_force.queue_frames} ({self.policy_source})."
+        )  # fmt: skip
+
+    def _update_changes(self) -> None:
+        changes = self.feed.changes
+        if [c.id for c in changes] == self._change_ids:
+            return
+        self._change_ids = [c.id for c in changes]
+        self.changes.data = _changes(changes)
+        self.changes_table.value = pd.DataFrame(
+            [(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c.at)), c.who, c.what) for c in changes],
+            columns=CHANGE_COLUMNS,
+        )
+
     def _update_policy(self, now: float, force: bool = False) -> None:
         if not force and now - self._policy_at < POLICY_EVERY:
             return
         self._policy_at = now
-        try:
-            view = read_policy(self.feed.client, self.config.throttle_key)
-        except Exception as exc:  # Redis down: the status line says so already
-            self.policy_state.object = f"Cannot read `{self.config.throttle_key}`: {type(exc).__name__}"
+        self.feed.poll_meta(now, force=force)
+        self._update_changes()
+        if self.feed.meta_error:
+            self.policy_state.object = f"Cannot read `{self.config.throttle_key}`: {self.feed.meta_error}"
             return
+        view = self.feed.policy
         changed = view != self.policy
         self.policy = view
         self.in_force, self.policy_source = in_force(view, self.config.defaults)
+        self._update_limits()
         if changed or force:
             self.policy_table.value = pd.DataFrame(channel_rows(self.in_force, self.policy_source))
             limits = [{"limit": r["limit"], "value": f"{r['value']:g}"} for r in limit_rows(self.in_force)]
@@ -586,6 +857,8 @@ class Dashboard:
         self.filter_label.object = f"**Channels:** `{pattern}`" if pattern else "**Channels:** all"
         self.clear_filter.disabled = pattern is None
         self.rates_fig.title.text = f"messages/s ({pattern})" if pattern else "messages/s (all channels)"
+        self.ratio_fig.title.text = f"coalescing: messages in / frames out ({pattern or 'all channels'})"
+        self._update_limits()
         self._reload()
 
     def _on_channel_click(self, event: Any) -> None:

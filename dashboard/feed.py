@@ -21,7 +21,10 @@ from sidecar.core.throttle import Policy
 from sidecar.embedded import recorded_url
 from sidecar.store import connect
 
+from .policy import PolicyChange, PolicyView, read_changes, read_policy
 from .sources import Record, Window, parse_record
+
+META_EVERY = 2.0  # seconds between reads of the policy and its change log (shared by every session)
 
 
 def read_records(client: Any, key: str, after: str | None = None, since: float | None = None) -> list[Record]:
@@ -51,9 +54,22 @@ class StatsFeed:
     Redis errors are kept in ``error`` (and the window keeps what it had), never raised.
     """
 
-    def __init__(self, client: Any, key: str, span: float = 900.0, stale_after: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: Any,
+        key: str,
+        span: float = 900.0,
+        stale_after: float = 5.0,
+        throttle_key: str | None = None,
+        log_key: str | None = None,
+    ) -> None:
         self.client = client
         self.key = key
+        self.throttle_key, self.log_key = throttle_key, log_key
+        self.policy = PolicyView()  # the policy ops set (read every META_EVERY s)
+        self.changes: list[PolicyChange] = []  # the last changes, newest first
+        self.meta_error: str | None = None
+        self.meta_at = -META_EVERY
         self.window = Window(span, stale_after)
         self.last_id: str | None = None
         self.error: str | None = None
@@ -79,6 +95,21 @@ class StatsFeed:
             self.last_id = records[-1].id
         return self.window.add(records)
 
+    def poll_meta(self, now: float, force: bool = False) -> None:
+        """Read the throttle policy and its change log, at most every META_EVERY s (``force``: now)."""
+        if not force and now - self.meta_at < META_EVERY:
+            return
+        self.meta_at = now
+        try:
+            if self.throttle_key:
+                self.policy = read_policy(self.client, self.throttle_key)
+            if self.log_key:
+                self.changes = read_changes(self.client, self.log_key)
+        except Exception as exc:  # Redis down: the status line says so already
+            self.meta_error = type(exc).__name__
+            return
+        self.meta_error = None
+
 
 # -- configuration ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -93,6 +124,7 @@ class DashboardConfig:
     redis_url: str
     stats_key: str
     throttle_key: str
+    log_key: str = "rt:policy:log"  # the policy change log (PUT/DELETE /admin/throttle append to it)
     interval: float = 1.0
     window: float = 600.0
     sidecar_url: str = "http://127.0.0.1:8000"
@@ -110,12 +142,22 @@ class DashboardConfig:
             redis_url=settings.redis_url or recorded_url(settings.data_dir) or "redis://127.0.0.1:6379/0",
             stats_key=f"{settings.key_prefix}:stats",
             throttle_key=f"{settings.key_prefix}:throttle",
+            log_key=f"{settings.key_prefix}:policy:log",
             interval=settings.stats_interval,
             window=min(max(settings.dashboard_window, 60.0), 3600.0),
             sidecar_url=(settings.url or f"http://{settings.host}:{settings.port}").rstrip("/"),
-            admin_key=(settings.admin_key or "").split(",")[0].strip() or None,
+            admin_key=_admin_key(settings),
             defaults=policy_from_settings(settings),
         )
+
+
+def _admin_key(settings: Settings) -> str | None:
+    """The key the controls use: SIDECAR_ADMIN_KEY's first, else the first named key of SIDECAR_ADMIN_KEYS
+    (``name:key``; the change log then names that key's owner)."""
+    key = (settings.admin_key or "").split(",")[0].strip()
+    if not key and settings.admin_keys:
+        key = settings.admin_keys.split(",")[0].partition(":")[2].strip()
+    return key or None
 
 
 def redis_client(config: DashboardConfig, timeout: float = 5.0) -> Any:

@@ -153,6 +153,47 @@ def policy_frame(policy: Policy, source: str = "") -> Any:
     return pd.DataFrame(channel_rows(policy, source))
 
 
+# -- the change history: <prefix>:policy:log ----------------------------------------------------------------
+CHANGES = 50  # changes read (newest first), shown and drawn as markers
+
+
+@dataclass(frozen=True)
+class PolicyChange:
+    """One entry of ``<prefix>:policy:log``: a PUT or DELETE of /admin/throttle."""
+
+    id: str  # the stream id
+    at: float  # unix seconds
+    who: str  # the admin key's name ("admin": the unnamed key)
+    what: str  # a short summary, e.g. "orders:* window 0 -> 0.5 s"
+    policy: str  # the new policy JSON; "" for a DELETE (back to the settings' policy)
+
+
+def parse_change(stream_id: Any, fields: Any) -> PolicyChange | None:
+    """A :class:`PolicyChange` from an XREVRANGE entry, None if it has no readable time."""
+    values = {_str(k): _str(v) for k, v in dict(fields).items()}
+    try:
+        at = float(values.get("at", ""))
+    except ValueError:
+        return None
+    what = values.get("what", "") or ("back to the settings' policy" if not values.get("policy") else "policy set")
+    return PolicyChange(_str(stream_id), at, values.get("who", "") or "?", what[:200], values.get("policy", ""))
+
+
+def read_changes(client: Any, key: str, n: int = CHANGES) -> list[PolicyChange]:
+    """The last ``n`` policy changes, newest first (one bounded XREVRANGE; none while the stream is missing)."""
+    changes = (parse_change(i, f) for i, f in client.xrevrange(key, count=n))
+    return [c for c in changes if c is not None]
+
+
+def changes_frame(changes: list[PolicyChange]) -> Any:
+    """The change history as a DataFrame (oldest first), for notebooks."""
+    import pandas as pd
+
+    rows = [{"time": pd.Timestamp(c.at, unit="s"), "who": c.who, "what": c.what, "policy": c.policy}
+            for c in reversed(changes)]  # fmt: skip
+    return pd.DataFrame(rows, columns=["time", "who", "what", "policy"])
+
+
 def _json(raw: Any) -> Any:
     text = _str(raw)
     try:

@@ -32,10 +32,15 @@ from typing import Any
 import orjson
 
 from sidecar.core.patterns import glob_match
-from sidecar.stats import COUNTERS, LATENCY_BOUNDS_MS, RECORD_FIELD, SUBSCRIBERS
+from sidecar.stats import COUNTERS, LATENCY_BOUNDS_MS, QUEUE_BOUNDS, RECORD_FIELD, SUBSCRIBERS
 
 COUNT_KEYS = tuple(COUNTERS.values())  # "pub", "dlv", "coal", "drop", "delay", "adm", "rej", "pull"
 N_BUCKETS = len(LATENCY_BOUNDS_MS)
+VERSIONS = (1, 2)  # record versions this dashboard reads (v2 adds fields; docs/dashboard.md, "The stats record")
+N_QUEUE = len(QUEUE_BOUNDS)  # the per-connection queue-depth histogram of v2 records ("qd"), in frames
+MODES = ("event", "diff", "state", "poke")  # v2 subscribers by mode, per pattern
+STAGES = ("read", "held", "queue")  # v2 "stage" histograms: Redis -> reader, held by the throttle, queued
+ADMISSION = ("ok", "defer", "rej", "tries")  # v2 "adm" counts
 QUANTILES = (50, 95, 99)
 Labels = str | frozenset[str] | None  # which channel labels a series counts: one, a set of them, or all
 
@@ -61,10 +66,33 @@ class Record:
     spread: float = 0.0  # seconds pokes are spread over
     channels: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # pattern -> counts
     stopped: bool = False  # the replica's last record after a clean stop
+    # -- v2 (empty in v1 records) ---------------------------------------------------------------------------
+    v: int = 1  # the record's version
+    kind: str = "relay"  # "relay" (a sidecar replica) or "pub" (a publisher: Celery worker, POST /publish)
+    front: str = ""  # "gevent" | "asyncio"
+    version: str = ""  # the package version
+    stage: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # STAGES -> latency histogram
+    shards: Mapping[str, tuple[float | None, int]] = field(default_factory=dict)  # shard -> (lag ms, reconnects)
+    adm: Mapping[str, float] = field(default_factory=dict)  # ok, defer, rej, tries (counts); level, rate, burst
+    qd: tuple[int, ...] = ()  # queue depth histogram (QUEUE_BOUNDS), connections at sample time
+    slowest: tuple[Mapping[str, Any], ...] = ()  # the slowest connections: t, ch, qb, qf, age
+    stuck: int = 0  # connections closed for a stuck write
+    ch_lat: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # pattern -> latency histogram
+    modes: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # pattern -> subscribers by mode
+    n: int = 0  # "pub" records: publishes
+    ack: tuple[int, ...] = ()  # "pub" records: publish call -> Redis acknowledged (latency histogram)
 
     @property
     def begin(self) -> float:
         return self.ts - self.dt
+
+    def in_mode(self, mode: str, pattern: Labels = None) -> int:
+        """Subscribers in ``mode`` (v2) of one pattern, of several, or of all."""
+        return sum(
+            m.get(mode, 0)
+            for name, m in self.modes.items()
+            if pattern is None or name == pattern or (not isinstance(pattern, str) and name in pattern)
+        )
 
     def counts(self, pattern: Labels = None) -> dict[str, int]:
         """The counters of one pattern, of several summed (a set of them), or of all (``pattern`` None)."""
@@ -79,26 +107,42 @@ class Record:
         return total
 
 
+def _hist(raw: Any, n: int = N_BUCKETS) -> tuple[int, ...]:
+    counts = [max(int(v), 0) for v in raw or ()]
+    return tuple((counts + [0] * n)[:n])
+
+
+def _count(raw: Any) -> int:
+    return max(int(raw or 0), 0)
+
+
 def parse_record(stream_id: str | bytes, fields: Mapping[Any, Any]) -> Record | None:
-    """A :class:`Record` from an XRANGE entry, or None if it is not a record this dashboard can read."""
+    """A :class:`Record` from an XRANGE entry (v1 or v2, a replica's or a publisher's), or None if it is not a
+    record this dashboard can read (another version, another kind, a broken one)."""
     raw = fields.get(RECORD_FIELD.encode(), fields.get(RECORD_FIELD))
     if raw is None:
         return None
     try:
         doc = orjson.loads(raw)
-        if not isinstance(doc, dict) or doc.get("v") != 1:
+        if not isinstance(doc, dict) or doc.get("v") not in VERSIONS:
             return None
-        lat = [max(int(n), 0) for n in doc.get("lat") or ()]
-        lat = (lat + [0] * N_BUCKETS)[:N_BUCKETS]
-        channels = {
-            str(p): {str(k): max(int(v), 0) for k, v in entry.items()}
-            for p, entry in (doc.get("ch") or {}).items()
-            if isinstance(entry, dict)
-        }
-        herd = doc.get("herd") or {}
+        kind = str(doc.get("kind") or "relay")
+        if kind not in ("relay", "pub"):
+            return None
         ts, dt = float(doc["ts"]), float(doc["dt"])
         if dt <= 0 or not math.isfinite(ts) or not math.isfinite(dt):
             return None
+        channels, ch_lat, modes = {}, {}, {}
+        for p, entry in (doc.get("ch") or {}).items():
+            if not isinstance(entry, dict):
+                continue
+            channels[str(p)] = {str(k): max(int(v), 0) for k, v in entry.items() if isinstance(v, int | float)}
+            if entry.get("lat"):
+                ch_lat[str(p)] = _hist(entry["lat"])
+            if isinstance(entry.get("modes"), dict):
+                modes[str(p)] = {str(m): _count(v) for m, v in entry["modes"].items()}
+        herd = doc.get("herd") or {}
+        adm = doc.get("adm") or {}
         return Record(
             id=stream_id.decode() if isinstance(stream_id, bytes) else stream_id,
             replica=str(doc["replica"]),
@@ -110,12 +154,30 @@ def parse_record(stream_id: str | bytes, fields: Mapping[Any, Any]) -> Record | 
             port=int(doc.get("port", 0)),
             reader_ok=bool(doc.get("reader", 1)),
             conn={str(t): int(n) for t, n in (doc.get("conn") or {}).items()},
-            slow=max(int(doc.get("slow", 0)), 0),
-            lat=tuple(lat),
+            slow=_count(doc.get("slow")),
+            lat=_hist(doc.get("lat")),
             pending=float(herd.get("pending", 0)),
             spread=float(herd.get("spread", 0.0)),
             channels=channels,
             stopped=bool(doc.get("stopped", 0)),
+            v=int(doc["v"]),
+            kind=kind,
+            front=str(doc.get("front", "")),
+            version=str(doc.get("version", "")),
+            stage={k: _hist(v) for k, v in (doc.get("stage") or {}).items() if k in STAGES},
+            shards={
+                str(k): (None if v.get("lag") is None else float(v["lag"]), _count(v.get("reconn")))
+                for k, v in (doc.get("shards") or {}).items()
+                if isinstance(v, dict)
+            },
+            adm={k: max(float(adm[k]), 0.0) for k in (*ADMISSION, "level", "rate", "burst") if adm.get(k) is not None},
+            qd=_hist(doc["qd"], N_QUEUE) if doc.get("qd") else (),
+            slowest=tuple(c for c in doc.get("slowest") or () if isinstance(c, dict)),
+            stuck=_count(doc.get("stuck")),
+            ch_lat=ch_lat,
+            modes=modes,
+            n=_count(doc.get("n")),
+            ack=_hist(doc.get("ack")) if doc.get("ack") else (),
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
@@ -172,6 +234,41 @@ class Point:
     pending: float = 0.0
     spread: float = 0.0
     replicas: int = 0  # replicas with a record covering this second
+    # -- v2 -------------------------------------------------------------------------------------------------
+    ack: list[float] = field(default_factory=lambda: [0.0] * N_BUCKETS)  # publishers: publish -> Redis ack
+    publishes: float = 0.0  # publish calls the publishers' records counted
+    stage: dict[str, list[float]] = field(default_factory=lambda: {k: [0.0] * N_BUCKETS for k in STAGES})
+    coal_in: float = 0.0  # messages offered to the throttle of replicas with subscribers (see coalescing)
+    coal_out: float = 0.0  # ... and the frames it let out of them
+    admitted_conn: float = 0.0  # admission (v2 "adm"): connections admitted,
+    deferred: float = 0.0  # asked to retry later (503 Retry-After / 1013),
+    refused: float = 0.0  # rejected,
+    attempts: float = 0.0  # attempts
+    bucket: float = 0.0  # token bucket level, every live replica summed (a gauge)
+    admit_rate: float = 0.0  # the buckets' refill rates, summed (a gauge)
+    admit_burst: float = 0.0
+    stuck: float = 0.0  # stuck-write closes
+    reconnects: float = 0.0  # reader reconnects, every shard and replica
+    lag: float | None = None  # the worst reader lag (ms) of any live replica and shard (a gauge)
+    queue_depth: list[float] = field(default_factory=lambda: [0.0] * N_QUEUE)  # connections by queued frames
+    poke_subscribers: float | None = None  # subscribers in poke mode (v2 records; None: not recorded)
+
+    @property
+    def coalescing(self) -> float | None:
+        """Messages in / frames out of the throttle (1: nothing coalesced); None without messages."""
+        return self.coal_in / self.coal_out if self.coal_in > 0 and self.coal_out > 0 else None
+
+    def stage_p(self, stage: str, q: float) -> float | None:
+        """A percentile (ms) of one stage: ``ack`` (publishers), ``read``, ``held``, ``queue``, ``lat``."""
+        if stage == "ack":
+            return percentile(self.ack, q)
+        if stage == "lat":
+            return percentile(self.latency, q)
+        return percentile(self.stage[stage], q)
+
+    def depth_p(self, q: float) -> float | None:
+        """A percentile of the connections' queued frames."""
+        return percentile(self.queue_depth, q, QUEUE_BOUNDS)
 
     @property
     def p50(self) -> float | None:
@@ -199,6 +296,7 @@ class ChannelRow:
     dropped: float
     poke_delayed: float
     pulled: float
+    p99: float | None = None  # ms, publish -> socket, of the pattern's frames (v2 records; None: none recorded)
 
 
 @dataclass(frozen=True)
@@ -219,6 +317,42 @@ class ReplicaRow:
     reader_ok: bool
     restarts: int  # process restarts seen in the window (same replica id, new start time)
     uptime: float
+    front: str = ""  # v2: "gevent" | "asyncio" ("" from a v1 record)
+    version: str = ""
+    lag_ms: float | None = None  # v2: the worst shard's reader lag in its last record
+    reconnects: int = 0  # v2: reader reconnects, every shard, over the window
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    shard: str
+    replicas: int  # live replicas that report it
+    lag_ms: float | None  # the worst of their lags (None: no replica knows)
+    worst: str  # the replica with that lag
+    reconnects: int  # over the window, every replica
+    age: float  # seconds since a live replica last reported it
+
+
+@dataclass(frozen=True)
+class SlowRow:
+    replica: str
+    transport: str
+    channels: int
+    queued_bytes: int
+    queued_frames: int
+    age: float  # seconds the connection has been open
+
+
+def heat_rows(points: Sequence[Point]) -> dict[str, list[Any]]:
+    """The latency heatmap's cells: one per (second, bucket) with writes; ``bucket`` the bucket's index."""
+    out: dict[str, list[Any]] = {"t": [], "bucket": [], "count": []}
+    for p in points:
+        for i, n in enumerate(p.latency):
+            if n > 0:
+                out["t"].append(p.t)
+                out["bucket"].append(i)
+                out["count"].append(n)
+    return out
 
 
 def _rank(coverage: float, started: float, replica: str) -> tuple[float, float, str]:
@@ -234,6 +368,38 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
+def _sent(r: Record, counts: Mapping[str, int]) -> float:
+    """What the throttle let out for the channels ``counts`` are of, in record ``r``: the messages it sent at
+    once (``pub - coal``: a held message counts as coalesced) plus the windows it flushed. A record counts flushes
+    for the whole replica only (the ``held`` observations less the spread pokes, ``delay``); a pattern gets its
+    share of them by its share of the coalesced messages (of the subscribers, when the record coalesced nothing
+    new): exact with one pattern held, an estimate with several. v1 records have no ``held``: their flushes are
+    not counted."""
+    held = sum(r.stage.get("held", ()))
+    sent = counts["pub"] - counts["coal"]
+    if not held:
+        return sent
+    every = r.counts()
+    windows = max(held - every["delay"], 0)
+    if every["coal"]:
+        return sent + windows * counts["coal"] / max(every["coal"], counts["coal"])
+    # A window flushed in a record that coalesced nothing new (its messages were held in the one before):
+    # shared by subscribers.
+    return sent + windows * counts[SUBSCRIBERS] / max(every[SUBSCRIBERS], counts[SUBSCRIBERS], 1)
+
+
+def _spread_v2(r: Record, p: Point, frac: float) -> None:
+    """A v2 record's replica-wide counts, ``frac`` of them into second ``p``."""
+    for stage, counts in r.stage.items():
+        p.stage[stage] = [a + b * frac for a, b in zip(p.stage[stage], counts)]
+    p.admitted_conn += r.adm.get("ok", 0.0) * frac
+    p.deferred += r.adm.get("defer", 0.0) * frac
+    p.refused += r.adm.get("rej", 0.0) * frac
+    p.attempts += r.adm.get("tries", 0.0) * frac
+    p.stuck += r.stuck * frac
+    p.reconnects += sum(n for _, n in r.shards.values()) * frac
+
+
 class Window:
     """The records of the last ``span`` seconds, per replica, and what the dashboard shows from them."""
 
@@ -242,6 +408,9 @@ class Window:
         self.stale_after = stale_after
         self.records: dict[str, list[Record]] = {}  # replica -> records, oldest first
         self._ts: dict[str, list[float]] = {}  # the same records' ts, for bisect
+        # Publishers' records ("pub"), apart: they write only when they publish, so no plot waits for them.
+        self.pubs: dict[str, list[Record]] = {}
+        self._pub_ts: dict[str, list[float]] = {}
         self._ids: set[str] = set()
 
     def add(self, records: Iterable[Record]) -> int:
@@ -251,7 +420,8 @@ class Window:
             if r.id in self._ids:
                 continue
             self._ids.add(r.id)
-            rows, stamps = self.records.setdefault(r.replica, []), self._ts.setdefault(r.replica, [])
+            kept, times = (self.pubs, self._pub_ts) if r.kind == "pub" else (self.records, self._ts)
+            rows, stamps = kept.setdefault(r.replica, []), times.setdefault(r.replica, [])
             i = bisect.bisect_right(stamps, r.ts)
             rows.insert(i, r)
             stamps.insert(i, r.ts)
@@ -264,14 +434,15 @@ class Window:
         if newest is None:
             return
         horizon = newest - self.span - 60  # keep a minute more than shown: records cover time before their ts
-        for replica in list(self.records):
-            rows, stamps = self.records[replica], self._ts[replica]
-            cut = bisect.bisect_left(stamps, horizon)
-            if cut:
-                self._ids.difference_update(r.id for r in rows[:cut])
-                del rows[:cut], stamps[:cut]
-            if not rows:
-                del self.records[replica], self._ts[replica]
+        for records, times in ((self.records, self._ts), (self.pubs, self._pub_ts)):
+            for replica in list(records):
+                rows, stamps = records[replica], times[replica]
+                cut = bisect.bisect_left(stamps, horizon)
+                if cut:
+                    self._ids.difference_update(r.id for r in rows[:cut])
+                    del rows[:cut], stamps[:cut]
+                if not rows:
+                    del records[replica], times[replica]
 
     def newest(self) -> float | None:
         stamps = [s[-1] for s in self._ts.values() if s]
@@ -321,6 +492,7 @@ class Window:
                         best[i] = candidate
         for p, chosen in zip(points, best):
             p.published = chosen[1] if chosen is not None else 0.0
+        self._publishers(start, end, points)
         return points
 
     def _spread_counts(
@@ -336,6 +508,7 @@ class Window:
     ) -> None:
         for r in self._covering(rows, start, end):
             counts = r.counts(pattern)
+            sent = _sent(r, counts) if counts[SUBSCRIBERS] or counts["coal"] else None
             first, last = max(math.floor(r.begin), start), min(math.ceil(r.ts), end)
             for t in range(first, last):
                 overlap = _overlap(r.begin, r.ts, t, t + 1)
@@ -354,13 +527,29 @@ class Window:
                 p.slow += r.slow * frac
                 if any(r.lat):
                     p.latency = [a + b * frac for a, b in zip(p.latency, r.lat)]
+                if sent is not None:
+                    p.coal_in += counts["pub"] * frac
+                    p.coal_out += sent * frac
+                if r.stage or r.adm or r.stuck or r.shards:
+                    _spread_v2(r, p, frac)
 
     def _covering(self, rows: list[Record], start: float, end: float) -> list[Record]:
         """The records whose interval ``(begin, ts]`` overlaps ``[start, end)``."""
         if not rows:
             return []
-        i = bisect.bisect_right(self._ts[rows[0].replica], start)
+        stamps = (self._pub_ts if rows[0].kind == "pub" else self._ts)[rows[0].replica]
+        i = bisect.bisect_right(stamps, start)
         return [r for r in rows[i:] if r.begin < end]
+
+    def _publishers(self, start: int, end: int, points: list[Point]) -> None:
+        for rows in self.pubs.values():
+            for r in self._covering(rows, start, end):
+                for t in range(max(math.floor(r.begin), start), min(math.ceil(r.ts), end)):
+                    frac = _overlap(r.begin, r.ts, t, t + 1) / r.dt
+                    if frac > 0:
+                        p = points[t - start]
+                        p.publishes += r.n * frac
+                        p.ack = [a + b * frac for a, b in zip(p.ack, r.ack)]
 
     def _gauges(
         self, replica: str, rows: list[Record], start: int, end: int, pattern: Labels, points: list[Point]
@@ -378,8 +567,19 @@ class Window:
             p.sse += r.conn.get("sse", 0)
             p.ws += r.conn.get("ws", 0)
             p.subscribers += r.counts(pattern)[SUBSCRIBERS]
+            if r.v >= 2:
+                p.poke_subscribers = (p.poke_subscribers or 0) + r.in_mode("poke", pattern)
             p.pending += r.pending
             p.spread = max(p.spread, r.spread)
+            if r.adm:
+                p.bucket += r.adm.get("level", 0.0)
+                p.admit_rate += r.adm.get("rate", 0.0)
+                p.admit_burst += r.adm.get("burst", 0.0)
+            lags = [lag for lag, _ in r.shards.values() if lag is not None]
+            if lags:
+                p.lag = max(p.lag or 0.0, *lags)
+            if r.qd:
+                p.queue_depth = [a + b for a, b in zip(p.queue_depth, r.qd)]
 
     def labels_under(self, pattern: str) -> frozenset[str]:
         """The channel labels seen in the window whose channels a policy ``pattern`` covers: the pattern itself,
@@ -394,6 +594,7 @@ class Window:
         those of the live replicas' last records."""
         start = end - seconds
         totals: dict[str, dict[str, float]] = {}
+        latency: dict[str, list[float]] = {}  # pattern -> its latency buckets, every replica
         best: tuple[tuple[float, float, str], dict[str, float], float] | None = None  # published: one replica
         for replica, rows in self.records.items():
             published: dict[str, float] = {}
@@ -410,6 +611,9 @@ class Window:
                         acc[key] += entry.get(key, 0) * frac
                     if r.reader_ok:
                         published[pattern] = published.get(pattern, 0.0) + entry.get("pub", 0) * frac
+                for pattern, counts in r.ch_lat.items():
+                    acc_lat = latency.setdefault(pattern, [0.0] * N_BUCKETS)
+                    latency[pattern] = [a + b * frac for a, b in zip(acc_lat, counts)]
             if covered > 0:
                 rank = _rank(covered / seconds, started, replica)
                 if best is None or rank < best[0]:
@@ -432,6 +636,7 @@ class Window:
                     dropped=total["drop"] / seconds,
                     poke_delayed=total["delay"] / seconds,
                     pulled=total["pull"] / seconds,
+                    p99=percentile(latency[pattern], 99) if pattern in latency else None,
                 )
             )
         rows.sort(key=lambda c: (-c.published, -c.delivered, -c.subscribers, c.pattern))
@@ -462,9 +667,64 @@ class Window:
                     reader_ok=last.reader_ok,
                     restarts=len({r.started for r in rows}) - 1,
                     uptime=max(last.ts - last.started, 0.0),
+                    front=last.front,
+                    version=last.version,
+                    lag_ms=max((lag for lag, _ in last.shards.values() if lag is not None), default=None),
+                    reconnects=sum(n for r in rows for _, n in r.shards.values()),
                 )
             )
         return out
+
+    def shards(self, now: float) -> list[ShardRow]:
+        """One row per Redis shard the live replicas' v2 records report (reconnects: over the window, any
+        replica), sorted by shard number."""
+        live = set(self.live(now))
+        found: dict[str, dict[str, Any]] = {}
+        for replica, rows in self.records.items():
+            for r in rows:
+                for shard, (_, reconn) in r.shards.items():
+                    row = found.setdefault(shard, {"n": 0, "lag": None, "worst": "", "reconn": 0, "ts": -math.inf})
+                    row["reconn"] += reconn
+            if replica not in live:
+                continue
+            last = rows[-1]
+            for shard, (lag, _) in last.shards.items():
+                row = found[shard]
+                row["n"] += 1
+                row["ts"] = max(row["ts"], last.ts)
+                if lag is not None and (row["lag"] is None or lag > row["lag"]):
+                    row["lag"], row["worst"] = lag, replica
+        return [
+            ShardRow(shard, v["n"], v["lag"], v["worst"], v["reconn"], max(now - v["ts"], 0.0) if v["n"] else math.inf)
+            for shard, v in sorted(found.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit()
+                                                                   else 0, kv[0]))
+        ]  # fmt: skip
+
+    def slowest(self, now: float, n: int = 10) -> list[SlowRow]:
+        """The ``n`` connections with the most queued bytes, of the live replicas' last records."""
+        rows = []
+        for replica in self.live(now):
+            for c in self.latest(replica).slowest:
+                try:
+                    ch = c.get("ch", 0)
+                    rows.append(
+                        SlowRow(
+                            replica,
+                            str(c.get("t", "")),
+                            len(ch) if isinstance(ch, list) else int(ch),
+                            int(c.get("qb", 0)),
+                            int(c.get("qf", 0)),
+                            float(c.get("age", 0.0)),
+                        )
+                    )
+                except (TypeError, ValueError):
+                    continue
+        rows.sort(key=lambda r: (-r.queued_bytes, -r.queued_frames, r.replica))
+        return rows[:n]
+
+    def publishers(self, now: float) -> list[tuple[str, float, int]]:
+        """The publishers seen in the window: (id, seconds since their last record, publishes in the window)."""
+        return [(k, max(now - rows[-1].ts, 0.0), sum(r.n for r in rows)) for k, rows in sorted(self.pubs.items())]
 
     def histogram(self, end: int, seconds: int = 10) -> list[float]:
         """Latency bucket counts of the ``seconds`` before ``end``, every replica summed."""
@@ -488,6 +748,8 @@ def records_frame(records: Iterable[Record]) -> Any:
             row[f"{name}_per_s"] = counts[key] / r.dt
         row.update(subscribers=counts[SUBSCRIBERS], sse=r.conn.get("sse", 0), ws=r.conn.get("ws", 0))
         row.update(slow_dropped=r.slow, pokes_pending=r.pending, poke_spread=r.spread)
+        row.update(front=r.front, version=r.version, stuck=r.stuck, kind=r.kind, publishes=r.n)
+        row.update({f"adm_{k}": r.adm.get(k, 0.0) for k in (*ADMISSION, "level")})
         row.update({f"p{q}_ms": percentile(r.lat, q) for q in QUANTILES})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -500,7 +762,8 @@ def channels_frame(records: Iterable[Record]) -> Any:
     rows = [
         {"time": pd.Timestamp(r.ts, unit="s"), "replica": r.replica, "pattern": pattern, "dt": r.dt,
          **{name: entry.get(key, 0) for key, name in _POINT_FIELDS.items()},
-         "subscribers": entry.get(SUBSCRIBERS, 0)}
+         "subscribers": entry.get(SUBSCRIBERS, 0),
+         **{f"subs_{m}": r.modes.get(pattern, {}).get(m, 0) for m in MODES}}
         for r in records
         for pattern, entry in r.channels.items()
     ]  # fmt: skip
@@ -523,11 +786,35 @@ def latency_frame(records: Iterable[Record]) -> Any:
     return frame.astype({"time": "datetime64[ns]", "le_ms": float, "writes": int})  # typed even when empty
 
 
+def stages_frame(records: Iterable[Record]) -> Any:
+    """One row per (record, stage, pattern, latency bucket) with observations, from v2 records: ``stage`` is
+    ``ack`` (publish call -> Redis acknowledged, from publishers), ``read`` (Redis -> the replica's reader),
+    ``held`` (by coalescing or poke spreading), ``queue`` (the connection's queue -> socket) or ``lat`` (publish
+    -> socket, end to end); ``pattern`` is "" for a replica's totals, else the channel pattern (``lat`` only);
+    ``le_ms`` the bucket's upper bound, ``n`` the observations. :func:`percentile_by` works on it."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    for r in records:
+        time = pd.Timestamp(r.ts, unit="s")
+        hists: list[tuple[str, str, Sequence[int]]] = [("ack", "", r.ack)] if r.kind == "pub" else [
+            ("lat", "", r.lat), *((stage, "", h) for stage, h in r.stage.items()),
+            *(("lat", pattern, h) for pattern, h in r.ch_lat.items())]  # fmt: skip
+        for stage, pattern, counts in hists:
+            rows.extend(
+                {"time": time, "replica": r.replica, "stage": stage, "pattern": pattern,
+                 "le_ms": LATENCY_BOUNDS_MS[i], "n": n}
+                for i, n in enumerate(counts) if n
+            )  # fmt: skip
+    frame = pd.DataFrame(rows, columns=["time", "replica", "stage", "pattern", "le_ms", "n"])
+    return frame.astype({"time": "datetime64[ns]", "le_ms": float, "n": int})
+
+
 def frame_percentile(frame: Any, q: float) -> float | None:
-    """The ``q``-th percentile (ms) of the writes in rows of :func:`latency_frame` (any subset of them)."""
+    """The ``q``-th percentile (ms) of the rows of :func:`latency_frame` or :func:`stages_frame` (any subset)."""
     counts = [0.0] * N_BUCKETS
-    for bound, writes in zip(frame["le_ms"], frame["writes"]):
-        counts[LATENCY_BOUNDS_MS.index(bound)] += writes
+    for bound, n in zip(frame["le_ms"], frame["writes" if "writes" in frame else "n"]):
+        counts[LATENCY_BOUNDS_MS.index(bound)] += n
     return percentile(counts, q)
 
 

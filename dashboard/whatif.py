@@ -10,8 +10,9 @@ What the record does not say, the replay assumes (docs/dashboard.md, "What-if"):
 - a pattern's publishes all went to **one** channel (the record counts per pattern, not per channel), evenly
   spaced inside their second: the most a window can coalesce; spread over many channels it coalesces less;
 - its subscribers are spread evenly over the replicas, and each replica throttles on its own (as the relay does);
-- *frames* are what event-mode subscribers would get, *pulls* what poke-mode subscribers would make (one pull
-  per poke): the record does not count subscribers by mode, so each figure is for all of them in that mode.
+- *frames* are what the event, diff and state subscribers get, *pulls* what the poke subscribers make (one pull
+  per poke), from the subscribers by mode of v2 records; v1 records do not count them by mode, so there each
+  figure is for all subscribers in that mode.
 
 Example::
 
@@ -94,13 +95,14 @@ def replay(points: Sequence[Point], policy: ChannelPolicy) -> Outcome:
     since: dict[int, float] = {}  # simulated connection -> its oldest change not yet poked (ms)
     spread_max = 0.0
     carry, seq = 0.0, 0
-    subs_now, conns_now, scale = 0.0, 0, 1.0  # per replica: subscribers, simulated poke connections, conns scale
+    subs_now, conns_now, scale = 0.0, 0, 1.0  # per replica: poke subscribers, simulated poke connections, scale
+    push_now = 0.0  # per replica: subscribers that get frames (every subscriber when modes are not recorded)
 
     def emit(out: list[Outgoing], at: float, sent: float) -> None:
         i = min(max(int(at - t0), 0), n)
         for o in out:
             if o.conn is None:
-                frames[i] += subs_now * replicas
+                frames[i] += push_now * replicas
                 if o.pokes:  # no spreading: every poke subscriber pulls at once
                     pulls[i] += subs_now * replicas
                 for m in o.messages:
@@ -121,7 +123,9 @@ def replay(points: Sequence[Point], policy: ChannelPolicy) -> Outcome:
         count = int(carry + 1e-9)
         carry -= count
         replicas = max(p.replicas, 1)
-        subs_now = p.subscribers / replicas
+        known = p.poke_subscribers is not None  # v2 records count subscribers by mode
+        push_now = (p.subscribers - (p.poke_subscribers or 0)) / replicas if known else p.subscribers / replicas
+        subs_now = (p.poke_subscribers or 0) / replicas if known else p.subscribers / replicas
         conns_now = min(math.ceil(subs_now), MAX_CONNS)
         scale = subs_now / conns_now if conns_now else 0.0
         offered = _sample(count, policy)
@@ -166,15 +170,18 @@ def replay(points: Sequence[Point], policy: ChannelPolicy) -> Outcome:
 
 def _unthrottled(points: Sequence[Point]) -> Outcome:
     """No window, no spreading: every message goes at once to every subscriber (what the replay would find)."""
-    carry, frames = 0.0, []
+    carry, frames, pulls = 0.0, [], []
     for p in points:
         carry += p.published
         count = int(carry + 1e-9)
         carry -= count
-        frames.append(count * p.subscribers)
+        poke = p.subscribers if p.poke_subscribers is None else p.poke_subscribers
+        push = p.subscribers if p.poke_subscribers is None else p.subscribers - p.poke_subscribers
+        frames.append(count * push)
+        pulls.append(count * poke)
     n = len(points)
     total = float(sum(frames))
-    return Outcome(n, sum(p.published for p in points), total, total / n, max(frames), total / n, max(frames),
+    return Outcome(n, sum(p.published for p in points), total, total / n, max(frames), sum(pulls) / n, max(pulls),
                    0.0, 0.0, 0.0, 0.0, 0.0)  # fmt: skip
 
 

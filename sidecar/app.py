@@ -155,6 +155,8 @@ def healthz() -> Response:
         "connections": len(relay.hub.connections),
         "shards": shards,
     }
+    if not ok and relay.reader.reason:
+        body["reason"] = relay.reader.reason
     return Response(orjson.dumps(body), status=200 if ok else 503, mimetype="application/json")
 
 
@@ -271,7 +273,8 @@ def publish() -> Response:
     except PublishError as exc:
         return error(400, exc.code, exc.message)
     published = publisher._send(encoded)
-    return Response(dumps({"published": [p.__dict__ for p in published]}), mimetype="application/json")
+    body = [{"channel": p.channel, "id": p.id, "seq": p.seq, "epoch": p.epoch} for p in published]  # protocol.md
+    return Response(dumps({"published": body}), mimetype="application/json")
 
 
 def _publish_item(publisher: Publisher, index: int, item: Any) -> Any:

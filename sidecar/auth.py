@@ -5,7 +5,8 @@ docs/security.md is the user's guide. The rules in short:
   configured (RS256/ES256). It must carry `exp`; its `channels` claim lists channel patterns: `*` matches any run
   of channel characters, `{claim}` is replaced by that claim's value (`user:{sub}`), taken literally.
 - `POST /publish`, `/admin/*` and `GET /metrics` (the metrics key or the admin key) take a static key (several,
-  comma-separated, to rotate without downtime), compared in constant time.
+  comma-separated, to rotate without downtime), compared in constant time. Admin keys may be named
+  (SIDECAR_ADMIN_KEYS="ops-anna:<key>,..."): the policy-change log then says who changed what.
 - A guard with nothing configured is open in dev mode and closed (disabled) otherwise; the sidecar refuses to
   start in production mode without a token key (:func:`check_startup`).
 Nothing here logs a token or a key, nor puts one in an error message. No Flask import: app.py and ws.py adapt.
@@ -174,6 +175,25 @@ def split_list(value: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
 
+ADMIN_NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def _named_keys(value: str | None) -> tuple[tuple[str, str], ...]:
+    """SIDECAR_ADMIN_KEYS: ``name:key`` pairs, comma-separated (a key may hold ``:``, a name may not). Errors
+    name the entry by its position, never show it."""
+    named = []
+    for i, entry in enumerate(split_list(value), 1):
+        name, colon, key = entry.partition(":")
+        if not colon or not ADMIN_NAME_RE.fullmatch(name.strip()):
+            raise InsecureConfig(f"SIDECAR_ADMIN_KEYS: entry {i} must be name:key, the name 1-64 letters, digits, "
+                                 "_ . @ or -")  # fmt: skip
+        if len(key.strip()) < MIN_KEY_CHARS:
+            raise InsecureConfig(f"SIDECAR_ADMIN_KEYS: the key of {name.strip()} must be at least {MIN_KEY_CHARS} "
+                                 "characters")  # fmt: skip
+        named.append((name.strip(), key.strip()))
+    return tuple(named)
+
+
 def keys_match(presented: str | None, configured: Iterable[str]) -> bool:
     """Constant-time comparison against every configured key (their number is no secret)."""
     given = (presented or "").encode("utf-8", "surrogatepass")
@@ -222,7 +242,10 @@ class Auth:
         self.public_key = _load_public_key(settings.jwt_public_key) if settings.jwt_public_key else None
         self.algorithms = self._algorithms(split_list(settings.jwt_algorithms))
         self.publisher_keys = self._keys("SIDECAR_PUBLISHER_KEY", settings.publisher_key)
-        self.admin_keys = self._keys("SIDECAR_ADMIN_KEY", settings.admin_key)
+        # (name, key) of every admin key: SIDECAR_ADMIN_KEY's are named "admin", SIDECAR_ADMIN_KEYS' their own.
+        self.admin_named = tuple(("admin", k) for k in self._keys("SIDECAR_ADMIN_KEY", settings.admin_key))
+        self.admin_named += _named_keys(settings.admin_keys)
+        self.admin_keys = tuple(key for _, key in self.admin_named)
         self.metrics_keys = self._keys("SIDECAR_METRICS_KEY", settings.metrics_key)
         self.allowed_origins = tuple(o.rstrip("/").lower() for o in split_list(settings.allowed_origins))
         self.cors_origins = tuple(o.rstrip("/").lower() for o in split_list(settings.cors_origins))
@@ -295,8 +318,18 @@ class Auth:
     def require_publisher(self, presented: str | None) -> None:
         self._require(presented, self.publisher_keys, "publishing over HTTP", "SIDECAR_PUBLISHER_KEY")
 
-    def require_admin(self, presented: str | None) -> None:
+    def require_admin(self, presented: str | None) -> str:
+        """Who is asking: the name of the admin key presented (``admin`` for a key of SIDECAR_ADMIN_KEY), or
+        ``dev`` in dev mode without admin keys; AuthError otherwise. Never the key itself."""
         self._require(presented, self.admin_keys, "the admin API", "SIDECAR_ADMIN_KEY")
+        if not self.admin_keys:
+            return "dev"
+        given = (presented or "").encode("utf-8", "surrogatepass")
+        name = ""
+        for key_name, key in self.admin_named:  # every key compared (constant time), the first match named
+            if hmac.compare_digest(given, key.encode("utf-8", "surrogatepass")) and not name:
+                name = key_name
+        return name or "admin"
 
     def require_metrics(self, presented: str | None) -> None:
         """GET /metrics: the metrics key (so that a scraper need not hold the admin key), or the admin key."""

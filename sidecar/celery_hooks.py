@@ -46,7 +46,7 @@ from sidecar.config import Settings
 from sidecar.core.breaker import CLOSED, Breaker
 from sidecar.core.protocol import validate_channel
 from sidecar.publish import Published, Publisher, PublishError
-from sidecar.store import PublishNotConfirmed
+from sidecar.store import PublishNotConfirmed, redis_address
 
 __all__ = ["INFRASTRUCTURE_MESSAGE", "enable_realtime", "progress", "publisher", "task_channel"]
 
@@ -115,8 +115,10 @@ class _Binding:
         with lock:
             if self._publisher is None:
                 settings = self._resolve_settings()
+                # An outcome's WAIT blocks its reply up to its own timeout: the deadline is on top of it.
+                waits = settings.publish_wait_timeout_ms / 1000 if settings.publish_wait_replicas > 0 else 0.0
                 self._publisher = Publisher.from_settings(
-                    settings.replace(redis_socket_timeout=settings.task_publish_timeout)
+                    settings.replace(redis_socket_timeout=settings.task_publish_timeout + waits)
                 )
             return self._publisher
 
@@ -139,7 +141,8 @@ class _Binding:
             dropped = breaker.succeeded()
         if was_open:
             log.warning(
-                "sidecar: %s answers again; %d publishes were dropped while it did not", _redis_address(pub), dropped
+                "sidecar: %s answers again; %d publishes were dropped while it did not",
+                redis_address(pub.store.redis), dropped,
             )
 
     def retry_in(self) -> float:
@@ -359,7 +362,7 @@ def _finished(
                 patch = {"task_id": never_id, "name": never_name, "status": status, "error": value}
                 diffs.append((task_channel(never_id), name, {**patch, "upstream": task_id}))
     events = [(channel, job_event, job) for channel in _business_channels(task, task_id, *call)]
-    _publish(binding, name, diffs, events)
+    _publish(binding, name, diffs, events, outcome=True)
 
 
 def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
@@ -405,16 +408,18 @@ Diff = tuple[str, str, Mapping[str, Any]] | tuple[str, str, Mapping[str, Any], A
 
 
 def _publish(
-    binding: _Binding, name: str, diffs: Sequence[Diff], events: Sequence[tuple[str, str, Any]] = ()
-) -> Published | None:
+    binding: _Binding, name: str, diffs: Sequence[Diff], events: Sequence[tuple[str, str, Any]] = (),
+    outcome: bool = False,
+) -> Published | None:  # fmt: skip
     """Lifecycle diffs (data: the changes, unless given) and business events in one round trip; returns the
-    first diff's position. A failure is logged, never raised."""
+    first diff's position. A failure is logged, never raised. An `outcome` (succeeded, failed) waits for
+    ``publish_wait_replicas`` replicas when that is set (a shortfall is logged by the store, not raised)."""
     channels = ", ".join([diff[0] for diff in diffs] + [ch for ch, _, _ in events])
     if not channels:
         return None
     try:
         pub = binding.publisher()
-        batch = pub.batch()
+        batch = pub.batch(wait=pub.store.settings.publish_wait_replicas if outcome else 0)
         for channel, event, changes, *data in diffs:
             batch.diff(channel, event, changes, data=data[0] if data else changes)
         for ch, event, payload in events:
@@ -425,7 +430,7 @@ def _publish(
     if not binding.allow():
         log.warning(
             "sidecar: dropped %s to %s: %s did not answer; next try in %.1f s",
-            name, channels, _redis_address(pub), binding.retry_in(),
+            name, channels, redis_address(pub.store.redis), binding.retry_in(),
         )  # fmt: skip
         return None
     try:
@@ -433,28 +438,19 @@ def _publish(
     except PublishError as exc:  # refused by Redis (a state too large): Redis answered
         binding.succeeded(pub)
         log.warning(
-            "sidecar: could not publish %s to %s via %s: %s", name, channels, _redis_address(pub), _explain(exc)
+            "sidecar: could not publish %s to %s via %s: %s",
+            name, channels, redis_address(pub.store.redis), _explain(exc),
         )
         return None
     except Exception as exc:  # Redis away (refused, timed out) or erring: the user's task must go on
         cooldown = binding.failed()
         log.warning(
             "sidecar: could not publish %s to %s via %s: %s; not publishing for %g s",
-            name, channels, _redis_address(pub), _explain(exc), cooldown,
+            name, channels, redis_address(pub.store.redis), _explain(exc), cooldown,
         )  # fmt: skip
         return None
     binding.succeeded(pub)
     return results[0] if diffs else None
-
-
-def _redis_address(pub: Publisher) -> str:
-    """``redis host:port/db`` (or ``redis unix:/path``) of the publisher's Redis, for the worker log: never
-    the password (the pool keeps it apart, it is not in the URL we print)."""
-    pool = getattr(pub.store.redis, "connection_pool", None)
-    kwargs = getattr(pool, "connection_kwargs", None) or {}
-    if kwargs.get("path"):
-        return f"redis unix:{kwargs['path']}"
-    return f"redis {kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
 def _explain(exc: BaseException) -> str:

@@ -41,6 +41,7 @@ class Settings:
     read_count: int = 1_000
     read_linger_ms: float = 0.0  # after a read that brought entries, wait this long before the next; 0: read at once
     reader_stall: float = 5.0  # seconds a shard's stream may move on while its reader reads none of it
+    live_read: str = "shards"  # "shards": read every shard's live stream; "channels": pub/sub of wanted channels
 
     # Connections
     keepalive: float = 15.0  # seconds between SSE comments / WebSocket pings on an idle socket
@@ -48,6 +49,7 @@ class Settings:
     body_timeout: float = 30.0  # seconds a request's body has to arrive whole, from the end of its headers
     idle_timeout: float = 75.0  # seconds a kept-alive HTTP connection may take to send its next request whole
     close_timeout: float = 2.0  # seconds a WebSocket the server closed waits for the client's close frame
+    ws_deflate: bool = False  # accept permessage-deflate (RFC 7692) offers; see docs/performance.md
     sse_retry_ms: int = 2_000  # base of the SSE retry: hint (jittered)
     queue_frames: int = 1_000  # per-connection queue bound (frames)
     queue_bytes: int = 1_048_576  # per-connection queue bound (bytes)
@@ -61,6 +63,8 @@ class Settings:
     # Celery workers (docs/celery.md): what a notification may cost a task when Redis hangs
     task_publish_timeout: float = 0.25  # seconds: the hooks' Redis socket timeout (connect, send, reply)
     task_publish_cooldown: float = 5.0  # seconds the hooks stop publishing after a failure, before one trial
+    publish_wait_replicas: int = 0  # the hooks' outcome events wait for this many replicas (Redis WAIT); 0: never
+    publish_wait_timeout_ms: int = 100  # the longest a WAIT blocks (a publish with wait=N; the hooks' outcomes)
 
     # Auth (docs/security.md). Secrets are kept out of repr() so that logging settings cannot leak them.
     jwt_secret: str | None = dataclasses.field(default=None, repr=False)  # HS256 shared secret, >= 32 bytes
@@ -72,6 +76,7 @@ class Settings:
     jwt_leeway: float = 5.0  # seconds of clock skew tolerated on `exp`
     publisher_key: str | None = dataclasses.field(default=None, repr=False)  # POST /publish; comma: several
     admin_key: str | None = dataclasses.field(default=None, repr=False)  # /admin/*; comma: several
+    admin_keys: str | None = dataclasses.field(default=None, repr=False)  # named: "ops-anna:<key>,ops-bo:<key>"
     metrics_key: str | None = dataclasses.field(default=None, repr=False)  # GET /metrics (or the admin key)
     allowed_origins: str = ""  # WebSocket Origin allowlist (comma); empty: same origin only (dev: any)
     cors_origins: str = ""  # CORS for /sse and the state endpoint (comma, or *); empty: none (dev: *)

@@ -9,7 +9,10 @@ Example::
         for row in rows:
             b.diff("import:42", "row-imported", {"rows": {row.id: row.as_dict()}})
 
-Each message is one atomic Redis script (see store.py); a batch is all of them in one round trip.
+Each message is one atomic Redis script (see store.py); a batch is all of them in one round trip. `wait=N`
+(any call, or `batch(wait=N)`) ends the round trip with Redis' `WAIT N timeout` (`SIDECAR_PUBLISH_WAIT_TIMEOUT_MS`)
+and returns how many replicas acknowledged in `Published.replicas`: fewer than N is logged and counted, not
+raised (the message is published; see docs/celery.md, "WAIT").
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import orjson
 from sidecar.config import Settings
 from sidecar.core import merge
 from sidecar.core.protocol import ProtocolError, validate_channel, validate_event
+from sidecar.pubstats import PublishStats
 from sidecar.store import Published, Snapshot, Store, connect
 
 __all__ = ["Publisher", "Published", "Snapshot", "PublishError"]
@@ -38,6 +42,7 @@ class Publisher:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.max_bytes = store.settings.max_publish_bytes
+        self.stats = PublishStats(store)  # publish -> Redis acknowledged, one "pub" record a second (pubstats.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Publisher:
@@ -49,27 +54,33 @@ class Publisher:
     def from_url(cls, url: str, **settings: Any) -> Publisher:
         return cls.from_settings(Settings(redis_url=url, **settings))
 
-    def event(self, channel: str, name: str, data: Any = None) -> Published:
+    def event(self, channel: str, name: str, data: Any = None, *, wait: int = 0) -> Published:
         """A business event: no state change."""
-        return self._send([self.item(channel, "event", name, data)])[0]
+        return self._send([self.item(channel, "event", name, data)], wait)[0]
 
-    def diff(self, channel: str, name: str, changes: Mapping[str, Any], data: Any = None) -> Published:
+    def diff(
+        self, channel: str, name: str, changes: Mapping[str, Any], data: Any = None, *, wait: int = 0
+    ) -> Published:
         """A business event plus the fields it changed, as an RFC 7386 merge patch of the channel's state."""
-        return self._send([self.item(channel, "diff", name, data, changes)])[0]
+        return self._send([self.item(channel, "diff", name, data, changes)], wait)[0]
 
-    def state(self, channel: str, name: str, full_state: Mapping[str, Any], data: Any = None) -> Published:
+    def state(
+        self, channel: str, name: str, full_state: Mapping[str, Any], data: Any = None, *, wait: int = 0
+    ) -> Published:
         """Replace the channel's state."""
-        return self._send([self.item(channel, "state", name, data, full_state)])[0]
+        return self._send([self.item(channel, "state", name, data, full_state)], wait)[0]
 
-    def poke(self, channel: str, name: str = "changed") -> Published:
+    def poke(self, channel: str, name: str = "changed", *, wait: int = 0) -> Published:
         """Only "the channel changed": subscribers re-fetch the state themselves."""
-        return self._send([self.item(channel, "poke", name)])[0]
+        return self._send([self.item(channel, "poke", name)], wait)[0]
 
-    def batch(self) -> Batch:
-        return Batch(self)
+    def batch(self, wait: int = 0) -> Batch:
+        """Messages sent in one round trip when the `with` block ends; `wait`: then WAIT for that many replicas."""
+        return Batch(self, wait)
 
     def close(self) -> None:
         """Release the Redis connections."""
+        self.stats.close()
         self.store.redis.close()
 
     def __enter__(self) -> Publisher:
@@ -109,18 +120,21 @@ class Publisher:
                 raise PublishError("bad-change", f"changes nest more than {merge.MAX_DEPTH} levels deep") from None
         return channel, kind, name, data_json, change_json, round(time.time() * 1000, 3)
 
-    def _send(self, items: list[Item]) -> list[Published]:
+    def _send(self, items: list[Item], wait: int = 0) -> list[Published]:
         try:
-            return self.store.publish_many(items) if items else []
+            published = self.store.publish_many(items, wait) if items else []
         except ProtocolError as exc:  # state-too-large
             raise PublishError(exc.code, exc.message) from None
+        self.stats.observe(item[5] for item in items)
+        return published
 
 
 class Batch:
     """Messages collected and sent in one round trip when the `with` block ends."""
 
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, wait: int = 0) -> None:
         self.publisher = publisher
+        self.wait = wait
         self.items: list[Item] = []
         self.results: list[Published] = []
 
@@ -138,7 +152,7 @@ class Batch:
 
     def send(self) -> list[Published]:
         items, self.items = self.items, []
-        self.results.extend(self.publisher._send(items))
+        self.results.extend(self.publisher._send(items, self.wait))
         return self.results
 
     def __enter__(self) -> Batch:

@@ -57,6 +57,7 @@ class Loop:
     address: tuple[str, int] | None = None  # where MOVED sent it; None: the slot map's master
     kicked: bool = False  # the watchdog closed its connection on purpose
     failing_since: float | None = None
+    reconnects: int = 0  # connections dropped to be made again (errors, MOVED, the watchdog), ever
     thread: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -142,6 +143,13 @@ class Reader:
     def healthy(self) -> bool:
         """No shard is stuck (its loop fails, or its head stays past its position, for `reader_stall` s)."""
         return not self.stuck
+
+    @property
+    def reason(self) -> str:
+        """Why /healthz is not ready ("" when the reader is fine)."""
+        if not self.stuck:
+            return ""
+        return f"shards stuck: {', '.join(str(self.shards[key]) for key in sorted(self.stuck))}"
 
     def lags(self) -> list[Lag]:
         """Every shard's lag, for /healthz and /metrics."""
@@ -231,6 +239,7 @@ class Reader:
     def _drop(self, loop: Loop) -> None:
         client, loop.client = loop.client, None
         if client is not None:
+            loop.reconnects += 1
             with contextlib.suppress(Exception):
                 client.close()
                 client.connection_pool.disconnect()

@@ -22,6 +22,7 @@ from sidecar.core.connection import Connection, Subscription
 from sidecar.core.hub import Hub, Sync
 from sidecar.core.protocol import Message, Position, shard_of
 from sidecar.core.throttle import Throttle
+from sidecar.live_pubsub import ChannelReader
 from sidecar.reader import Reader
 from sidecar.runtime import AsyncioRuntime, GeventRuntime, Runtime
 from sidecar.stats import Stats
@@ -74,10 +75,15 @@ class Relay:
         self.throttle = Throttle(policy_from_settings(settings), time.monotonic)
         self.hub = Hub(self.throttle)
         soon = self.runtime.call_soon  # the reader's loops hand the hub their messages on the hub's thread
-        self.reader = Reader(
-            self.store, settings, partial(soon, self.hub.dispatch), partial(soon, self.resync_shard),
-            partial(soon, self.hub.failed),
-        )  # fmt: skip
+        dispatch, failed = partial(soon, self.hub.dispatch), partial(soon, self.hub.failed)
+        self.reader: Reader | ChannelReader
+        if settings.live_read == "channels":  # only the channels this replica's clients want (docs/scaling.md)
+            self.reader = ChannelReader(self.store, settings, dispatch, partial(soon, self.resync_channel), failed)
+            self.hub.on_channel = self.reader.on_channel  # called on the hub's thread; it only queues
+        elif settings.live_read == "shards":
+            self.reader = Reader(self.store, settings, dispatch, partial(soon, self.resync_shard), failed)
+        else:
+            raise ValueError(f"SIDECAR_LIVE_READ must be shards or channels, not {settings.live_read!r}")
         self.hub.on_error = self._dispatch_failed
         self._causes: set[tuple[str, str, int]] = set()  # dispatch errors logged already: (type, file, line)
         self.stats = Stats(self)
@@ -185,6 +191,13 @@ class Relay:
             # Forget the channel's last message: after a lost tail (a lossy failover) the next one follows on
             # from what Redis kept, with a lower seq, and must not count as one more hole (a second resync).
             self.hub.channels[channel].epoch = ""
+            self.hub.resync(channel)
+
+    def resync_channel(self, channel: str) -> None:
+        """The same as resync_shard() for one channel (the channels-mode reader's checks found it lost)."""
+        record = self.hub.channels.get(channel)
+        if record is not None:
+            record.epoch = ""
             self.hub.resync(channel)
 
     def read(self, channel: str, since: Position | None) -> Sync:

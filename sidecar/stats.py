@@ -4,11 +4,14 @@ One background thread (a greenlet under gevent) samples the relay once per ``sta
 small JSON record to ``<prefix>:stats`` (MAXLEN ~ ``stats_len``). The dashboard reads only that stream, so it
 sees every replica and costs the relay nothing. docs/dashboard.md documents the record; in short::
 
-    {"v": 1, "replica": "web-1:4242", "host": "web-1", "pid": 4242, "port": 8000,
-     "ts": 1732761000.002, "dt": 1.001, "started": 1732760990.5, "reader": 1,
-     "conn": {"sse": 3, "ws": 1}, "slow": 0, "lat": [0, 4, 9, 1, 0, ...],
+    {"v": 2, "replica": "web-1:4242", "host": "web-1", "pid": 4242, "port": 8000, "front": "gevent",
+     "version": "0.1.0", "ts": 1732761000.002, "dt": 1.001, "started": 1732760990.5, "reader": 1,
+     "conn": {"sse": 3, "ws": 1}, "slow": 0, "stuck": 0, "lat": [0, 4, 9, 1, 0, ...],
+     "stage": {"read": [...], "held": [...], "queue": [...]}, "shards": {"0": {"lag": 0, "reconn": 0}, ...},
+     "adm": {"ok": 2, "defer": 5, "rej": 0, "tries": 7, "level": 0.4, "rate": 20.0, "burst": 100},
+     "qd": [3, 1, 0, ...], "slowest": [{"t": "ws", "ch": 2, "qb": 1830, "qf": 1, "age": 41.5}],
      "herd": {"pending": 0, "spread": 0.0},
-     "ch": {"orders:*": {"pub": 12, "dlv": 36, "subs": 3}, "task:*": {"pub": 4}}}
+     "ch": {"orders:*": {"pub": 12, "dlv": 36, "subs": 3, "modes": {"diff": 3}, "lat": [...]}, "task:*": {"pub": 4}}}
 
 Counts in a record are what happened during ``dt``, the seconds since the replica's previous record (its start
 for the first): rates are count / dt, so a restarted replica can never show a negative rate, and a record that
@@ -27,22 +30,32 @@ Example (the herd control counting what it did)::
 from __future__ import annotations
 
 import bisect
+import heapq
+import importlib.metadata
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
+from itertools import repeat
 from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from sidecar.core.connection import Connection
 from sidecar.core.patterns import glob_match
+from sidecar.core.protocol import Message
 from sidecar.core.throttle import PATTERN_RE
 from sidecar.runtime import GeventRuntime
 
@@ -50,13 +63,19 @@ __all__ = ["CONTENT_TYPE_LATEST", "Labels", "Stats", "exposition"]
 
 log = logging.getLogger(__name__)
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 RECORD_FIELD = "r"  # the stream entry's one field: the record as JSON
 STOP_JOIN = 2.0  # seconds stop() waits for a record being written before it writes the last one
 _DIRECT = GeventRuntime()  # for a relay without a runtime (unit tests): calls are direct
 
-# Upper bounds (ms) of the latency buckets: publish call -> frame written to the socket.
+# Upper bounds (ms) of the latency buckets: publish call -> frame written to the socket (and of every stage).
 LATENCY_BOUNDS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, float("inf"))
+# Upper bounds of the per-connection queue depth buckets (frames queued at sample time).
+QUEUE_BOUNDS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, float("inf"))
+# Where the time goes: publish -> this replica's reader; held by the throttle; queued -> written to the socket.
+STAGES = ("read", "held", "queue")
+ADMISSION = ("ok", "defer", "rej")  # admitted; refused by the token bucket (told when to retry); over a cap
+SLOWEST = 5  # connections listed in a record's "slowest"
 
 # Per-pattern counters: the name callers use -> its key in a record's "ch" entries (zeros are left out).
 COUNTERS = {
@@ -122,6 +141,13 @@ class Labels:
         return channel if self.channel_names else OTHER
 
 
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("celery-realtime-sidecar")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "0+unknown"
+
+
 class Histogram:
     """Cumulative bucket counts (and the sum, for Prometheus) of observed milliseconds."""
 
@@ -146,6 +172,8 @@ class Stats:
         patterns = (p.strip() for p in self.settings.stats_patterns.split(","))
         self.labels = Labels([p for p in patterns if p], self.settings.stats_channel_names)
         self.latency = Histogram()
+        self.stages = {name: Histogram() for name in STAGES}
+        self.pattern_latency: dict[str, Histogram] = {}  # pattern -> publish to socket write, like `latency`
         self.counters: dict[str, list[int]] = {}  # pattern -> cumulative counts, in COUNTERS order
         self.gauges: dict[str, float] = dict.fromkeys(GAUGES, 0)
         self.slow_dropped = 0  # frames dropped for slow consumers, ever
@@ -155,24 +183,59 @@ class Stats:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.replica = f"{self.host}:{self.pid}"
-        # What the last written record covered: the next one carries the difference.
+        self.front = getattr(relay, "front", "gevent")
+        self.version = package_version()
+        # What the last written record covered: the next one carries the difference of every cumulative count.
         self._written_at = self.started
-        self._written: dict[str, list[int]] = {}
-        self._written_latency = [0] * len(self.latency.counts)
-        self._written_slow = 0
+        self._written: dict[tuple[str, str], list[int]] = {}
         self._seen_dropped: dict[int, int] = {}  # connection id -> its `dropped` when last looked at
+        self._opened: dict[int, float] = {}  # connection id -> when it was first seen (its age in "slowest")
         self._failing = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.registry = CollectorRegistry(auto_describe=False)  # per relay: tests run several in one process
         self.registry.register(StatsCollector(self))
         ProcessCollector(registry=self.registry)
+        relay.throttle.on_held = self.observe_held
+        # The read stage is timed where the reader hands its decoded messages on (whatever the reader's kind).
+        dispatch = getattr(relay.reader, "on_messages", None)
+        if dispatch is not None:
+
+            def on_messages(messages: list[Message]) -> None:
+                self.observe_read(messages)
+                dispatch(messages)
+
+            relay.reader.on_messages = on_messages
 
     # -- what the relay and the throttle call ---------------------------------------------------------------
     def observe_write(self, conn: Connection) -> None:
-        """After a socket write: the age of the oldest frame written (one observation per write)."""
-        if conn.batch_ts:
-            self.latency.observe(self.clock() * 1000 - conn.batch_ts)
+        """After a socket write: the age of the oldest frame written (one observation per write), in all, for its
+        channel's pattern, and since it was queued (the queue stage)."""
+        ts = conn.batch_ts
+        if not ts:
+            return
+        ms = self.clock() * 1000 - ts
+        self.latency.observe(ms)
+        if conn.batch_channel is not None:
+            key = self._key(conn.batch_channel)
+            hist = self.pattern_latency.get(key)
+            if hist is None:
+                hist = self.pattern_latency[key] = Histogram()
+            hist.observe(ms)
+        hub_clock = self.relay.hub.clock
+        if conn.batch_at and hub_clock is not None:
+            self.stages["queue"].observe((hub_clock() - conn.batch_at) * 1000)
+
+    def observe_read(self, messages: Iterable[Message]) -> None:
+        """Messages the reader decoded just now: publish -> here is the read stage."""
+        now, read = self.clock() * 1000, self.stages["read"]
+        for msg in messages:
+            if msg.ts:
+                read.observe(now - msg.ts)
+
+    def observe_held(self, seconds: float) -> None:
+        """A delivery the throttle held (a coalescing window, a spread poke) went out after ``seconds``."""
+        self.stages["held"].observe(seconds * 1000)
 
     def count(self, name: str, channel: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` (a key of :data:`COUNTERS`) of ``channel``'s pattern (or a pattern)."""
@@ -253,12 +316,13 @@ class Stats:
             self._row(channel)[_INDEX["published"]] += n
         for channel, n in delivered.items():
             self._row(channel)[_INDEX["delivered"]] += n
-        seen = {}
+        seen, opened, now = {}, {}, self.clock()
         for conn in list(hub.connections.values()):
             before = self._seen_dropped.get(conn.id, 0)
             self.slow_dropped += max(conn.dropped - before, 0)
             seen[conn.id] = conn.dropped
-        self._seen_dropped = seen
+            opened[conn.id] = self._opened.get(conn.id, now)
+        self._seen_dropped, self._opened = seen, opened
 
     def transports(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -266,60 +330,116 @@ class Stats:
             counts[conn.transport] = counts.get(conn.transport, 0) + 1
         return counts
 
-    def subscribers(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+    def modes(self) -> dict[str, dict[str, int]]:
+        """Subscriptions on this replica per pattern and mode (modes without any left out)."""
+        counts: dict[str, dict[str, int]] = {}
         for channel, record in list(self.relay.hub.channels.items()):
-            key = self._key(channel)
-            counts[key] = counts.get(key, 0) + len(record.subs)
+            by_mode = counts.setdefault(self._key(channel), {})
+            for sub in list(record.subs.values()):
+                by_mode[sub.mode] = by_mode.get(sub.mode, 0) + 1
+        return {pattern: by_mode for pattern, by_mode in counts.items() if by_mode}
+
+    def subscribers(self) -> dict[str, int]:
+        return {pattern: sum(by_mode.values()) for pattern, by_mode in self.modes().items()}
+
+    def queues(self, now: float) -> tuple[list[int], list[dict[str, Any]]]:
+        """The histogram of frames queued per connection (:data:`QUEUE_BOUNDS`), and the :data:`SLOWEST`
+        connections with the most bytes queued (or in a socket write): no id, address or channel name."""
+        depths = [0] * len(QUEUE_BOUNDS)
+        behind = []
+        for conn in list(self.relay.hub.connections.values()):
+            depths[bisect.bisect_left(QUEUE_BOUNDS, len(conn.queue))] += 1
+            if conn.queued_bytes or conn.writing_since is not None:
+                behind.append(conn)
+        slowest = heapq.nlargest(SLOWEST, behind, key=lambda c: (c.queued_bytes, len(c.queue)))
+        return depths, [
+            {"t": c.transport, "ch": len(c.subs), "qb": c.queued_bytes, "qf": len(c.queue),
+             "age": round(max(now - self._opened.get(c.id, now), 0.0), 1)}
+            for c in slowest
+        ]  # fmt: skip
+
+    def _cumulative(self) -> dict[tuple[str, str], list[int]]:
+        """A copy of every count a record carries the difference of, by (kind, name)."""
+        relay = self.relay
+        counts = {("ch", p): list(row) for p, row in self.counters.items()}
+        counts |= {("plat", p): list(h.counts) for p, h in self.pattern_latency.items()}
+        counts |= {("stage", name): list(h.counts) for name, h in self.stages.items()}
+        counts[("lat", "")] = list(self.latency.counts)
+        counts[("adm", "")] = [relay.throttle.admissions[k] for k in ADMISSION]
+        counts[("slow", "")] = [self.slow_dropped]
+        control = getattr(relay, "control", None)  # made after the stats
+        counts[("stuck", "")] = [control.stuck_closed if control is not None else 0]
+        loops = getattr(relay.reader, "loop_of", {})
+        for key, shard in getattr(relay.reader, "shards", {}).items():
+            loop = loops.get(key)
+            counts[("reconn", str(shard))] = [getattr(loop, "reconnects", 0)]
         return counts
+
+    def shards(self, delta: dict[tuple[str, str], list[int]]) -> dict[str, dict[str, int | None]]:
+        """Per shard: the reader's lag (ms; None until the watchdog has read the shard's head) and reconnects."""
+        reader = self.relay.reader
+        lags = {g.shard: g.lag_ms for g in reader.lags()} if hasattr(reader, "lags") else {}
+        heads = getattr(reader, "heads", {})
+        return {
+            str(shard): {"lag": lags.get(shard) if key in heads else None, "reconn": delta[("reconn", str(shard))][0]}
+            for key, shard in getattr(reader, "shards", {}).items()
+        }
 
     def sample(self) -> tuple[dict[str, Any], Callable[[], None]]:
         """The record for now, and the commit to call once it is written (the next record then starts here)."""
         self.collect()
         # Millisecond times, and dt their exact difference: a record begins where the previous one ended.
         now = round(self.clock(), 3)
+        cumulative = self._cumulative()
+        written = self._written
+        delta = {k: [v - w for v, w in zip(values, written.get(k, repeat(0)))] for k, values in cumulative.items()}
+        modes = self.modes()
+        patterns = {p for (kind, p), values in delta.items() if kind in ("ch", "plat") and any(values)}
         zeros = [0] * len(COUNTERS)
-        deltas: dict[str, list[int]] = {}
-        for pattern, values in self.counters.items():
-            written = self._written.get(pattern, zeros)
-            delta = [v - w for v, w in zip(values, written)]
-            if any(delta):
-                deltas[pattern] = delta
-        subs = self.subscribers()
-        channels: dict[str, dict[str, int]] = {}
-        for pattern in deltas.keys() | subs.keys():
-            entry = {key: v for key, v in zip(COUNTERS.values(), deltas.get(pattern, zeros)) if v}
-            if subs.get(pattern):
-                entry[SUBSCRIBERS] = subs[pattern]
+        channels: dict[str, dict[str, Any]] = {}
+        for pattern in patterns | modes.keys():
+            row = delta.get(("ch", pattern), zeros)
+            entry: dict[str, Any] = {key: v for key, v in zip(COUNTERS.values(), row) if v}
+            if pattern in modes:
+                entry[SUBSCRIBERS] = sum(modes[pattern].values())
+                entry["modes"] = modes[pattern]
+            latency = delta.get(("plat", pattern))
+            if latency and any(latency):
+                entry["lat"] = latency
             channels[pattern] = entry
-        latency = [c - w for c, w in zip(self.latency.counts, self._written_latency)]
-        slow = self.slow_dropped - self._written_slow
-        reader = self.relay.reader
+        relay, reader = self.relay, self.relay.reader
+        ok, defer, rej = delta[("adm", "")]
+        bucket = relay.throttle.admission_bucket()
+        depths, slowest = self.queues(now)
         record = {
             "v": RECORD_VERSION,
             "replica": self.replica,
             "host": self.host,
             "pid": self.pid,
             "port": self.settings.port,
+            "front": self.front,
+            "version": self.version,
             "ts": now,
             "dt": round(max(now - self._written_at, 0.001), 3),
             "started": self.started,
             "reader": int(bool(reader.alive and reader.healthy)),
             "conn": self.transports(),
-            "slow": slow,
-            "lat": latency,
+            "slow": delta[("slow", "")][0],
+            "stuck": delta[("stuck", "")][0],
+            "lat": delta[("lat", "")],
+            "stage": {name: delta[("stage", name)] for name in STAGES},
+            "shards": self.shards(delta),
+            "adm": {"ok": ok, "defer": defer, "rej": rej, "tries": ok + defer + rej,
+                    "level": round(bucket[0], 2) if bucket else None,
+                    "rate": relay.throttle.policy.admit_rate, "burst": bucket[1] if bucket else 0},
+            "qd": depths,
+            "slowest": slowest,
             "herd": {"pending": self.gauges["pokes_pending"], "spread": self.gauges["poke_spread"]},
             "ch": _top(channels, RECORD_PATTERNS),
-        }
+        }  # fmt: skip
 
         def commit() -> None:
-            for pattern, delta in deltas.items():
-                written = self._written.setdefault(pattern, list(zeros))
-                for i, d in enumerate(delta):
-                    written[i] += d
-            for i, d in enumerate(latency):
-                self._written_latency[i] += d
-            self._written_slow += slow
+            self._written = cumulative
             self._written_at = now
 
         return record, commit
@@ -338,18 +458,25 @@ class Stats:
         return row
 
 
-def _top(channels: dict[str, dict[str, int]], limit: int) -> dict[str, dict[str, int]]:
+def _top(channels: dict[str, dict[str, Any]], limit: int) -> dict[str, dict[str, Any]]:
     """At most ``limit`` entries: the busiest, and the rest summed into OTHER."""
     if len(channels) <= limit:
         return channels
-    ranked = sorted(channels.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    ranked = sorted(channels.items(), key=lambda kv: (-sum(v for v in kv[1].values() if isinstance(v, int)), kv[0]))
     kept = {p: e for p, e in ranked if p != OTHER}
     kept = dict(list(kept.items())[: limit - 1])
-    other: dict[str, int] = {}
+    other: dict[str, Any] = {}
     for pattern, entry in ranked:
         if pattern not in kept:
             for key, v in entry.items():
-                other[key] = other.get(key, 0) + v
+                if isinstance(v, list):  # a histogram
+                    other[key] = [a + b for a, b in zip(other.get(key, repeat(0)), v)]
+                elif isinstance(v, dict):  # modes
+                    into = other.setdefault(key, {})
+                    for mode, n in v.items():
+                        into[mode] = into.get(mode, 0) + n
+                else:
+                    other[key] = other.get(key, 0) + v
     kept[OTHER] = other
     return kept
 
@@ -439,16 +566,66 @@ class StatsCollector(Collector):
             idle.add_metric([str(g.shard)], g.idle)
             stuck.add_metric([str(g.shard)], int(g.stuck))
         yield from (lag, idle, stuck)
-        cumulative, buckets = 0, []
-        for bound, n in zip(stats.latency.bounds, stats.latency.counts):
-            cumulative += n
-            buckets.append((floatToGoString(bound / 1000), cumulative))
         yield HistogramMetricFamily(
             "sidecar_delivery_latency_seconds",
             "Publish call to frame written to the socket (the oldest frame of each write).",
-            buckets=buckets,
+            buckets=_buckets(stats.latency),
             sum_value=stats.latency.sum_ms / 1000,
         )
+        yield from self._v2(stats)
+
+    def _v2(self, stats: Stats) -> Iterator[Metric]:
+        """What the v2 record added: stages, per-pattern latency, admission, queue depths, shard reconnects."""
+        relay = stats.relay
+        info = GaugeMetricFamily("sidecar_info", "The front serving, and the version.", labels=["front", "version"])
+        info.add_metric([stats.front, stats.version], 1)
+        yield info
+        stages = HistogramMetricFamily("sidecar_stage_latency_seconds", "Where the time goes: read (publish to this "
+                                       "replica's reader), held (by a coalescing window or poke spreading, only "
+                                       "deliveries that were held), queue (queued to written to the socket).",
+                                       labels=["stage"])  # fmt: skip
+        for name, hist in stats.stages.items():
+            stages.add_metric([name], _buckets(hist), hist.sum_ms / 1000)
+        yield stages
+        per_pattern = HistogramMetricFamily("sidecar_pattern_latency_seconds", "Publish call to frame written to the "
+                                            "socket, per channel pattern.", labels=["pattern"])  # fmt: skip
+        for pattern, hist in sorted(stats.pattern_latency.items()):
+            per_pattern.add_metric([pattern], _buckets(hist), hist.sum_ms / 1000)
+        yield per_pattern
+        admissions = CounterMetricFamily("sidecar_admissions", "Connection attempts by outcome: ok (admitted), "
+                                         "defer (the token bucket was empty: told when to retry), rej (over "
+                                         "max_connections or the unauthenticated budget).",
+                                         labels=["outcome"])  # fmt: skip
+        for outcome in ADMISSION:
+            admissions.add_metric([outcome], relay.throttle.admissions[outcome])
+        yield admissions
+        bucket = relay.throttle.admission_bucket()
+        if bucket is not None:
+            yield GaugeMetricFamily("sidecar_admission_tokens", "Tokens in the admission bucket.", value=bucket[0])
+        depths, _ = stats.queues(stats.clock())
+        cumulative, buckets = 0, []
+        for bound, n in zip(QUEUE_BOUNDS, depths):
+            cumulative += n
+            buckets.append((floatToGoString(bound), cumulative))
+        yield GaugeHistogramMetricFamily("sidecar_connection_queue_frames", "Frames queued per connection, now.",
+                                         buckets=buckets, gsum_value=sum(len(c.queue) for c in
+                                         list(relay.hub.connections.values())))  # fmt: skip
+        reconnects = CounterMetricFamily("sidecar_reader_shard_reconnects", "Reconnects of the reader connection "
+                                         "that reads each shard (errors, MOVED, the watchdog).",
+                                         labels=["shard"])  # fmt: skip
+        loops = getattr(relay.reader, "loop_of", {})
+        for key, shard in getattr(relay.reader, "shards", {}).items():
+            reconnects.add_metric([str(shard)], getattr(loops.get(key), "reconnects", 0))
+        yield reconnects
+
+
+def _buckets(hist: Histogram) -> list[tuple[str, float]]:
+    """Prometheus' cumulative buckets of a histogram of milliseconds, in seconds."""
+    cumulative, buckets = 0, list[tuple[str, float]]()
+    for bound, n in zip(hist.bounds, hist.counts):
+        cumulative += n
+        buckets.append((floatToGoString(bound / 1000), cumulative))
+    return buckets
 
 
 def exposition(stats: Stats) -> bytes:

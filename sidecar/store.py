@@ -8,8 +8,11 @@ valid on Redis Cluster; `t` is balanced_tags(shards)[k], or `k` itself with SIDE
     <prefix>:{t}:h:C         C's history stream: the same entries with the same ids, bounded by length and TTL
     <prefix>:{t}:m:C         C's meta hash: seq, epoch, id, ts, base (JSON state), gen, st (has state)
     <prefix>:{t}:p:C         C's merge patches published since `base` was written, folded by compaction
+    <prefix>:{t}:c:C         a pub/sub channel, not a key: every publish PUBLISHes its live entry there (id, `n`
+                             and the fields, as a JSON array), for relays in SIDECAR_LIVE_READ=channels mode
     <prefix>:stats           replicas' per-second stats records
     <prefix>:throttle        the throttle policy set by ops
+    <prefix>:policy:log      ops' changes of it: who, what, when (MAXLEN ~ POLICY_LOG_LEN)
 The snapshot is `base` with the pending patches applied in order, folded in Python so JSON stays exact
 (Redis' Lua cjson loses empty arrays and number precision).
 """
@@ -39,6 +42,7 @@ from sidecar.core.slots import balanced_tags
 Client = redis.Redis | redis.RedisCluster
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 SHARD_TAGS = ("balanced", "bare")
+POLICY_LOG_LEN = 1000  # policy changes kept in <prefix>:policy:log
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,9 @@ elseif ARGV[2] == 'state' then
 end
 redis.call('HSET', KEYS[3], 'id', id, 'ts', ARGV[7])
 redis.call('EXPIRE', KEYS[3], ARGV[11])
+local live = {id, tostring(n)}
+for i = 1, #fields do live[i + 2] = tostring(fields[i]) end
+redis.call('PUBLISH', ARGV[13], cjson.encode(live))
 return {id, seq, epoch, pending}
 """
 
@@ -129,6 +136,7 @@ class Published:
     id: str
     seq: int
     epoch: str
+    replicas: int | None = None  # replicas that acknowledged it within the WAIT timeout (None: no WAIT asked)
 
 
 @dataclass(frozen=True)
@@ -255,6 +263,7 @@ class Store:
         self._compact = client.register_script(COMPACT_SCRIPT)
         self._read = client.register_script(READ_SCRIPT)
         self._policy = client.register_script(POLICY_SCRIPT)
+        self.wait_shortfalls = 0  # publishes whose WAIT saw fewer replicas than asked (logged each time)
 
     # -- key names ------------------------------------------------------------------------------------------
     def shard_tag(self, shard: int) -> str:
@@ -270,6 +279,10 @@ class Store:
         tag = self.shard_tag(shard_of(channel, self.settings.shards))
         return Keys(f"{tag}:live", f"{tag}:h:{channel}", f"{tag}:m:{channel}", f"{tag}:p:{channel}", f"{tag}:n")
 
+    def live_channel(self, channel: str) -> str:
+        """The pub/sub channel the publish script PUBLISHes `channel`'s live entries to (channels mode)."""
+        return f"{self.shard_tag(shard_of(channel, self.settings.shards))}:c:{channel}"
+
     @property
     def stats_key(self) -> str:
         return f"{self.prefix}:stats"
@@ -277,6 +290,10 @@ class Store:
     @property
     def throttle_key(self) -> str:
         return f"{self.prefix}:throttle"
+
+    @property
+    def policy_log_key(self) -> str:
+        return f"{self.prefix}:policy:log"
 
     # -- the throttle policy (a hash: `doc` the JSON ops PUT, `v` its version, `at` when) -------------------
     def read_policy(self) -> tuple[int, bytes | None, float]:
@@ -289,6 +306,17 @@ class Store:
         args: list[bytes | str] = ["0", b"", repr(at)] if doc is None else ["1", doc, repr(at)]
         return int(self._policy(keys=[self.throttle_key], args=args))
 
+    def log_policy_change(self, at: float, who: str, what: str, policy: bytes | None) -> None:
+        """One entry of the policy-change log: when, who (an admin key's name), what, the new policy (JSON; None:
+        back to the settings')."""
+        fields: dict[Any, Any] = {"at": repr(at), "who": who, "what": what, "policy": policy or b""}
+        self.redis.xadd(self.policy_log_key, fields, maxlen=POLICY_LOG_LEN, approximate=True)
+
+    def read_policy_log(self, n: int) -> list[tuple[str, dict[str, str]]]:
+        """The last ``n`` policy changes, newest first: (stream id, fields)."""
+        entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", self.redis.xrevrange(self.policy_log_key, count=n))
+        return [(i.decode(), {k.decode(): v.decode(errors="replace") for k, v in f.items()}) for i, f in entries]
+
     # -- writes ---------------------------------------------------------------------------------------------
     def publish_args(
         self, channel: str, kind: str, event: str, data: bytes | None, change: bytes | None, ts: float
@@ -297,21 +325,30 @@ class Store:
         s = self.settings
         args = [
             channel, kind, event, data or b"", change or b"", secrets.token_hex(4), repr(ts),
-            s.live_len, s.history_len, s.history_ttl, s.state_ttl, s.max_state_bytes,
+            s.live_len, s.history_len, s.history_ttl, s.state_ttl, s.max_state_bytes, self.live_channel(channel),
         ]  # fmt: skip
         return [k.live, k.history, k.meta, k.patches, k.counter], args
 
-    def publish_many(self, items: list[tuple[str, str, str, bytes | None, bytes | None, float]]) -> list[Published]:
+    def publish_many(
+        self, items: list[tuple[str, str, str, bytes | None, bytes | None, float]], wait: int = 0
+    ) -> list[Published]:
         """Run the publish script once per item, all in one round trip.
 
         A message that would take its channel's state past `max_state_bytes` is not published (the others
         are): ProtocolError("state-too-large") once the whole batch has been sent. On a cluster, one round
-        trip per master that owns some of the items; a lost master raises PublishNotConfirmed."""
-        replies = self._run_publishes([self.publish_args(*item) for item in items])
+        trip per master that owns some of the items; a lost master raises PublishNotConfirmed.
+
+        `wait` > 0: each master's pipeline ends with `WAIT wait publish_wait_timeout_ms`, on the connection
+        that ran the scripts, and each Published says how many replicas acknowledged it. Fewer than `wait` is
+        not an error: the message is published (WAIT is a durability hint, not a transaction), it could only be
+        lost if its master failed before a replica got it. The shortfall is logged and counted in
+        `wait_shortfalls`."""
+        acked: list[int | None] = [None] * len(items)
+        replies = self._run_publishes([self.publish_args(*item) for item in items], wait, acked)
         published, refused = [], []
-        for item, reply in zip(items, replies, strict=True):
+        for item, reply, replicas in zip(items, replies, acked, strict=True):
             if isinstance(reply, Exception):
-                reply = self._retry_too_large(item, reply)
+                reply, replicas = self._retry_too_large(item, reply, wait)
                 if reply is None:
                     refused.append(item[0])
                     continue
@@ -322,7 +359,7 @@ class Store:
                 # a double publish), and a failed compaction is tried again at the next publish.
                 with contextlib.suppress(redis.RedisError):
                     self.compact(channel)
-            published.append(Published(channel, stream_id.decode(), int(seq), epoch.decode()))
+            published.append(Published(channel, stream_id.decode(), int(seq), epoch.decode(), replicas))
         if refused:
             raise ProtocolError(
                 "state-too-large",
@@ -331,27 +368,31 @@ class Store:
             )
         return published
 
-    def _retry_too_large(self, item: tuple, error: Exception) -> Any:
+    def _retry_too_large(self, item: tuple, error: Exception, wait: int) -> tuple[Any, int | None]:
         """The reply of a refused publish retried once after compaction (pending patches overstate the state's
-        size until folded), or None if it is still too large. Other errors propagate."""
+        size until folded), or None if it is still too large, and its WAIT count. Other errors propagate."""
         text = str(error)
         if not (isinstance(error, redis.ResponseError) and text.startswith("STATETOOLARGE")):
             raise error
         if text.split()[-1] == "0":
-            return None
+            return None, None
         self.compact(item[0])
-        again = self._run_publishes([self.publish_args(*item)])[0]
+        acked: list[int | None] = [None]
+        again = self._run_publishes([self.publish_args(*item)], wait, acked)[0]
         if isinstance(again, redis.ResponseError) and str(again).startswith("STATETOOLARGE"):
-            return None
+            return None, None
         if isinstance(again, Exception):
             raise again
-        return again
+        return again, acked[0]
 
-    def _run_publishes(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    def _run_publishes(
+        self, calls: list[tuple[list[str], list[Any]]], wait: int = 0, acked: list[int | None] | None = None
+    ) -> list[Any]:
         """The publish script's reply (or error) for each call, in one plain pipeline per node owning some of
         their slots (redis-py's cluster pipeline runs no scripts). A reply saying the script did not run (MOVED,
         ASK, TRYAGAIN during a slot migration, NOSCRIPT) is sent again where the cluster says, within the socket
-        timeout. A connection lost after sending is never retried: the script may have run."""
+        timeout. A connection lost after sending is never retried: the script may have run. `wait` > 0: each
+        pipeline ends with WAIT, whose count goes to `acked[i]` for each call it ran."""
         replies: list[Any] = [None] * len(calls)
         todo: dict[int, str] = dict.fromkeys(range(len(calls)), "")  # call -> the node an ASK sent it to
         refused: set[str] = set()
@@ -380,11 +421,16 @@ class Store:
                     continue
                 pipe = client.pipeline(transaction=False)
                 pipe.connection = conn
+                ran: list[int] = []
                 for i in indexes:
                     if todo[i]:
                         pipe.execute_command("ASKING")
                     keys, args = calls[i]
                     pipe.evalsha(self._publish.sha, len(keys), *keys, *args)
+                if wait > 0:
+                    # WAIT counts the replicas that have every write this connection made so far: the scripts
+                    # above. It blocks the connection up to the timeout (the socket timeout must exceed it).
+                    pipe.execute_command("WAIT", wait, self.settings.publish_wait_timeout_ms)
                 try:
                     out = iter(pipe.execute(raise_on_error=False))
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -409,6 +455,21 @@ class Store:
                         again[i] = f"{reply.host}:{reply.port}"  # not run: the importing node takes it, once
                     else:
                         replies[i] = reply
+                        ran.append(i)
+                if wait > 0:
+                    count = next(out)
+                    count = count if isinstance(count, int) else 0  # an error reply: nothing confirmed
+                    for i in ran:
+                        if acked is not None:
+                            acked[i] = count
+                    if count < wait and ran:
+                        self.wait_shortfalls += 1
+                        log.warning(
+                            "WAIT %d: %d replica(s) of %s acknowledged %s within %d ms; published, but lost if "
+                            "that master fails before a replica has it",
+                            wait, count, name or "redis", ", ".join(sorted({calls[i][1][0] for i in ran})),
+                            self.settings.publish_wait_timeout_ms,
+                        )  # fmt: skip
             if moved:
                 self._refresh()
             if busy:
@@ -505,6 +566,16 @@ class Store:
         return found[0].seq
 
 
+def redis_address(client: object) -> str:
+    """``redis host:port/db`` (or ``redis unix:/path``) of a client, for logs: never the password (the pool keeps
+    it apart; it is not in what we print)."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None) or {}
+    if kwargs.get("path"):
+        return f"redis unix:{kwargs['path']}"
+    return f"redis {kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+
 def decode_entries(entries: object) -> list[Message]:
     # connect() leaves decode_responses off, so ids and fields are bytes; redis-py's types also allow str
     # (for decoding clients) and None, which this client never gets.
@@ -514,6 +585,16 @@ def decode_entries(entries: object) -> list[Message]:
 
 def decode_entry(entry: tuple[bytes, dict[bytes, bytes]]) -> Message:
     return Message.from_fields(entry[0].decode(), entry[1])
+
+
+def decode_published(payload: bytes) -> tuple[int, Message]:
+    """A live entry as the publish script PUBLISHes it (`[id, n, field, value, ...]`): its shard counter and
+    message. ValueError (or KeyError) when the payload was not written by the script."""
+    items = orjson.loads(payload)
+    if not isinstance(items, list) or len(items) < 2 or len(items) % 2 or not all(isinstance(x, str) for x in items):
+        raise ValueError("not a published live entry")
+    fields = {items[i].encode(): items[i + 1].encode() for i in range(2, len(items), 2)}
+    return int(items[1]), Message.from_fields(items[0], fields)
 
 
 _skipped: set[str] = set()  # channels whose unappliable patch was logged (bounded below)

@@ -170,6 +170,10 @@ def handshake() -> Response | None:
         raise AuthError(403, "forbidden-origin", "WebSockets from this origin are not allowed")
     token = presented_token(request.headers.get("Authorization"), request.args.getlist("token"))
     g.grant = auth.grant(token) if token or not auth.tokens_required else None
+    if not current_app.config["SETTINGS"].ws_deflate:
+        # simple-websocket accepts every permessage-deflate offer it sees (RFC 7692): hide the offer, and the
+        # upgrade is answered without the extension. Our frames are never compressed (docs/performance.md).
+        request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
     return None
 
 

@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +24,9 @@ def nginx_binary() -> str | None:
     return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
 
 
-def proxy_conf(backends: list[int], port: int, prefix: Path) -> str:
-    """The shipped config for `backends` (ports on 127.0.0.1), listening on `port`, writing under `prefix`."""
+def proxy_conf(backends: list[int], port: int, prefix: Path, pages: dict[str, Path] | None = None) -> str:
+    """The shipped config for `backends` (ports on 127.0.0.1), listening on `port`, writing under `prefix`;
+    `pages` (path -> file) are served by nginx itself, as a site would serve its own pages beside the relay."""
     text = SHIPPED_CONF.read_text()
     servers = "".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;\n" for p in backends)
     text, n = UPSTREAM_SERVERS.subn(lambda _: servers, text)
@@ -36,15 +38,23 @@ def proxy_conf(backends: list[int], port: int, prefix: Path) -> str:
     temp = "".join(
         f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
-    return text.replace("http {\n", "http {\n" + temp, 1)
+    text = text.replace("http {\n", "http {\n" + temp, 1)
+    locations = "".join(
+        f"        location = {path} {{\n            default_type text/html;\n            alias {file};\n        }}\n\n"
+        for path, file in (pages or {}).items()
+    )
+    text, n = re.subn(r"(        location / \{)", lambda m: locations + m.group(1), text)
+    assert n == 1, "deploy/nginx/nginx.conf must have one `location /`"
+    return text
 
 
 class NginxProcess(ManagedProcess):
-    """nginx on a free port in front of `backends`; ready when it accepts connections."""
+    """nginx on a free port in front of `backends`; ready when it accepts connections. `pages` (path -> HTML)
+    are served by nginx itself, so that a browser page and the relay share one origin."""
 
     stop_timeout = 5.0
 
-    def __init__(self, backends: list[int], log_dir: Path) -> None:
+    def __init__(self, backends: list[int], log_dir: Path, pages: dict[str, str] | None = None) -> None:
         binary = nginx_binary()
         if binary is None:
             raise RuntimeError("nginx is not installed: `make test` installs Debian's nginx (apt-get install nginx)")
@@ -53,8 +63,17 @@ class NginxProcess(ManagedProcess):
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.prefix = log_dir / f"nginx-{self.port}"
         self.prefix.mkdir(parents=True)
+        # nginx's workers run as nobody: the pages go to a directory of their own that they can read (the
+        # test's tmp_path is private to its owner).
+        self.pages_dir = Path(tempfile.mkdtemp(prefix="nginx-pages-"))
+        self.pages_dir.chmod(0o755)
+        files = {}
+        for i, (path, html) in enumerate((pages or {}).items()):
+            files[path] = self.pages_dir / f"page{i}.html"
+            files[path].write_text(html)
+            files[path].chmod(0o644)
         conf = self.prefix / "nginx.conf"
-        conf.write_text(proxy_conf(backends, self.port, self.prefix))
+        conf.write_text(proxy_conf(backends, self.port, self.prefix, files))
         check = subprocess.run([binary, "-t", "-p", str(self.prefix), "-c", str(conf)], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{check.stderr}")
@@ -69,6 +88,10 @@ class NginxProcess(ManagedProcess):
                 return True
         except OSError:
             return False
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.pages_dir, ignore_errors=True)
 
     def error_log(self) -> str:
         path = self.prefix / "error.log"

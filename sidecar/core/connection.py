@@ -51,6 +51,10 @@ class Connection:
         self.queued_channels: dict[str, int] = {}  # channel -> frames of it in the queue
         self.queue_ts = 0.0  # publish time (ms) of the oldest message queued; 0: none
         self.batch_ts = 0.0  # publish time (ms) of the oldest message in the last drained batch; 0: none
+        # The same message's channel and when it was queued (the hub's clock), for the stats' stage histograms.
+        self.queue_at = self.batch_at = 0.0
+        self.queue_channel: str | None = None
+        self.batch_channel: str | None = None
         self.queued_bytes = 0
         self.positions: dict[str, Position] = {}  # SSE cursor: position of the newest queued frame
         self.sent: dict[str, Position] = {}  # position of the newest frame handed to the socket
@@ -65,7 +69,10 @@ class Connection:
     def cursor(self) -> str:
         return encode_cursor([self.positions.get(c, Position()) for c in sorted(self.subs)])
 
-    def push(self, frame: bytes, channel: str | None = None, position: Position | None = None, ts: float = 0.0) -> None:
+    def push(
+        self, frame: bytes, channel: str | None = None, position: Position | None = None, ts: float = 0.0,
+        at: float = 0.0,
+    ) -> None:  # fmt: skip
         if channel is not None and channel in self.resync:
             return  # its backlog was dropped; the resync will bring it up to date
         if position is not None and channel is not None:
@@ -81,7 +88,7 @@ class Connection:
         if channel is not None:
             self.queued_channels[channel] = self.queued_channels.get(channel, 0) + 1
         if ts and not self.queue_ts:
-            self.queue_ts = ts
+            self.queue_ts, self.queue_at, self.queue_channel = ts, at, channel
         self.queued_bytes += len(frame)
         if len(self.queue) > self.max_frames or self.queued_bytes > self.max_bytes:
             self._drop_backlog()
@@ -91,11 +98,11 @@ class Connection:
     def drain(self) -> list[bytes]:
         """Everything queued, to be written in one go."""
         frames = self.queue
-        self.batch_ts = self.queue_ts
+        self.batch_ts, self.batch_at, self.batch_channel = self.queue_ts, self.queue_at, self.queue_channel
         if not frames:
             return []
         self.queue = []
-        self.queue_ts = 0.0
+        self.queue_ts = self.queue_at = 0.0
         self.queued_channels.clear()
         # Whatever was queued is handed over now, so the newest queued position of each channel is sent.
         self.sent.update(self.positions)
@@ -115,7 +122,7 @@ class Connection:
         self.dropped += len(self.queue)
         self.queue.clear()
         self.queued_channels.clear()
-        self.queue_ts = 0.0
+        self.queue_ts = self.queue_at = 0.0
         self.queued_bytes = 0
         self.positions = dict(self.sent)
         # Nothing is held for these channels until the resync's read begins (Hub.hold): a peer that stopped

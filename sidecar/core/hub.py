@@ -67,12 +67,19 @@ class ChannelRecord:
 class Hub:
     """``throttle`` None: every message goes out at once, as its own frame. ``on_timer`` (set by the caller)
     is called with :meth:`due` whenever dispatch left something for a later :meth:`flush`; ``on_error`` with
-    each message whose dispatch raised (see :meth:`failed`)."""
+    each message whose dispatch raised (see :meth:`failed`). ``clock`` (default: the throttle's) is read once
+    per dispatch, flush and start: the frames they queue carry that time (``Connection.queue_at``, for the
+    stats' queue stage); None: not stamped."""
 
-    def __init__(self, throttle: Throttle | None = None) -> None:
+    def __init__(self, throttle: Throttle | None = None, clock: Callable[[], float] | None = None) -> None:
         self.throttle = throttle
+        self.clock = clock if clock is not None or throttle is None else throttle.clock
+        self.now = 0.0  # the clock at the current dispatch, flush or start
         self.on_timer: Callable[[float], None] | None = None
         self.on_error: Callable[[Message | None, Exception], None] | None = None
+        # Called with (channel, True) when a channel gets its first subscriber, (channel, False) after its last
+        # left: a reader in channels mode (SIDECAR_LIVE_READ) subscribes to what this replica's clients want.
+        self.on_channel: Callable[[str, bool], None] | None = None
         self.dispatch_errors = 0  # messages skipped because they could not be dispatched (or decoded), ever
         self.channels: dict[str, ChannelRecord] = {}
         self.connections: dict[int, Connection] = {}
@@ -100,7 +107,12 @@ class Hub:
         sub = Subscription(conn, channel, mode)
         conn.subs[channel] = sub
         conn.positions[channel] = conn.sent[channel] = since or Position()
-        self.channels.setdefault(channel, ChannelRecord()).subs[conn.id] = sub
+        record = self.channels.get(channel)
+        if record is None:
+            record = self.channels[channel] = ChannelRecord()
+            if self.on_channel is not None:
+                self.on_channel(channel, True)
+        record.subs[conn.id] = sub
         return sub
 
     def unsubscribe(self, conn: Connection, channel: str) -> None:
@@ -116,6 +128,8 @@ class Hub:
             del self.channels[channel]
             if self.throttle is not None:
                 self.throttle.forget(channel)
+            if self.on_channel is not None:
+                self.on_channel(channel, False)
         elif not any(s.mode == "state" for s in record.subs.values()):
             record.state = record.state_json = record.state_key = None
 
@@ -124,6 +138,7 @@ class Hub:
         conn, channel, mode = sub.conn, sub.channel, sub.mode
         if conn.subs.get(channel) is not sub:
             return  # unsubscribed meanwhile
+        self._stamp()
         # A resync asked for while the read was in flight (a hole the hub or the reader found) may be newer than
         # what was read: it is done after this one, not forgotten (hold() cleared the requests the read covers).
         again = channel in conn.resync
@@ -191,6 +206,7 @@ class Hub:
 
         A message whose dispatch raises is skipped, its channel resynchronised and ``on_error`` told; the
         other messages go on as if it had not been there."""
+        self._stamp()
         for msg in messages:
             try:
                 self._dispatch(msg)
@@ -248,10 +264,15 @@ class Hub:
 
     def flush(self) -> None:
         """Send what the throttle held and is now due: ended coalescing windows, spread pokes."""
+        self._stamp()
         if self.throttle is not None:
             for out in self.throttle.flush():
                 self._send(out)
         self._timer()
+
+    def _stamp(self) -> None:
+        if self.clock is not None:
+            self.now = self.clock()
 
     def _timer(self) -> None:
         due = self.due()
@@ -279,7 +300,7 @@ class Hub:
         """One message to every live subscription of its channel: the hot path of fan-out. The same as
         :meth:`_deliver` for a single message, without the per-subscription lists and tuples (bench/)."""
         key, epoch, seq, channel, ts = msg.key, msg.epoch, msg.seq, msg.channel, msg.ts
-        position, prev = msg.position, seq - 1  # every subscription must have got `prev` (or its snapshot) last
+        position, prev, at = msg.position, seq - 1, self.now  # every subscription must have got `prev` last
         sse_frames: dict[str, bytes] = {}  # mode -> frame (no tuple keys: no allocation per subscription)
         ws_frames: dict[str, bytes] = {}
         n = 0
@@ -301,7 +322,7 @@ class Hub:
             frame = frames.get(sub.mode)
             if frame is None:
                 frame = frames[sub.mode] = self._frame(sub, (msg,), seq, {})[0]
-            conn.push(frame, channel, position, ts)
+            conn.push(frame, channel, position, ts, at)
             n += 1
         if n:
             self.delivered += n
@@ -320,7 +341,7 @@ class Hub:
         last = fresh[-1]
         sub.last, sub.seq, sub.epoch = last.key, last.seq, last.epoch
         for frame, msg, ts in self._frames(sub, fresh, first_seq, cache):
-            sub.conn.push(frame, sub.channel, msg.position, ts)
+            sub.conn.push(frame, sub.channel, msg.position, ts, self.now)
             self.delivered += 1
             self.delivered_by_channel[sub.channel] = self.delivered_by_channel.get(sub.channel, 0) + 1
 

@@ -160,11 +160,12 @@ class Outgoing:
 
 
 class _Window:
-    __slots__ = ("until", "pending")
+    __slots__ = ("until", "pending", "since")
 
     def __init__(self, until: float) -> None:
         self.until = until
         self.pending: list[Message] = []
+        self.since = 0.0  # when the oldest pending message came
 
 
 class _Spread:
@@ -187,10 +188,12 @@ class Throttle:
         self._windows: dict[str, _Window] = {}
         self._spreads: dict[str, _Spread] = {}
         self._flushes: list[tuple[float, int, str, _Window]] = []  # heap: window ends with something held
-        self._pokes: list[tuple[float, int, str, int]] = []  # heap: (when, n, channel, connection)
+        self._pokes: list[tuple[float, int, str, int, float]] = []  # heap: (when, n, channel, connection, since)
         self._n = itertools.count()
         self.counts: dict[tuple[str, str], int] = {}  # (counter, channel) -> n since take_counts()
         self.spread_seconds = 0.0  # what the latest change's pokes were spread over
+        self.on_held: Callable[[float], None] | None = None  # the seconds each held delivery was held (stats)
+        self.admissions = {"ok": 0, "defer": 0, "rej": 0}  # ever: admitted; refused by the bucket; over a cap
         self._bucket: TokenBucket | None = None
         self._backlog = 0.0  # rejected connections expected back (drains at admit_rate)
         self._backlog_at = 0.0
@@ -232,6 +235,8 @@ class Throttle:
             if policy.window > 0:
                 self._windows[channel] = _Window(now + policy.window)
             return [Outgoing(channel, (msg,), pokes=not spread)]
+        if not window.pending:
+            window.since = now
         window.pending.append(msg)
         if now >= window.until or len(window.pending) >= MAX_PENDING:
             # Overdue (the scheduler ran late) or full: send what is held with this one, in order.
@@ -243,6 +248,8 @@ class Throttle:
 
     def _close(self, channel: str, window: _Window, policy: ChannelPolicy, now: float) -> Outgoing:
         messages, window.pending = tuple(window.pending), []
+        if self.on_held is not None and now > window.since:
+            self.on_held(now - window.since)
         if policy.window > 0:
             window.until = now + policy.window  # the next window starts with this send
         else:
@@ -267,7 +274,7 @@ class Throttle:
             span = max(span, policy.poke_floor)
         start, step = max(now, spread.next_slot), span / len(fresh)
         for i, conn in enumerate(fresh):
-            heapq.heappush(self._pokes, (start + i * step, next(self._n), msg.channel, conn))
+            heapq.heappush(self._pokes, (start + i * step, next(self._n), msg.channel, conn, now))
         spread.waiting.update(fresh)
         spread.next_slot = start + span
         self.spread_seconds = span
@@ -287,12 +294,14 @@ class Throttle:
             if self._windows.get(channel) is window and window.pending and window.until == when:
                 out.append(self._close(channel, window, self.match(channel)[1], now))
         while self._pokes and self._pokes[0][0] <= now:
-            _, _, channel, conn = heapq.heappop(self._pokes)
+            _, _, channel, conn, since = heapq.heappop(self._pokes)
             spread = self._spreads.get(channel)
             if spread is None or conn not in spread.waiting:
                 continue  # the channel was forgotten meanwhile
             spread.waiting.discard(conn)
             out.append(Outgoing(channel, (spread.latest,), conn=conn))
+            if self.on_held is not None:
+                self.on_held(now - since)
             if not spread.waiting and spread.next_slot <= now:
                 del self._spreads[channel]
         return out
@@ -315,13 +324,14 @@ class Throttle:
         """
         now, policy = self.clock(), self.policy
         names = channels or ("*",)
-        hint = None
+        hint, outcome = None, "ok"
         if policy.max_connections and connections >= policy.max_connections:
-            hint = CAP_RETRY
+            hint, outcome = CAP_RETRY, "rej"
         elif self._bucket is not None and self._bucket.take(now) > 0:  # no token left: refused
             self._backlog = max(0.0, self._backlog - (now - self._backlog_at) * policy.admit_rate) + 1
             self._backlog_at = now
-            hint = self._backlog / policy.admit_rate
+            hint, outcome = self._backlog / policy.admit_rate, "defer"
+        self.admissions[outcome] += 1
         for name in names:
             self._count("admitted" if hint is None else "rejected", name)
         if hint is None:
@@ -336,7 +346,16 @@ class Throttle:
         if waiting < limit:
             return None
         self._count("rejected", "*")
+        self.admissions["rej"] += 1
         return WAITING_RETRY * self.rng.uniform(0.8, 1.25)
+
+    def admission_bucket(self) -> tuple[float, float] | None:
+        """(tokens now, burst) of the admission bucket; None while admission is unlimited (admit_rate 0)."""
+        bucket = self._bucket
+        if bucket is None:
+            return None
+        elapsed = max(0.0, self.clock() - bucket.at)
+        return min(bucket.burst, bucket.tokens + elapsed * bucket.rate), bucket.burst
 
     # -- counters -------------------------------------------------------------------------------------------
     def _count(self, name: str, channel: str, n: int = 1) -> None:

@@ -295,3 +295,8 @@ def test_the_notebook_runs_top_to_bottom_against_redis_with_stats(redis_server, 
     assert dashboard_html, "the dashboard cell displayed nothing"
     frame = notebook.cells[-1].outputs[-1]["data"]["text/plain"]
     assert "published" in frame and "replica" in frame
+    # The p99 per pattern (v2 records' per-pattern histograms) and per stage.
+    cell = next(c for c in notebook.cells if c.get("id") == "p99-pattern")
+    shown = [o["data"]["text/plain"] for o in cell.outputs if "text/plain" in o.get("data", {})]
+    assert len(shown) == 3 and "p99_ms" in shown[0] and "*" in shown[0], shown
+    assert "lat" in shown[1] and "read" in shown[1] and "queue" in shown[1], shown

@@ -182,7 +182,7 @@ class DeflateClient:
 
 @pytest.mark.parametrize("front", FRONTS)
 def test_a_browser_like_websocket_offering_permessage_deflate_gets_every_message(front, redis_server, tmp_path):
-    proc = SidecarProcess(redis_server.url, tmp_path, front=front)
+    proc = SidecarProcess(redis_server.url, tmp_path, {"SIDECAR_WS_DEFLATE": "1"}, front=front)
     client = None
     try:
         client = DeflateClient(proc.port)
@@ -196,8 +196,8 @@ def test_a_browser_like_websocket_offering_permessage_deflate_gets_every_message
             pub.event("deflate:1", "line", {"i": i, **body})
         client.wait(lambda t: len([x for x in t if x["type"] == "message"]) == 20)
         assert [x["data"]["i"] for x in client.texts if x["type"] == "message"] == list(range(20))
-        # What each front does with the offer (docs/performance.md): both accept it; the gevent front writes
-        # its pre-built frames uncompressed (legal: RSV1 off), uvicorn's wsproto compresses every message.
+        # What each front does with the offer when SIDECAR_WS_DEFLATE=1 (docs/performance.md): both accept it; the
+        # gevent front writes its pre-built frames uncompressed (legal: RSV1 off), uvicorn's wsproto compresses.
         assert accepted == ["permessage-deflate"]
         if front == "asgi":
             assert client.compressed > 0

@@ -176,3 +176,153 @@ def test_the_relay_outlives_redis_going_away_and_the_records_resume(
     assert max(r.dt for r in recs) >= 1.5  # the first record after the outage covers it: nothing is lost
     assert "cannot write the stats record" in sidecar.log_text()
     sidecar.allow_tracebacks = False  # the outage is logged as a warning, never as a traceback
+
+
+def raw_records(redis_client, since: float) -> list[dict]:
+    """The records written after unix time `since`, as JSON (relay records only)."""
+    docs = [orjson.loads(f[b"r"]) for _, f in redis_client.xrange(STATS_KEY, min=f"{int(since * 1000)}-0")]
+    return [d for d in docs if d.get("kind", "relay") == "relay"]
+
+
+def test_v2_records_show_held_frames_coalesced_messages_and_an_admission_storm(
+    redis_server, redis_client, sidecar_process, subscribers
+):
+    policy = {"channels": {"burst:*": {"window": 0.5}}, "admit_rate": 2, "admit_burst": 4}
+    sidecar = sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.5", SIDECAR_KEEPALIVE="0.5",
+                              SIDECAR_THROTTLE=orjson.dumps(policy).decode())  # fmt: skip
+    start = time.time()
+    sub = subscribers(sidecar.url, "burst:1")  # admitted: one token
+    statuses = []
+    for _ in range(12):  # the storm: 3 more get a token, the rest are told to come back
+        response = requests.get(f"{sidecar.url}/sse?channel=burst:2", stream=True, timeout=5)
+        statuses.append(response.status_code)
+        response.close()
+    pub = Publisher.from_url(redis_server.url)
+    with pub.batch() as batch:
+        for i in range(10):  # a burst inside one window: the first goes at once, 9 wait for the window's end
+            batch.event("burst:1", "tick", {"i": i})
+    wait_for(lambda: sub.messages == 10)  # event-mode subscribers get every message, the 9 in one write
+    done = time.time()
+    wait_for(lambda: any(r["ts"] > done + 1 for r in raw_records(redis_client, start)))
+    recs = raw_records(redis_client, start)
+    assert {(r["v"], r["front"], r["version"]) for r in recs} == {(2, "gevent", "0.1.0")}
+    held = [sum(n) for n in zip(*(r["stage"]["held"] for r in recs))]
+    assert sum(held) == 1 and held[LATENCY_BOUNDS_MS.index(500)] + held[LATENCY_BOUNDS_MS.index(1000)] == 1
+    burst = [r["ch"].get("burst:*", {}) for r in recs]
+    assert sum(e.get("coal", 0) for e in burst) == 9 and sum(e.get("pub", 0) for e in burst) == 10
+    assert any(e.get("modes") == {"event": 1} for e in burst) and sum(sum(e.get("lat", ())) for e in burst) >= 2
+    assert sum(sum(r["stage"]["read"]) for r in recs) == 10  # one observation per message read
+    assert sum(sum(r["stage"]["queue"]) for r in recs) >= 2  # one per socket write of a message
+    admitted, deferred = statuses.count(200), statuses.count(503)
+    assert admitted + deferred == 12 and deferred >= 7
+    adm = {key: sum(r["adm"][key] for r in recs) for key in ("ok", "defer", "rej", "tries")}
+    assert adm == {"ok": 1 + admitted, "defer": deferred, "rej": 0, "tries": 13}
+    last = recs[-1]
+    assert (last["adm"]["rate"], last["adm"]["burst"]) == (2, 4) and 0 <= last["adm"]["level"] <= 4
+    assert len(last["shards"]) == 16 and all(s["reconn"] == 0 for s in last["shards"].values())
+    assert sum(last["qd"]) == sum(last["conn"].values()) and last["stuck"] == 0
+    assert all(len(r["qd"]) == 12 and len(r["slowest"]) <= 5 for r in recs)
+    assert max(len(orjson.dumps(r)) for r in recs) < 2000  # 16 shards, 2 patterns
+
+
+def pub_records(redis_client, since: float) -> list[dict]:
+    docs = [orjson.loads(f[b"r"]) for _, f in redis_client.xrange(STATS_KEY, min=f"{int(since * 1000)}-0")]
+    return [d for d in docs if d.get("kind") == "pub"]
+
+
+def test_publishers_write_one_ack_record_a_second_from_workers_and_post_publish(
+    redis_server, redis_client, sidecar_process
+):
+    start = time.time()
+    sidecar = sidecar_process(redis_server.url)
+    pub = Publisher.from_url(redis_server.url)
+    for i in range(25):  # 2.5 s of publishing from this process
+        pub.event("pubstats:1", "tick", {"i": i})
+        time.sleep(0.1)
+    body = {"messages": [{"channel": "pubstats:2", "event": "tick"}] * 3}
+    assert requests.post(f"{sidecar.url}/publish", json=body, timeout=5).status_code == 200
+    mine = f"{pub.stats.host}:{pub.stats.pid}"
+    wait_for(lambda: sum(r["n"] for r in pub_records(redis_client, start) if r["replica"] == mine) == 25)
+    wait_for(lambda: any(r["pid"] == sidecar.pid for r in pub_records(redis_client, start)))
+    recs = pub_records(redis_client, start)
+    ours = [r for r in recs if r["replica"] == mine]
+    assert 2 <= len(ours) <= 4  # at most one a second, only while publishing
+    assert all(b["ts"] - a["ts"] >= 0.9 for a, b in zip(ours, ours[1:]))
+    assert sum(sum(r["ack"]) for r in ours) == 25 and all(len(r["ack"]) == len(LATENCY_BOUNDS_MS) for r in ours)
+    assert {(r["v"], r["kind"]) for r in recs} == {(2, "pub")}
+    (served,) = [r for r in recs if r["pid"] == sidecar.pid]
+    assert served["n"] == 3 and sum(served["ack"]) == 3  # POST /publish's batch
+    time.sleep(1.5)
+    assert len(pub_records(redis_client, start)) == len(recs)  # nothing published: no record
+    pub.close()
+
+
+def test_a_publisher_record_that_cannot_be_written_is_dropped_and_counted_never_in_a_publishs_way(
+    redis_server, redis_client
+):
+    pub = Publisher.from_url(redis_server.url, redis_socket_timeout=0.5)
+    pub.event("pubstats:3", "tick")
+    wait_for(lambda: pub.stats.written == 1)
+    pub.event("pubstats:3", "tick")  # counted; its record is due within a second
+    redis_server.pause()  # a hung Redis: the record's write waits for the socket timeout, on its own thread
+    try:
+        wait_for(lambda: pub.stats.dropped == 1, timeout=5)
+    finally:
+        redis_server.resume()
+    before = time.time()
+    started = time.monotonic()
+    pub.event("pubstats:3", "tick")  # publishing goes on at once
+    assert time.monotonic() - started < 0.5
+    wait_for(lambda: pub.stats.written == 2)
+    # (Redis may still apply the timed-out write once it runs again: the client gave up on it, not Redis.)
+    assert pub_records(redis_client, before)[-1]["n"] == 1  # the dropped record's count was not carried over
+    pub.close()
+
+
+ANNA_KEY, BO_KEY, ADMIN_KEY = "anna-" + "k" * 20, "bo-" + "k" * 20, "plain-" + "k" * 20
+
+
+def test_policy_changes_are_logged_with_who_what_and_when_and_read_back_newest_first(
+    redis_server, redis_client, sidecar_process
+):
+    sidecar = sidecar_process(redis_server.url, SIDECAR_ADMIN_KEYS=f"ops-anna:{ANNA_KEY},ops-bo:{BO_KEY}",
+                              SIDECAR_ADMIN_KEY=ADMIN_KEY)  # fmt: skip
+    url = f"{sidecar.url}/admin/throttle"
+
+    def as_(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    before = time.time()
+    policy = {"channels": {"orders:*": {"window": 0.5}}}
+    assert requests.put(url, json=policy, headers=as_(ANNA_KEY), timeout=5).status_code == 200
+    after = time.time()
+    assert requests.put(url, json={**policy, "admit_rate": 50}, headers=as_(BO_KEY), timeout=5).status_code == 200
+    assert requests.put(url, json={"channels": "no"}, headers=as_(BO_KEY), timeout=5).status_code == 400  # no entry
+    assert requests.delete(url, headers=as_(ADMIN_KEY), timeout=5).status_code == 200
+    got = requests.get(f"{url}/log?n=50", headers=as_(ANNA_KEY), timeout=5)
+    assert got.status_code == 200
+    changes = got.json()["changes"]
+    assert [(c["who"], c["what"]) for c in changes] == [
+        ("admin", "back to the settings' policy: orders:* window 0.5 -> 0 s (removed); admit_rate 50 -> 0/s"),
+        ("ops-bo", "admit_rate 0 -> 50/s"),
+        ("ops-anna", "orders:* window 0 -> 0.5 s (new)"),
+    ]
+    anna = changes[-1]
+    assert before <= anna["at"] <= after and anna["policy"]["channels"]["orders:*"]["window"] == 0.5
+    assert changes[0]["policy"] is None  # DELETE: back to the settings'
+    raw = redis_client.xrevrange("rt:policy:log", count=1)[0][1]
+    assert raw[b"who"] == b"admin" and raw[b"policy"] == b""  # what the dashboard reads
+    one = requests.get(f"{url}/log?n=1", headers=as_(ADMIN_KEY), timeout=5).json()["changes"]
+    assert [c["who"] for c in one] == ["admin"]
+    for bad in ("0", "1001", "abc", "-1", "1.5", ""):
+        response = requests.get(f"{url}/log?n={bad}", headers=as_(ADMIN_KEY), timeout=5)
+        assert response.status_code == 400 and response.json()["error"] == "bad-request"
+    for headers in ({"Authorization": "Bearer wrong-key-wrong-key"}, {}):
+        for method in ("GET", "PUT", "DELETE"):
+            target = f"{url}/log" if method == "GET" else url
+            refused = requests.request(method, target, json=policy, headers=headers, timeout=5)
+            assert refused.status_code == 401 and "anna" not in refused.text and "admin" not in refused.text
+    assert redis_client.xlen("rt:policy:log") == 3  # the refused changed nothing
+    stream = b"".join(v for _, f in redis_client.xrange("rt:policy:log") for v in f.values())
+    for key in (ANNA_KEY, BO_KEY, ADMIN_KEY):
+        assert key not in sidecar.log_text() and key.encode() not in stream

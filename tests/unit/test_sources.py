@@ -7,15 +7,18 @@ import math
 import orjson
 import pytest
 
-from dashboard.policy import view_of, with_rule
+from dashboard.policy import changes_frame, parse_change, view_of, with_rule
 from dashboard.sources import (
     N_BUCKETS,
     Record,
     Window,
     bucket_labels,
+    heat_rows,
     parse_record,
     percentile,
+    percentile_by,
     records_frame,
+    stages_frame,
 )
 from sidecar.stats import LATENCY_BOUNDS_MS
 
@@ -87,7 +90,7 @@ def test_parse_record_reads_the_schema_and_tolerates_missing_fields():
 
 
 @pytest.mark.parametrize(
-    "raw", [b"not json", orjson.dumps({"v": 2, "replica": "x", "ts": 1, "dt": 1}), orjson.dumps({"v": 1}),
+    "raw", [b"not json", orjson.dumps({"v": 3, "replica": "x", "ts": 1, "dt": 1}), orjson.dumps({"v": 1}),
             orjson.dumps({"v": 1, "replica": "x", "ts": 1, "dt": 0}), orjson.dumps([1, 2])],
 )  # fmt: skip
 def test_parse_record_skips_what_it_cannot_read(raw):
@@ -364,3 +367,237 @@ def test_percentile_by_groups_and_an_empty_frame_has_the_columns():
         "replica",
         "p99_ms",
     ]
+
+
+# -- record v2 (docs/dashboard.md, "The stats record"): parsed from the JSON the replicas write ----------------
+def v2(replica: str, ts: float, **fields: object) -> Record:
+    """A v2 record as JSON, through parse_record (as the feed reads it)."""
+    doc = {"v": 2, "replica": replica, "host": replica.split(":")[0], "pid": 1, "port": 8000, "ts": ts, "dt": 1.0,
+           "started": T0 - 100, "reader": 1, "conn": {}, "slow": 0, "lat": [0] * N_BUCKETS,
+           "herd": {"pending": 0, "spread": 0.0}, "ch": {}, "front": "gevent", "version": "0.1.0",
+           **fields}  # fmt: skip
+    r = parse_record(f"{int(ts * 1000)}-{next(_seq)}", {b"r": orjson.dumps(doc)})
+    assert r is not None
+    return r
+
+
+def pub_record(replica: str, ts: float, n: int, ack: tuple[int, ...]) -> Record:
+    doc = {"v": 2, "kind": "pub", "replica": replica, "host": "worker", "pid": 7, "ts": ts, "dt": 1.0, "n": n,
+           "ack": list(ack)}  # fmt: skip
+    r = parse_record(f"{int(ts * 1000)}-{next(_seq)}", {b"r": orjson.dumps(doc)})
+    assert r is not None and r.kind == "pub"
+    return r
+
+
+def test_a_v2_record_reads_every_new_field_and_a_v1_record_leaves_them_empty():
+    qd = [3, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    r = v2("web-1:1", T0 + 1, stage={"read": list(lat(b1=2)), "held": list(lat(b200=1)), "queue": list(lat(b2=3))},
+           shards={"0": {"lag": 3.5, "reconn": 1}, "1": {"lag": None, "reconn": 0}},
+           adm={"ok": 4, "defer": 2, "rej": 1, "tries": 7, "level": 2.5, "rate": 10, "burst": 20}, qd=qd,
+           slowest=[{"t": "ws", "ch": 3, "qb": 5000, "qf": 12, "age": 4.0}], stuck=1,
+           ch={"orders:*": {"pub": 5, "dlv": 5, "subs": 1, "lat": list(lat(b5=5)),
+                            "modes": {"event": 1, "poke": 0}}})  # fmt: skip
+    assert (r.front, r.version, r.stuck) == ("gevent", "0.1.0", 1)
+    assert r.stage["held"] == lat(b200=1) and r.shards == {"0": (3.5, 1), "1": (None, 0)}
+    assert r.adm["defer"] == 2 and r.adm["level"] == 2.5 and r.qd == tuple(qd)
+    assert r.channels["orders:*"] == {"pub": 5, "dlv": 5, "subs": 1}  # the histogram and modes kept apart
+    assert r.ch_lat["orders:*"] == lat(b5=5) and r.modes["orders:*"] == {"event": 1, "poke": 0}
+    old = parse_record("1-0", {b"r": orjson.dumps({"v": 1, "replica": "x", "ts": T0, "dt": 1})})
+    assert old is not None and (old.kind, old.stage, old.shards, old.adm, old.qd, old.front) == (
+        "relay",
+        {},
+        {},
+        {},
+        (),
+        "",
+    )
+
+
+def test_records_of_a_kind_the_dashboard_does_not_know_are_skipped():
+    doc = {"v": 2, "kind": "gateway", "replica": "x", "ts": T0, "dt": 1}
+    assert parse_record("1-0", {b"r": orjson.dumps(doc)}) is None
+    relay = {"v": 2, "kind": "relay", "replica": "x", "ts": T0, "dt": 1}
+    assert parse_record("1-0", {b"r": orjson.dumps(relay)}) is not None
+
+
+def test_stage_latencies_sum_over_replicas_and_publishers_ack_comes_from_their_records():
+    w = Window(stale_after=5)
+    for i in range(1, 4):
+        w.add([v2("a:1", T0 + i, stage={"read": list(lat(b1=4)), "queue": list(lat(b2=1))}),
+               v2("b:1", T0 + i, stage={"read": list(lat(b10=4)), "held": list(lat(b500=2))}),
+               pub_record("worker:7", T0 + i, n=6, ack=lat(b0_5=5, b1=1))])  # fmt: skip
+    points = w.series(T0 + 1, T0 + 3)
+    assert [p.stage["read"][LATENCY_BOUNDS_MS.index(1)] for p in points] == pytest.approx([4, 4])
+    assert [sum(p.stage["read"]) for p in points] == pytest.approx([8, 8])
+    assert points[0].stage_p("held", 50) == pytest.approx(350)  # halfway into (200, 500]
+    assert points[0].stage_p("queue", 100) == pytest.approx(2)
+    assert [p.publishes for p in points] == pytest.approx([6, 6])
+    assert points[0].stage_p("ack", 50) == pytest.approx(0.3)  # the 3rd of 6, in (0, 0.5]
+    # Publishers write only when they publish: no plot waits for them, and they are not replicas.
+    assert w.live(T0 + 3) == ["a:1", "b:1"] and [r.replica for r in w.replicas(T0 + 3)] == ["a:1", "b:1"]
+    assert w.publishers(T0 + 4) == [("worker:7", 1.0, 18)]
+
+
+def test_the_coalescing_ratio_is_messages_in_over_frames_out_of_replicas_with_subscribers():
+    # 20 messages/s; replica a (a subscriber, window 0.25 s) lets 4 out, b has no subscriber and throttles none.
+    w = Window(stale_after=5)
+    for i in range(1, 4):
+        w.add([v2("a:1", T0 + i, ch={"orders:*": {"pub": 20, "coal": 16, "dlv": 4, "subs": 1}}),
+               v2("b:1", T0 + i, ch={"orders:*": {"pub": 20}}),
+               v2("c:1", T0 + i, ch={"other:*": {"pub": 10, "dlv": 10, "subs": 1}})])  # fmt: skip
+    points = w.series(T0 + 1, T0 + 3, "orders:*")
+    assert [p.coalescing for p in points] == pytest.approx([5, 5])
+    assert [p.coalescing for p in w.series(T0 + 1, T0 + 3, "other:*")] == pytest.approx([1, 1])
+    assert Window().series(T0, T0 + 1)[0].coalescing is None
+
+
+def test_frames_out_count_the_windows_a_replica_flushed_shared_by_the_patterns_it_held():
+    # 20 messages/s: 2 sent at once, 18 held (coalesced) and let out by 3 window flushes: 5 frames out. The
+    # 4 "held" observations include 1 spread poke (counted in "delay"), which is no window.
+    held = list(lat(b200=4))
+    w = Window(stale_after=5)
+    w.add([v2("a:1", T0 + 1, stage={"held": held}, ch={"orders:*": {"pub": 20, "coal": 18, "subs": 1},
+                                                       "pokes:*": {"pub": 1, "delay": 1, "subs": 1}})])  # fmt: skip
+    assert w.series(T0, T0 + 1, "orders:*")[0].coalescing == pytest.approx(20 / 5)
+    # Two patterns held: the 3 flushes are shared by their coalesced messages (18 : 6).
+    w = Window(stale_after=5)
+    w.add(
+        [
+            v2(
+                "a:1",
+                T0 + 1,
+                stage={"held": list(lat(b200=4))},
+                ch={"orders:*": {"pub": 20, "coal": 18, "subs": 1}, "task:*": {"pub": 8, "coal": 6, "subs": 1}},
+            )
+        ]
+    )
+    assert w.series(T0, T0 + 1, "orders:*")[0].coal_out == pytest.approx(2 + 3)
+    assert w.series(T0, T0 + 1, "task:*")[0].coal_out == pytest.approx(2 + 1)
+    # A window that closes in the next record (nothing new coalesced there) still counts, for its subscribers.
+    w.add([v2("a:1", T0 + 2, stage={"held": list(lat(b200=1))}, ch={"orders:*": {"subs": 3}, "task:*": {"subs": 1}})])
+    assert w.series(T0 + 1, T0 + 2, "orders:*")[0].coal_out == pytest.approx(0.75)
+    assert sum(p.coal_out for p in w.series(T0, T0 + 2)) == pytest.approx(2 + 3 + 2 + 1 + 1)
+
+
+def test_admission_counts_are_rates_and_the_bucket_level_a_gauge_of_the_live_replicas():
+    w = Window(stale_after=5)
+    for i in range(1, 4):
+        w.add([v2("a:1", T0 + i, adm={"ok": 10, "defer": 3, "rej": 1, "tries": 14, "level": 0.5, "rate": 10,
+                                       "burst": 20}),
+               v2("b:1", T0 + i, adm={"ok": 2, "tries": 2, "level": 8, "rate": 10, "burst": 20})])  # fmt: skip
+    p = w.series(T0 + 1, T0 + 3)[0]
+    assert (p.admitted_conn, p.deferred, p.refused, p.attempts) == pytest.approx((12, 3, 1, 16))
+    assert (p.bucket, p.admit_rate, p.admit_burst) == pytest.approx((8.5, 20, 40))
+
+
+def test_queue_depth_percentiles_stuck_closes_and_the_slowest_connections():
+    w = Window(stale_after=5)
+    qd_a = [8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]  # 8 empty queues, one with 1 frame, one with 501-1000
+    qd_b = [10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    slow_a = [{"t": "ws", "ch": 2, "qb": 9000, "qf": 800, "age": 30.0}, {"t": "sse", "ch": 1, "qb": 10, "qf": 1,
+                                                                         "age": 5.0}]  # fmt: skip
+    slow_b = [{"t": "sse", "ch": 4, "qb": 700, "qf": 3, "age": 2.0}]
+    w.add([v2("a:1", T0 + 1, qd=qd_a, slowest=slow_a, stuck=1), v2("b:1", T0 + 1, qd=qd_b, slowest=slow_b)])
+    w.add([v2("a:1", T0 + 2, qd=qd_a, slowest=slow_a), v2("b:1", T0 + 2, qd=qd_b, slowest=slow_b)])
+    p = w.series(T0 + 1, T0 + 2)[0]
+    assert sum(p.queue_depth) == 20 and p.depth_p(50) == 0
+    assert p.depth_p(99) == pytest.approx(900)  # 19.8 of 20: 4/5 into (500, 1000]
+    assert p.stuck == pytest.approx(0)  # the close was counted in the second before
+    assert w.series(T0, T0 + 1)[0].stuck == pytest.approx(1)
+    rows = w.slowest(T0 + 2, n=2)
+    assert [(r.replica, r.transport, r.channels, r.queued_bytes, r.queued_frames) for r in rows] == [
+        ("a:1", "ws", 2, 9000, 800), ("b:1", "sse", 4, 700, 3)]  # fmt: skip
+
+
+def test_fleet_rows_per_replica_and_per_shard_with_lag_reconnects_front_and_version():
+    w = Window(stale_after=5)
+    w.add([v2("a:1", T0 + 1, shards={"0": {"lag": 2, "reconn": 1}, "1": {"lag": 40, "reconn": 0}}),
+           v2("a:1", T0 + 2, shards={"0": {"lag": 1, "reconn": 0}, "1": {"lag": 30, "reconn": 2}}),
+           v2("b:1", T0 + 2, front="asyncio", version="0.2.0", shards={"0": {"lag": 9, "reconn": 0},
+                                                                     "1": {"lag": None, "reconn": 0}}),
+           v2("c:1", T0 + 2, stopped=1, shards={"0": {"lag": 500, "reconn": 9}})])  # fmt: skip
+    a, b, c = w.replicas(T0 + 3)
+    assert (a.front, a.version, a.lag_ms, a.reconnects) == ("gevent", "0.1.0", 30, 3)
+    assert (b.front, b.version, b.lag_ms, b.reconnects) == ("asyncio", "0.2.0", 9, 0)
+    assert c.stopped and not c.stale
+    s0, s1 = w.shards(T0 + 3)
+    assert (s0.shard, s0.replicas, s0.lag_ms, s0.worst, s0.reconnects) == ("0", 2, 9, "b:1", 10)
+    assert (s1.shard, s1.replicas, s1.lag_ms, s1.worst, s1.reconnects) == ("1", 2, 30, "a:1", 2)
+    assert s0.age == pytest.approx(1)
+    p = w.series(T0 + 1, T0 + 2)[0]  # the second the records at T0 + 2 cover; the gauges of those before it
+    assert p.lag == 40 and p.reconnects == pytest.approx(2 + 9)
+
+
+def test_the_heatmap_has_one_cell_per_second_and_bucket_with_writes():
+    w = Window(stale_after=5)
+    w.add([v2("a:1", T0 + 1, lat=list(lat(b1=3, b50=1))), v2("a:1", T0 + 2, lat=list(lat(b1=2)))])
+    cells = heat_rows(w.series(T0, T0 + 2))
+    i1, i50 = LATENCY_BOUNDS_MS.index(1), LATENCY_BOUNDS_MS.index(50)
+    assert list(zip(cells["t"], cells["bucket"], cells["count"])) == [(T0, i1, 3), (T0, i50, 1), (T0 + 1, i1, 2)]
+
+
+def test_stages_frame_is_tidy_and_gives_the_p99_per_pattern():
+    records = [
+        v2("a:1", T0 + 1, stage={"read": list(lat(b1=1))}, ch={"orders:*": {"pub": 1, "lat": list(lat(b5=99,
+                                                                                                      b500=1))},
+                                                              "task:*": {"pub": 1, "lat": list(lat(b2=10))}}),
+        pub_record("worker:7", T0 + 1, n=2, ack=lat(b1=2)),
+    ]  # fmt: skip
+    frame = stages_frame(records)
+    assert set(frame.stage) == {"lat", "read", "ack"} and list(frame.columns) == [
+        "time", "replica", "stage", "pattern", "le_ms", "n"]  # fmt: skip
+    per_pattern = percentile_by(frame[(frame.stage == "lat") & (frame.pattern != "")], ["pattern"], 99)
+    p99 = dict(zip(per_pattern.pattern, per_pattern.p99_ms))
+    assert p99["orders:*"] == pytest.approx(5) and p99["task:*"] == pytest.approx(1.99)  # rank 9.9 of 10 in (1, 2]
+    assert stages_frame([]).empty and list(stages_frame([]).columns) == list(frame.columns)
+
+
+def test_the_policy_log_reads_as_changes_newest_first():
+    entries = [
+        (b"1800000005000-0", {b"at": b"1800000005.5", b"who": b"ops-anna", b"what": b"orders:* window 0 -> 0.5 s",
+                              b"policy": b'{"channels": {"orders:*": {"window": 0.5}}}'}),
+        (b"1800000001000-0", {b"at": b"1800000001", b"who": b"admin", b"what": b"", b"policy": b""}),
+        (b"1800000000000-0", {b"who": b"nobody"}),  # no time: skipped
+    ]  # fmt: skip
+    changes = [c for c in (parse_change(i, f) for i, f in entries) if c is not None]
+    assert [(c.at, c.who, c.what) for c in changes] == [
+        (1800000005.5, "ops-anna", "orders:* window 0 -> 0.5 s"),
+        (1800000001.0, "admin", "back to the settings' policy"),
+    ]
+    frame = changes_frame(changes)
+    assert list(frame.who) == ["admin", "ops-anna"]  # oldest first, like the other frames
+
+
+def test_the_dashboard_uses_a_named_admin_key_when_no_unnamed_one_is_set():
+    from dashboard.feed import DashboardConfig
+
+    named = "ops-anna:" + "a" * 32 + ",ops-bo:" + "b" * 32
+    assert DashboardConfig.from_env({"SIDECAR_ADMIN_KEYS": named}).admin_key == "a" * 32
+    assert DashboardConfig.from_env({"SIDECAR_ADMIN_KEY": "k" * 32, "SIDECAR_ADMIN_KEYS": named}).admin_key == "k" * 32
+    assert DashboardConfig.from_env({}).admin_key is None
+    assert DashboardConfig.from_env({"SIDECAR_KEY_PREFIX": "x"}).log_key == "x:policy:log"
+
+
+def test_poke_subscribers_are_counted_from_v2_modes_and_unknown_in_v1():
+    w = Window(stale_after=5)
+    w.add([v2("a:1", T0 + 1, ch={"orders:*": {"subs": 3, "modes": {"event": 2, "poke": 1}},
+                                 "task:*": {"subs": 2, "modes": {"poke": 2}}}),
+           v2("b:1", T0 + 1, ch={"orders:*": {"subs": 1, "modes": {"poke": 1}}})])  # fmt: skip
+    p = w.series(T0 + 1, T0 + 2, "orders:*")[0]
+    assert (p.subscribers, p.poke_subscribers) == (4, 2)
+    assert w.series(T0 + 1, T0 + 2)[0].poke_subscribers == 4
+    old = Window(stale_after=5)
+    old.add([rec("a", T0 + 1, channels=ch(orders_x={"subs": 3}))])
+    assert old.series(T0 + 1, T0 + 2)[0].poke_subscribers is None
+
+
+def test_top_channels_have_the_p99_of_each_patterns_frames_from_v2_records():
+    w = Window(stale_after=5)
+    for i in range(1, 11):
+        w.add([v2("a:1", T0 + i, ch={"orders:*": {"pub": 10, "dlv": 10, "subs": 1, "lat": list(lat(b5=9, b500=1))},
+                                     "task:*": {"pub": 1}}),
+               v2("b:1", T0 + i, ch={"orders:*": {"pub": 10, "subs": 1, "lat": list(lat(b5=10))}})])  # fmt: skip
+    rows = {r.pattern: r for r in w.top_channels(T0 + 10, 5, T0 + 10)}
+    # 5 s of both replicas: 95 writes in (2, 5] and 5 in (200, 500]; the 99th of 100 is 4/5 into (200, 500].
+    assert rows["orders:*"].p99 == pytest.approx(200 + 300 * 4 / 5)
+    assert rows["task:*"].p99 is None

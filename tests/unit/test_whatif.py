@@ -88,3 +88,14 @@ def test_compare_shows_both_policies_and_channel_policy_checks_like_put():
         channel_policy({"window": 99})
     with pytest.raises(ValueError, match="unknown field"):
         channel_policy({"windw": 1})
+
+
+def test_with_subscribers_by_mode_frames_go_to_pushed_ones_and_pulls_come_from_poke_ones():
+    # v2 records say 1 of the 3 subscribers is in poke mode: 2 get frames, 1 pulls.
+    points = [Point(T0 + i, published=2, subscribers=3, replicas=1, poke_subscribers=1) for i in range(3)]
+    out = replay(points, ChannelPolicy())
+    assert (out.frames, out.frames_peak, out.pulls_peak) == (12, 4, 2)
+    # Pokes spread at 10/s: the poke subscriber's pulls only, at most one per change.
+    spread = replay(points, ChannelPolicy(poke_rate=10))
+    assert spread.frames == pytest.approx(12) and spread.pulls_peak <= 2
+    assert sum(p.poke_subscribers or 0 for p in points) == 3
