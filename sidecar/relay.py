@@ -71,6 +71,7 @@ class Relay:
             raise ValueError("the relay needs a Redis URL")
         self.settings = settings
         self.runtime: Runtime = runtime or GeventRuntime()
+        self.front = self.runtime.front  # "gevent" | "asyncio" (stats records and /metrics' sidecar_info)
         self.store = store or Store(connect(settings.redis_url, settings), settings)
         self.throttle = Throttle(policy_from_settings(settings), time.monotonic)
         self.hub = Hub(self.throttle)

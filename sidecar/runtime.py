@@ -43,6 +43,8 @@ class Cancellable(Protocol):
 
 
 class Runtime(Protocol):
+    front: str  # "gevent" | "asyncio": which front runs on it (the stats record's "front")
+
     def spawn(self, fn: Callable[[], None], name: str) -> threading.Thread: ...
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None: ...
     def call(self, fn: Callable[[], T]) -> T: ...
@@ -71,6 +73,8 @@ class _Threads:
 
 class GeventRuntime(_Threads):
     """One OS thread, greenlets: the hub is called directly, timers run on the scheduler's greenlet."""
+
+    front = "gevent"
 
     def __init__(self) -> None:
         self.scheduler = Scheduler()  # every timer of the process (docs/operations.md)
@@ -129,6 +133,8 @@ class AsyncioRuntime(_Threads):
     """Background loops in OS threads, the hub on the event loop's thread. `pool` bounds the threads that run
     Redis reads for requests (size it like the Redis connection pool: more threads would only wait for a
     connection)."""
+
+    front = "asyncio"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: int = 8) -> None:
         self.log = logging.getLogger(__name__)

@@ -202,7 +202,8 @@ class Stats:
         if dispatch is not None:
 
             def on_messages(messages: list[Message]) -> None:
-                self.observe_read(messages)
+                # Timed here, counted on the hub's thread: on asyncio the reader's loops are several OS threads.
+                self._runtime().call_soon(self.observe_read, messages, self.clock() * 1000)
                 dispatch(messages)
 
             relay.reader.on_messages = on_messages
@@ -226,9 +227,9 @@ class Stats:
         if conn.batch_at and hub_clock is not None:
             self.stages["queue"].observe((hub_clock() - conn.batch_at) * 1000)
 
-    def observe_read(self, messages: Iterable[Message]) -> None:
-        """Messages the reader decoded just now: publish -> here is the read stage."""
-        now, read = self.clock() * 1000, self.stages["read"]
+    def observe_read(self, messages: Iterable[Message], now_ms: float | None = None) -> None:
+        """Messages the reader decoded at ``now_ms`` (default: now): publish -> there is the read stage."""
+        now, read = self.clock() * 1000 if now_ms is None else now_ms, self.stages["read"]
         for msg in messages:
             if msg.ts:
                 read.observe(now - msg.ts)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 import requests
 from starlette.requests import HTTPConnection
 from wsproto import ConnectionType, WSConnection
@@ -224,5 +225,27 @@ def test_asgi_front_answers_plain_http_on_ws_and_unknown_routes_with_json_errors
         head = requests.head(f"{proc.url}/sse", params={"channel": "a"}, timeout=5)
         assert head.status_code == 200 and head.headers["Content-Type"] == "text/event-stream; charset=utf-8"
     finally:
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
+def test_an_asgi_sidecar_says_asyncio_in_its_stats_records_and_metrics(redis_server, tmp_path):
+    proc = SidecarProcess(redis_server.url, tmp_path, {"SIDECAR_STATS_INTERVAL": "0.3"}, front="asgi")
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+
+        def records() -> list[dict]:
+            docs = [orjson.loads(fields[b"r"]) for _, fields in client.xrange("rt:stats")]
+            return [d for d in docs if d.get("kind", "relay") == "relay"]
+
+        deadline = time.monotonic() + 10
+        while len(records()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        recs = records()
+        assert len(recs) >= 2 and {(r["v"], r["front"]) for r in recs} == {(2, "asyncio")}
+        metrics = requests.get(f"{proc.url}/metrics", timeout=5).text
+        assert 'sidecar_info{front="asyncio"' in metrics
+    finally:
+        client.close()
         proc.stop()
     assert "Traceback" not in proc.log_text(), proc.log_tail(40)
