@@ -624,6 +624,7 @@ def serve(settings: Settings) -> None:
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, loop="auto", http="auto", ws=WSProtocol,
         ws_max_size=settings.max_frame_bytes, ws_ping_interval=settings.keepalive, ws_ping_timeout=None,
+        ws_per_message_deflate=settings.ws_deflate,
         timeout_keep_alive=int(settings.idle_timeout), backlog=2048, log_config=None, access_log=False,
         lifespan="on",
     )  # fmt: skip
