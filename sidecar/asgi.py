@@ -231,6 +231,8 @@ async def healthz(request: Request) -> Response:
         "connections": len(relay.hub.connections),
         "shards": shards,
     }
+    if not ok and relay.reader.reason:  # the channels reader's pub/sub connection, the stream reader's stuck shards
+        body["reason"] = relay.reader.reason
     return Response(orjson.dumps(body), 200 if ok else 503, media_type="application/json")
 
 
