@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help=f"address to listen on (default: {d.host}; env SIDECAR_HOST)")
     serve.add_argument("--port", type=int, help=f"port to listen on (default: {d.port}; env SIDECAR_PORT)")
     serve.add_argument(
+        "--front",
+        choices=("gevent", "asgi"),
+        default="gevent",
+        help="gevent: Flask on gevent.pywsgi; asgi: the Starlette app (sidecar.asgi) on uvicorn (default: gevent; "
+        "no environment variable)",
+    )
+    serve.add_argument(
         "--dev",
         action="store_true",
         default=None,
@@ -128,11 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    if args.command in ("serve", "demo"):
+    if args.command == "demo" or (args.command == "serve" and args.front == "gevent"):
         _patch()
 
     if args.command == "serve":
-        from sidecar.serve import serve as run
+        if args.front == "asgi":
+            from sidecar.asgi import serve as run
+        else:
+            from sidecar.serve import serve as run
 
         run(Settings.from_env(host=args.host, port=args.port, dev=args.dev))
         return 0

@@ -1,8 +1,9 @@
 """Herd control around the pure throttle: its timers, its live policy, admission, stuck sockets, its counters.
 
-- Timers: the hub tells us when the throttle next has something due; one scheduler timer flushes it then.
+- Timers: the hub tells us when the throttle next has something due; one runtime timer flushes it then.
 - Policy: the settings give the defaults; ops' document (PUT /admin/throttle) is kept in Redis and every replica
-  polls it every `policy_poll` seconds, so a change reaches all of them within a second.
+  polls it every `policy_poll` seconds, so a change reaches all of them within a second. The poll is a
+  background loop (its read blocks); what it found is applied on the hub's thread (sidecar/runtime.py).
 - Admission: `admit()` before a connection is made; the refused get a jittered retry hint (`busy()`). A WebSocket
   without a token counts only once its auth frame brings one; until then it holds a place of the small
   `max_unauthenticated` budget (`admit_unauthenticated()`), so a flood of them cannot lock out real clients.
@@ -24,7 +25,7 @@ import redis
 from sidecar.config import Settings
 from sidecar.core.session import busy as busy  # moved to the core; importers of it here keep working
 from sidecar.core.throttle import Policy, PolicyError
-from sidecar.scheduler import Timer
+from sidecar.runtime import Cancellable
 from sidecar.state_cache import StateCache
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Control:
         self.store = relay.store
         self.hub = relay.hub
         self.throttle = relay.throttle
-        self.scheduler = relay.scheduler
+        self.runtime = relay.runtime
         self.stats = relay.stats
         self.defaults = self.throttle.policy
         self.source = "settings"  # or "redis": ops set the policy in force
@@ -68,17 +69,24 @@ class Control:
         self._seen: tuple[int, bytes | None] = (0, None)
         self._bad_seen: tuple[int, bytes | None] | None = None
         self._failing = False
-        self._armed: Timer | None = None
+        self._armed: Cancellable | None = None
+        self._running = False
         self.hub.on_timer = self._arm
 
     def start(self) -> None:
         self.poll_policy()
-        self.scheduler.every(self.settings.policy_poll, self.poll_policy)
-        self.scheduler.every(HOUSEKEEPING, self.housekeep)
-        self.scheduler.start()
+        self._running = True
+        self.runtime.spawn(self._poll_loop, "sidecar-policy")
+        self.runtime.every(HOUSEKEEPING, self.housekeep)
 
     def stop(self) -> None:
-        self.scheduler.stop()
+        self._running = False
+
+    def _poll_loop(self) -> None:
+        while self._running:
+            self.runtime.sleep(self.settings.policy_poll)
+            if self._running:
+                self.poll_policy()
 
     # -- the throttle's timer -------------------------------------------------------------------------------
     def _arm(self, due: float) -> None:
@@ -87,7 +95,7 @@ class Control:
             return
         if armed is not None:
             armed.cancel()
-        self._armed = self.scheduler.at(due, self._flush)
+        self._armed = self.runtime.call_at(due, self._flush)
 
     def _flush(self) -> None:
         self._armed = None
@@ -105,15 +113,23 @@ class Control:
 
     def put_policy(self, doc: object | None) -> Policy:
         """Validate (PolicyError), store in Redis for every replica, and apply here. None: back to the settings."""
+        return self.applied(*self.store_policy(doc))
+
+    def store_policy(self, doc: object | None) -> tuple[Policy, bytes | None, int, float]:
+        """put_policy's Redis part (no hub state: any thread): validate and store; give what `applied` takes."""
         policy = self.defaults if doc is None else Policy.from_json(doc, self.defaults)
         stored = None if doc is None else orjson.dumps(policy.to_json())  # whole: replicas' settings may differ
         at = time.time()
-        version = self.store.write_policy(stored, at)
+        return policy, stored, self.store.write_policy(stored, at), at
+
+    def applied(self, policy: Policy, stored: bytes | None, version: int, at: float) -> Policy:
+        """put_policy's hub part, on the hub's thread."""
         self._seen = (version, stored)
-        self._apply(policy, "settings" if doc is None else "redis", version, at)
+        self._apply(policy, "settings" if stored is None else "redis", version, at)
         return policy
 
     def poll_policy(self) -> None:
+        """Read the policy in Redis (blocking), then apply it on the hub's thread if it changed."""
         try:
             version, doc, at = self.store.read_policy()
         except redis.RedisError as exc:
@@ -122,6 +138,9 @@ class Control:
             self._failing = True
             return
         self._failing = False
+        self.runtime.call(lambda: self._consider(version, doc, at))
+
+    def _consider(self, version: int, doc: bytes | None, at: float) -> None:
         if (version, doc) == self._seen or (version, doc) == self._bad_seen:
             return
         if doc is None:

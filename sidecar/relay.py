@@ -1,12 +1,18 @@
 """The relay of one sidecar process: the store, the hub, the reader, and the subscribe handshake between them.
 
-Runs on gevent (one OS thread): hub calls never yield, so they need no lock; only Redis reads yield.
+The hub is single-threaded on both fronts (sidecar/runtime.py): on gevent every greenlet runs on one OS thread
+and hub calls never yield; on asyncio the reader's loops are OS threads that hand their messages to the event
+loop with `runtime.call_soon`. A connection's handshakes with Redis (subscribe, resync) are generators of hub
+steps that yield the Redis reads they need: the gevent front runs each read where it is (it yields to other
+greenlets), the asyncio front awaits it in the runtime's pool (:func:`drive` and :func:`drive_async`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Generator
+from functools import partial
 
 import redis
 
@@ -18,7 +24,7 @@ from sidecar.core.protocol import Message, Position, shard_of
 from sidecar.core.throttle import Throttle
 from sidecar.live_pubsub import ChannelReader
 from sidecar.reader import Reader
-from sidecar.scheduler import Scheduler
+from sidecar.runtime import AsyncioRuntime, GeventRuntime, Runtime
 from sidecar.stats import Stats
 from sidecar.store import Store, connect
 
@@ -26,22 +32,57 @@ log = logging.getLogger(__name__)
 
 RESYNC_ATTEMPTS = 4  # reads of a resync's snapshot before its error reaches the connection (0.2 + 0.4 + 0.6 s)
 
+Steps = Generator[Callable[[], Sync], Sync, None]  # hub steps, yielding the Redis reads between them
+
+
+def drive(steps: Steps) -> None:
+    """Run `steps` here, each read where it stands (gevent: a read yields to the other greenlets)."""
+    try:
+        read = steps.send(None)  # type: ignore[arg-type]
+        while True:
+            try:
+                sync = read()
+            except BaseException as exc:
+                read = steps.throw(exc)
+            else:
+                read = steps.send(sync)
+    except StopIteration:
+        return
+
+
+async def drive_async(steps: Steps, runtime: AsyncioRuntime) -> None:
+    """Run `steps` on the event loop, each read awaited in the runtime's pool (the hub steps stay on the loop)."""
+    try:
+        read = steps.send(None)  # type: ignore[arg-type]
+        while True:
+            try:
+                sync = await runtime.read(read)
+            except BaseException as exc:
+                read = steps.throw(exc)
+            else:
+                read = steps.send(sync)
+    except StopIteration:
+        return
+
 
 class Relay:
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(self, settings: Settings, store: Store | None = None, runtime: Runtime | None = None) -> None:
         if not settings.redis_url:
             raise ValueError("the relay needs a Redis URL")
         self.settings = settings
+        self.runtime: Runtime = runtime or GeventRuntime()
+        self.front = self.runtime.front  # "gevent" | "asyncio" (stats records and /metrics' sidecar_info)
         self.store = store or Store(connect(settings.redis_url, settings), settings)
         self.throttle = Throttle(policy_from_settings(settings), time.monotonic)
         self.hub = Hub(self.throttle)
-        self.scheduler = Scheduler()  # every timer of the process (docs/operations.md)
+        soon = self.runtime.call_soon  # the reader's loops hand the hub their messages on the hub's thread
+        dispatch, failed = partial(soon, self.hub.dispatch), partial(soon, self.hub.failed)
         self.reader: Reader | ChannelReader
         if settings.live_read == "channels":  # only the channels this replica's clients want (docs/scaling.md)
-            self.reader = ChannelReader(self.store, settings, self.hub.dispatch, self.resync_channel, self.hub.failed)
-            self.hub.on_channel = self.reader.on_channel
+            self.reader = ChannelReader(self.store, settings, dispatch, partial(soon, self.resync_channel), failed)
+            self.hub.on_channel = self.reader.on_channel  # called on the hub's thread; it only queues
         elif settings.live_read == "shards":
-            self.reader = Reader(self.store, settings, self.hub.dispatch, self.resync_shard, self.hub.failed)
+            self.reader = Reader(self.store, settings, dispatch, partial(soon, self.resync_shard), failed)
         else:
             raise ValueError(f"SIDECAR_LIVE_READ must be shards or channels, not {settings.live_read!r}")
         self.hub.on_error = self._dispatch_failed
@@ -50,6 +91,7 @@ class Relay:
         self.control = Control(self)
 
     def start(self) -> Relay:
+        self.runtime.start()
         self.reader.start()
         self.stats.start()
         self.control.start()
@@ -59,6 +101,7 @@ class Relay:
         self.reader.stop()
         self.stats.stop()
         self.control.stop()
+        self.runtime.stop()
 
     def healthy(self) -> bool:
         if not self.reader.alive or not self.reader.healthy:
@@ -77,18 +120,25 @@ class Relay:
         return self.hub.connect(Connection(transport, wake, p.queue_frames, p.queue_bytes))  # type: ignore[arg-type]
 
     def subscribe(self, conn: Connection, channels: list[str], mode: str, since: dict[str, Position]) -> None:
+        drive(self.subscribing(conn, channels, mode, since))
+
+    def subscribing(self, conn: Connection, channels: list[str], mode: str, since: dict[str, Position]) -> Steps:
         """Register every channel, then read and start each (see the hub's docstring). Registering all first
         keeps the connection's cursor whole from the first frame. Redis errors propagate after unregistering."""
         subs = [self.hub.subscribe(conn, channel, mode, since.get(channel)) for channel in channels]
         try:
             for sub in subs:
-                self.hub.start(sub, self.read(sub.channel, since.get(sub.channel)))
+                sync = yield partial(self.read, sub.channel, since.get(sub.channel))
+                self.hub.start(sub, sync)
         except Exception:
             for sub in subs:
                 self.hub.unsubscribe(conn, sub.channel)
             raise
 
     def resync(self, conn: Connection) -> None:
+        drive(self.resyncing(conn))
+
+    def resyncing(self, conn: Connection) -> Steps:
         """Bring the channels whose backlog was dropped (or that saw a hole) back: snapshot or reset."""
         for channel in list(conn.resync):
             sub: Subscription | None = conn.subs.get(channel)
@@ -97,7 +147,7 @@ class Relay:
                 continue
             self.hub.hold(sub)  # register first, then read: what arrives during the read is kept
             try:
-                sync = self._read_retrying(channel)
+                sync = yield partial(self._read_retrying, channel)
             except BaseException:
                 conn.resync.add(channel)  # still owed (hold() took the request)
                 raise

@@ -5,6 +5,9 @@ A poke makes every subscriber pull the channel's state. Two things keep that off
 - a cache per channel, valid while this replica's hub has subscribers on the channel and has seen no message
   newer than the cached state (the hub sees every message of a channel it has subscribers for). Without local
   subscribers there is no such knowledge, so only single flight applies.
+
+`get` is the gevent front's whole pull. The asyncio front runs the same three steps with its own flights
+(sidecar/asgi.py): `cached` and `keep` on the event loop, `read` in the runtime's pool.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import orjson
 
 from sidecar.core.hub import ChannelRecord, Hub
 from sidecar.core.protocol import ZERO_KEY, StreamKey, stream_key
-from sidecar.store import Store
+from sidecar.store import Snapshot, Store
 
 Pulled = tuple[str, bytes] | None  # (ETag, JSON body), or None: nothing was ever published on the channel
 
@@ -48,14 +51,21 @@ class StateCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._flights: dict[tuple[Any, ...], _Flight] = {}
 
-    def get(self, channel: str) -> Pulled:
+    def cached(self, channel: str) -> tuple[bool, Pulled, tuple[Any, ...], ChannelRecord | None]:
+        """(hit, what to answer if hit, the version a flight for it is keyed by, the channel's hub record)."""
         record = self.hub.channels.get(channel)
         entry = self._entries.get(channel)
         if entry is not None and record is not None and entry.record is record and _current(entry, record):
             self._entries.move_to_end(channel)
-            return entry.result
+            return True, entry.result, (), record
         # A pull that comes after a newer message must not share a read started before it.
         version = (channel, id(record), record.epoch, record.last) if record is not None else (channel,)
+        return False, None, version, record
+
+    def get(self, channel: str) -> Pulled:
+        hit, result, version, record = self.cached(channel)
+        if hit:
+            return result
         flight = self._flights.get(version)
         if flight is not None and flight.done.wait(self.wait) and not flight.failed:
             return flight.result
@@ -72,7 +82,14 @@ class StateCache:
             flight.done.set()
 
     def _read(self, channel: str, record: ChannelRecord | None) -> Pulled:
-        snap = self.store.snapshot(channel)
+        return self.keep(channel, record, self.read(channel))
+
+    def read(self, channel: str) -> Snapshot | None:
+        """The Redis read (any thread)."""
+        return self.store.snapshot(channel)
+
+    def keep(self, channel: str, record: ChannelRecord | None, snap: Snapshot | None) -> Pulled:
+        """What a read gives the pull, cached if the hub's record of the channel is still the one read for."""
         self.reads += 1
         if snap is None:
             result: Pulled = None

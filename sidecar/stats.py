@@ -58,6 +58,7 @@ from sidecar.core.connection import Connection
 from sidecar.core.patterns import glob_match
 from sidecar.core.protocol import Message
 from sidecar.core.throttle import PATTERN_RE
+from sidecar.runtime import GeventRuntime
 
 __all__ = ["CONTENT_TYPE_LATEST", "Labels", "Stats", "exposition"]
 
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 RECORD_VERSION = 2
 RECORD_FIELD = "r"  # the stream entry's one field: the record as JSON
 STOP_JOIN = 2.0  # seconds stop() waits for a record being written before it writes the last one
+_DIRECT = GeventRuntime()  # for a relay without a runtime (unit tests): calls are direct
 
 # Upper bounds (ms) of the latency buckets: publish call -> frame written to the socket (and of every stage).
 LATENCY_BOUNDS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, float("inf"))
@@ -214,7 +216,8 @@ class Stats:
         if dispatch is not None:
 
             def on_messages(messages: list[Message]) -> None:
-                self.observe_read(messages)
+                # Timed here, counted on the hub's thread: on asyncio the reader's loops are several OS threads.
+                self._runtime().call_soon(self.observe_read, messages, self.clock() * 1000)
                 dispatch(messages)
 
             relay.reader.on_messages = on_messages
@@ -238,9 +241,9 @@ class Stats:
         if conn.batch_at and hub_clock is not None:
             self.stages["queue"].observe((hub_clock() - conn.batch_at) * 1000)
 
-    def observe_read(self, messages: Iterable[Message]) -> None:
-        """Messages the reader decoded just now: publish -> here is the read stage."""
-        now, read = self.clock() * 1000, self.stages["read"]
+    def observe_read(self, messages: Iterable[Message], now_ms: float | None = None) -> None:
+        """Messages the reader decoded at ``now_ms`` (default: now): publish -> there is the read stage."""
+        now, read = self.clock() * 1000 if now_ms is None else now_ms, self.stages["read"]
         for msg in messages:
             if msg.ts:
                 read.observe(now - msg.ts)
@@ -264,8 +267,7 @@ class Stats:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="sidecar-stats", daemon=True)
-        self._thread.start()
+        self._thread = self._runtime().spawn(self._run, "sidecar-stats")
 
     def stop(self) -> None:
         """Stop the writer; after a clean stop one last record says ``"stopped": 1`` (the dashboard then shows the
@@ -288,9 +290,13 @@ class Stats:
             if next_tick < time.monotonic():  # fell behind (a Redis stall): skip ticks rather than burst
                 next_tick = time.monotonic() + interval
 
+    def _runtime(self) -> Any:
+        return getattr(self.relay, "runtime", None) or _DIRECT
+
     def write(self, stopped: bool = False) -> bool:
-        """Sample and XADD one record; False (logged once per outage, never raised) if Redis refused it."""
-        record, commit = self.sample()
+        """Sample and XADD one record; False (logged once per outage, never raised) if Redis refused it. The
+        sample and its commit touch the hub: they run on its thread (sidecar/runtime.py), the XADD here."""
+        record, commit = self._runtime().call(self.sample)
         if stopped:
             record["stopped"] = 1
         store = self.relay.store
@@ -311,7 +317,7 @@ class Stats:
             log.info("stats: writing records again")
         self._failing = False
         self.records_written += 1
-        commit()
+        self._runtime().call(commit)
         return True
 
     # -- sampling -------------------------------------------------------------------------------------------

@@ -44,10 +44,10 @@ class SSEClient(Recorder):
     """An EventSource-like reader: records each event's data plus its `id:` (the cursor) and name."""
 
     def __init__(self, base: str, channels: list[str], mode: str = "diff", last_event_id: str | None = None,
-                 **params: str) -> None:  # fmt: skip
+                 headers: dict[str, str] | None = None, **params: str) -> None:  # fmt: skip
         super().__init__()
         query = urlencode([("channel", c) for c in channels] + [("mode", mode)] + list(params.items()))
-        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        headers = {**(headers or {}), **({"Last-Event-ID": last_event_id} if last_event_id else {})}
         self.response = requests.get(f"{base}/sse?{query}", headers=headers, stream=True, timeout=(5, 30))
         self.status = self.response.status_code
         self.last_id: str | None = None

@@ -85,16 +85,18 @@ def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 
 
 @pytest.fixture
-def sidecar_process(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
+def sidecar_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., SidecarProcess]]:
     """Factory: ``start(redis_url, **env)`` runs ``python -m sidecar serve`` and waits for /healthz.
 
     ``env`` holds extra variables such as ``SIDECAR_HISTORY_LEN="5"``. At teardown every process is stopped,
-    and the test fails if a log shows a traceback, unless it set ``proc.allow_tracebacks = True``.
+    and the test fails if a log shows a traceback, unless it set ``proc.allow_tracebacks = True``. The front is
+    gevent unless the test parametrizes this fixture (``indirect=True``) by ``tests.processes.FRONTS``.
     """
     started: list[SidecarProcess] = []
+    front = getattr(request, "param", "gevent")
 
     def start(redis_url: str, **env: str) -> SidecarProcess:
-        proc = SidecarProcess(redis_url, tmp_path, env)
+        proc = SidecarProcess(redis_url, tmp_path, env, front=front)
         started.append(proc)
         return proc
 

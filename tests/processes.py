@@ -20,9 +20,12 @@ import requests
 
 from sidecar.embedded import EmbeddedRedis, free_port
 
-__all__ = ["REPO_ROOT", "EmbeddedRedis", "ManagedProcess", "SidecarProcess", "WorkerProcess", "free_port"]
+__all__ = ["FRONTS", "REPO_ROOT", "EmbeddedRedis", "ManagedProcess", "SidecarProcess", "WorkerProcess", "free_port"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The two fronts of `sidecar serve --front`: a test module runs on both with
+# `pytestmark = pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)` (tests/conftest.py).
+FRONTS = ("gevent", "asgi")
 
 
 def child_env(redis_url: str, env: Mapping[str, object]) -> dict[str, str]:
@@ -97,11 +100,13 @@ class ManagedProcess:
 
 
 class SidecarProcess(ManagedProcess):
-    """``python -m sidecar serve`` on a free port, ready when ``GET /healthz`` answers 200."""
+    """``python -m sidecar serve --front <front>`` on a free port, ready when ``GET /healthz`` answers 200."""
 
     def __init__(
-        self, redis_url: str, log_dir: Path, env: Mapping[str, object] = {}, ready_timeout: float = 20.0
-    ) -> None:
+        self, redis_url: str, log_dir: Path, env: Mapping[str, object] = {}, ready_timeout: float = 20.0,
+        front: str = "gevent",
+    ) -> None:  # fmt: skip
+        self.front = front
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
@@ -109,6 +114,7 @@ class SidecarProcess(ManagedProcess):
         # one on purpose (killing Redis under load, say) sets this to True.
         self.allow_tracebacks = False
         argv = [sys.executable, "-m", "sidecar", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        argv += ["--front", front]
         env = {"SIDECAR_DEV": "1", **env}
         name = f"sidecar-{self.port}"
         super().__init__(name, argv, child_env(redis_url, env), log_dir / f"{name}.log")

@@ -31,13 +31,13 @@ def forget_earlier_garbage() -> None:
 
 @contextlib.contextmanager
 def guarded_sidecar(
-    tmp: Path, env: dict[str, object], secrets: tuple[str, ...], errors_allowed: bool = True
+    tmp: Path, env: dict[str, object], secrets: tuple[str, ...], errors_allowed: bool = True, front: str = "gevent"
 ) -> Iterator[tuple[SidecarProcess, EmbeddedRedis]]:
     """A redis-server and a sidecar with auth configured by `env`. Afterwards: it never died, never logged a
     traceback (nor an ERROR line, unless `errors_allowed`), and no secret reached its log."""
     server = EmbeddedRedis(tmp / "redis").start()
     try:
-        proc = SidecarProcess(server.url, tmp, env)
+        proc = SidecarProcess(server.url, tmp, env, front=front)
         try:
             yield proc, server
         finally:

@@ -19,7 +19,7 @@ import pytest
 
 from sidecar.publish import Publisher
 from tests.browser.balancer import Balancer
-from tests.processes import REPO_ROOT
+from tests.processes import FRONTS, REPO_ROOT
 
 pytestmark = pytest.mark.browser
 
@@ -166,6 +166,9 @@ def test_merge_patch_follows_rfc_7386_and_ignores_proto_keys(browser):
     page.close()
 
 
+# These two run on both fronts (sidecar/asgi.py too): the page's whole state, and a resume across a killed
+# replica, are what realtime.js must get alike from either; the rest test the client itself.
+@pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
 def test_page_state_equals_the_server_snapshot_after_random_diffs_in_every_mode(
     browser, redis_server, sidecar_process, front, pub
 ):
@@ -214,6 +217,7 @@ def test_page_state_equals_the_server_snapshot_after_random_diffs_in_every_mode(
     assert not page.errors
 
 
+@pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
 def test_page_resumes_exactly_when_its_sidecar_is_killed_mid_stream(browser, redis_server, sidecar_process, front, pub):
     first = sidecar_process(redis_server.url, SIDECAR_SSE_RETRY_MS="200")
     second = sidecar_process(redis_server.url, SIDECAR_SSE_RETRY_MS="200")

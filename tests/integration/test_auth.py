@@ -14,7 +14,7 @@ import websocket
 
 from sidecar.publish import Publisher
 from tests.clients import SSEClient, WSClient
-from tests.processes import REPO_ROOT, EmbeddedRedis, ManagedProcess, SidecarProcess, child_env, free_port
+from tests.processes import FRONTS, REPO_ROOT, EmbeddedRedis, ManagedProcess, SidecarProcess, child_env, free_port
 from tests.tokens import forget_earlier_garbage, guarded_sidecar
 from tests.tokens import mint as mint_with
 
@@ -29,8 +29,11 @@ def mint(channels: list[str] | str, ttl: float = 3600, key: str = SECRET, **clai
 
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SidecarProcess, EmbeddedRedis]]:
+# Every guard on both fronts (one sidecar per front for the module): auth is what a front must not get wrong.
+@pytest.fixture(scope="module", params=FRONTS)
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[SidecarProcess, EmbeddedRedis]]:
     """One redis-server and one production-mode sidecar with every guard configured, for the whole module."""
     forget_earlier_garbage()
     tmp = tmp_path_factory.mktemp("auth")
@@ -44,7 +47,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SidecarPro
         "SIDECAR_CORS_ORIGINS": APP_ORIGIN,
         "SIDECAR_AUTH_TIMEOUT": "1.5",
     }
-    with guarded_sidecar(tmp, env, (SECRET, PUBLISHER_KEY, ADMIN_KEY)) as stack:
+    with guarded_sidecar(tmp, env, (SECRET, PUBLISHER_KEY, ADMIN_KEY), front=request.param) as stack:
         yield stack
 
 

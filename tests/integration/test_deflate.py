@@ -5,6 +5,8 @@ accepts, compresses every message it sends (RSV1 set, the deflate stream's conte
 default the relay answers without the extension (SIDECAR_WS_DEFLATE, docs/performance.md "permessage-deflate"):
 the client then sends plain frames. With SIDECAR_WS_DEFLATE=1 it accepts, the client's compressed frames
 decode, and the relay's own frames are still the pre-built uncompressed ones, the same bytes for every socket.
+The default's answers are checked on both fronts (the asyncio one: uvicorn's `ws_per_message_deflate`); with the
+extension on, uvicorn compresses its frames, which test_asgi.py checks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 
 from sidecar.core.protocol import ws_text_frame
 from sidecar.publish import Publisher
+from tests.processes import FRONTS
 
 CHROMIUM_OFFER = b"permessage-deflate; client_max_window_bits"
 Frame = tuple[bool, int, bytes]  # (RSV1, opcode, payload)
@@ -123,6 +126,7 @@ def typed(kind: str) -> Callable[[dict], bool]:
     return lambda body: body.get("type") == kind
 
 
+@pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
 def test_by_default_a_chromium_offer_is_answered_without_the_extension_and_plain_frames_flow(
     sidecar_process, redis_server, clients
 ):
@@ -139,6 +143,7 @@ def test_by_default_a_chromium_offer_is_answered_without_the_extension_and_plain
     assert raw == ws_text_frame(json.dumps(message, separators=(",", ":")).encode())
 
 
+@pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
 def test_a_client_that_compresses_without_the_extension_is_closed_with_1002(sidecar_process, redis_server, clients):
     relay = sidecar_process(redis_server.url)
     client = clients(relay.port)

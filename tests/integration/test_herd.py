@@ -21,8 +21,13 @@ import requests
 from sidecar.core import merge
 from sidecar.publish import Publisher
 from tests.clients import SSEClient, WSClient
+from tests.processes import FRONTS
 from tests.swarm import SSEParser, Swarm, busiest, per_window
 from tests.tokens import mint
+
+# Herd control on both fronts: admission, the throttle's timers, slow and stuck consumers and the state cache
+# run on the runtime seam (sidecar/runtime.py), which each front drives its own way.
+pytestmark = pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
 
 ADMIN_KEY = "test-admin-key-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -28,9 +28,17 @@ from tests.integration.test_relay import (  # noqa: F401  (the spine's own tests
     test_subscribing_with_state_yields_a_snapshot_then_every_change,
     test_websocket_resume_with_since_gets_exactly_what_was_missed,
 )
+from tests.processes import FRONTS
 
 CHANNELS = {"SIDECAR_LIVE_READ": "channels", "SIDECAR_READER_STALL": "1"}
 sidecar, pub = spine.sidecar, spine.pub  # the spine's fixtures, by these names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test with a sidecar runs on both fronts (the reader's loops hand the hub its messages through the
+    runtime: direct on gevent, call_soon_threadsafe on asyncio)."""
+    if "sidecar_process" in metafunc.fixturenames:
+        metafunc.parametrize("sidecar_process", FRONTS, indirect=True)
 
 
 @pytest.fixture

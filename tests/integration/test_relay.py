@@ -13,6 +13,11 @@ from sidecar.config import Settings
 from sidecar.core.protocol import shard_of
 from sidecar.publish import Publisher
 from tests.clients import SSEClient, WSClient
+from tests.processes import FRONTS
+
+# The spine on both fronts (sidecar/app.py + ws.py on gevent, sidecar/asgi.py on uvicorn): every test here is
+# about the protocol a client sees, which both must give alike.
+pytestmark = pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
 
 
 def channels_in_distinct_shards(prefix: str, n: int) -> list[str]:

@@ -8,6 +8,11 @@ import pytest
 from celery import chain
 
 from tests.clients import SSEClient, WSClient
+from tests.processes import FRONTS
+
+# Each test starts a Celery worker. The live task over SSE and WS runs on both fronts (the front's part); the
+# others exercise the Celery hooks, which no front changes, so they run on the default front only.
+BOTH_FRONTS = pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
 
 
 @pytest.fixture
@@ -20,6 +25,7 @@ def events(frames: list[dict]) -> list[str]:
     return [f["event"] for f in frames if f["type"] == "message"]
 
 
+@BOTH_FRONTS
 def test_a_task_is_seen_live_over_sse_and_websocket_from_start_to_result(stack, celery_client):
     task_id = str(uuid.uuid4())
     channel = f"task:{task_id}"

@@ -1,0 +1,251 @@
+"""The asyncio front (sidecar/asgi.py) over real uvicorn: mounted in a FastAPI app under /realtime with the app's
+own session-cookie auth next to the JWT path, and a browser-like permessage-deflate WebSocket on both fronts.
+
+The protocol suites (test_relay.py, test_auth.py, test_herd.py, test_task_events.py, test_hostile.py) run on
+both fronts through the parametrized `sidecar_process` fixture; this module covers what only the ASGI front has.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+import requests
+from starlette.requests import HTTPConnection
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
+from wsproto.extensions import PerMessageDeflate
+
+from sidecar.auth import Grant
+from sidecar.publish import Publisher
+from tests.clients import SSEClient, WSClient
+from tests.processes import FRONTS, REPO_ROOT, ManagedProcess, SidecarProcess, child_env, free_port
+from tests.tokens import mint
+
+SECRET = "asgi-mount-secret-" + "m" * 32
+SESSIONS = {"cookie-of-ada": "ada", "cookie-of-bob": "bob"}  # the app's own sessions: cookie -> user
+
+
+# -- the documented FastAPI example (docs/deployment.md), run by uvicorn --factory ---------------------------
+def current_user(conn: HTTPConnection) -> str | None:
+    """The app's own dependency: its session cookie, turned into a user."""
+    return SESSIONS.get(conn.cookies.get("session", ""))
+
+
+def session_grant(conn: HTTPConnection) -> Grant | None:
+    """A logged-in user may read their own channels; no session: the relay falls back to the JWT."""
+    user = current_user(conn)
+    return Grant((f"user:{user}:*",)) if user else None
+
+
+def fastapi_app(lifespan: bool = True):  # noqa: ANN201 (FastAPI is imported here only)
+    from fastapi import Depends, FastAPI
+
+    from sidecar.asgi import create_app
+    from sidecar.config import Settings
+
+    relay = create_app(Settings.from_env(), authorize=session_grant)
+    # The relay's lifespan starts and stops it; without it (Starlette runs no lifespan of a mounted app) the
+    # relay starts at its first request.
+    app = FastAPI(lifespan=relay.state.front.lifespan) if lifespan else FastAPI()
+
+    @app.get("/me")
+    def me(user: str | None = Depends(current_user)) -> dict:
+        return {"user": user}
+
+    app.mount("/realtime", relay)
+    return app
+
+
+def fastapi_app_without_lifespan():  # noqa: ANN201
+    return fastapi_app(lifespan=False)
+
+
+@pytest.fixture(params=["fastapi_app", "fastapi_app_without_lifespan"])
+def mounted(redis_server, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    port = free_port()
+    env = child_env(redis_server.url, {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_DEV": "1"})
+    argv = [sys.executable, "-m", "uvicorn", "--factory", f"tests.integration.test_asgi:{request.param}",
+            "--host", "127.0.0.1", "--port", str(port), "--ws", "wsproto", "--no-access-log"]  # fmt: skip
+    proc = ManagedProcess(f"fastapi-{port}", argv, {**env, "PYTHONPATH": str(REPO_ROOT)}, tmp_path / "fastapi.log")
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"{base}/realtime/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        proc.wait_until("GET /realtime/healthz 200", healthy, 20)
+        yield base
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(60)
+
+
+def test_a_relay_mounted_in_fastapi_serves_sse_ws_and_state_under_its_prefix(mounted, redis_server):
+    base, realtime = mounted, f"{mounted}/realtime"
+    assert requests.get(f"{base}/me", cookies={"session": "cookie-of-ada"}, timeout=5).json() == {"user": "ada"}
+    pub = Publisher.from_url(redis_server.url)
+    pub.state("user:ada:inbox", "inbox", {"unread": 0})
+
+    # The app's own cookie, over SSE and WS.
+    cookie = {"Cookie": "session=cookie-of-ada"}
+    sse = SSEClient(realtime, ["user:ada:inbox"], headers=cookie)
+    assert sse.status == 200
+    ws = WSClient(mounted.replace("http", "ws") + "/realtime", header=["Cookie: session=cookie-of-ada"])
+    ws.subscribe("user:ada:inbox")
+    # The JWT path next to it, for a client without the cookie.
+    jwt_sse = SSEClient(realtime, ["user:ada:inbox"], token=mint(SECRET, ["user:ada:*"]))
+    assert jwt_sse.status == 200
+    for client in (sse, jwt_sse):
+        client.wait(lambda f: any(x["_event"] == "ready" for x in f))
+    ws.wait(lambda f: any(x["type"] == "subscribed" for x in f))
+    for n in range(1, 4):
+        pub.diff("user:ada:inbox", "inbox", {"unread": n})
+    for client in (sse, jwt_sse, ws):
+        client.wait(lambda f: len([x for x in f if x["type"] == "message"]) == 3)
+        assert [m["diff"] for m in client.messages()] == [{"unread": n} for n in range(1, 4)]
+    assert sse.last_id is not None and sse.last_id.startswith(sse.messages()[-1]["id"])
+
+    # Another user's channel: 403 with the relay's own error body; no cookie and no token: 401.
+    bob_cookie = {"session": "cookie-of-bob"}
+    refused = requests.get(f"{realtime}/sse", params={"channel": "user:ada:inbox"}, cookies=bob_cookie, timeout=5)
+    assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
+    anonymous = requests.get(f"{realtime}/sse", params={"channel": "user:ada:inbox"}, timeout=5)
+    assert anonymous.status_code == 401 and anonymous.json()["error"] == "unauthorized"
+    bob = WSClient(mounted.replace("http", "ws") + "/realtime", header=["Cookie: session=cookie-of-bob"])
+    bob.subscribe("user:ada:inbox")
+    bob.wait(lambda f: any(x["type"] == "error" for x in f))
+    assert bob.of_type("error")[0]["code"] == "forbidden"
+
+    # The pull endpoint under the prefix, with its ETag.
+    state = requests.get(f"{realtime}/channels/user:ada:inbox/state", cookies={"session": "cookie-of-ada"}, timeout=5)
+    assert state.status_code == 200 and state.json()["state"] == {"unread": 3}
+    again = requests.get(f"{realtime}/channels/user:ada:inbox/state", cookies={"session": "cookie-of-ada"},
+                         headers={"If-None-Match": state.headers["ETag"]}, timeout=5)  # fmt: skip
+    assert again.status_code == 304
+    for client in (sse, jwt_sse, ws, bob):
+        client.close()
+    pub.close()
+
+
+# -- a browser's WebSocket: it offers permessage-deflate ----------------------------------------------------
+class DeflateClient:
+    """A WebSocket client on wsproto that offers permessage-deflate as Chromium does."""
+
+    OFFER = "permessage-deflate; client_max_window_bits"
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.deflate = PerMessageDeflate()
+        self.sock.sendall(self.ws.send(Request(host=f"127.0.0.1:{port}", target="/ws", extensions=[self.deflate])))
+        self.accepted: AcceptConnection | None = None
+        self.texts: list[dict] = []
+        self.compressed = 0  # frames that came with RSV1 (compressed)
+        self._pump(lambda: self.accepted is not None)
+
+    def _pump(self, done, timeout: float = 10.0) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"timed out; got {self.texts[-3:]}"
+            data = self.sock.recv(65536)
+            assert data, "the server closed the connection"
+            self.compressed += sum(1 for i in range(len(data) - 1) if data[i] == 0xC1)  # FIN + RSV1 + text (approx.)
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, AcceptConnection):
+                    self.accepted = event
+                elif isinstance(event, TextMessage):
+                    self.texts.append(orjson.loads(event.data))
+                elif isinstance(event, Ping):
+                    self.sock.sendall(self.ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    raise AssertionError(f"closed: {event.code} {event.reason}")
+
+    def send(self, **frame: object) -> None:
+        self.sock.sendall(self.ws.send(TextMessage(orjson.dumps(frame).decode())))
+
+    def wait(self, predicate, timeout: float = 10.0) -> None:  # noqa: ANN001
+        self._pump(lambda: predicate(self.texts), timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_a_browser_like_websocket_offering_permessage_deflate_gets_every_message(front, redis_server, tmp_path):
+    proc = SidecarProcess(redis_server.url, tmp_path, {"SIDECAR_WS_DEFLATE": "1"}, front=front)
+    client = None
+    try:
+        client = DeflateClient(proc.port)
+        assert client.accepted is not None
+        accepted = [e.name for e in client.accepted.extensions]
+        client.send(op="subscribe", channel="deflate:1", mode="event")
+        client.wait(lambda t: any(x["type"] == "subscribed" for x in t))
+        pub = Publisher.from_url(redis_server.url)
+        body = {"text": "a compressible line " * 20}
+        for i in range(20):
+            pub.event("deflate:1", "line", {"i": i, **body})
+        client.wait(lambda t: len([x for x in t if x["type"] == "message"]) == 20)
+        assert [x["data"]["i"] for x in client.texts if x["type"] == "message"] == list(range(20))
+        # What each front does with the offer when SIDECAR_WS_DEFLATE=1 (docs/performance.md): both accept it; the
+        # gevent front writes its pre-built frames uncompressed (legal: RSV1 off), uvicorn's wsproto compresses.
+        assert accepted == ["permessage-deflate"]
+        if front == "asgi":
+            assert client.compressed > 0
+        pub.close()
+    finally:
+        if client is not None:
+            client.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
+def test_asgi_front_answers_plain_http_on_ws_and_unknown_routes_with_json_errors(redis_server, tmp_path):
+    proc = SidecarProcess(redis_server.url, tmp_path, front="asgi")
+    try:
+        metrics = requests.get(f"{proc.url}/metrics", timeout=5)  # dev mode: open
+        assert metrics.status_code == 200 and metrics.headers["Content-Type"].startswith("text/plain")
+        assert "# TYPE sidecar_dispatch_errors_total counter" in metrics.text
+        js = requests.get(f"{proc.url}/static/realtime.js", timeout=5)
+        assert js.status_code == 200 and "export" in js.text
+        plain = requests.get(f"{proc.url}/ws", timeout=5)
+        assert plain.status_code == 400 and plain.json()["error"] == "not-websocket"
+        missing = requests.get(f"{proc.url}/nothing-here", timeout=5)
+        assert missing.status_code == 404 and missing.json()["error"] == "not-found"
+        head = requests.head(f"{proc.url}/sse", params={"channel": "a"}, timeout=5)
+        assert head.status_code == 200 and head.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
+def test_an_asgi_sidecar_says_asyncio_in_its_stats_records_and_metrics(redis_server, tmp_path):
+    proc = SidecarProcess(redis_server.url, tmp_path, {"SIDECAR_STATS_INTERVAL": "0.3"}, front="asgi")
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+
+        def records() -> list[dict]:
+            docs = [orjson.loads(fields[b"r"]) for _, fields in client.xrange("rt:stats")]
+            return [d for d in docs if d.get("kind", "relay") == "relay"]
+
+        deadline = time.monotonic() + 10
+        while len(records()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        recs = records()
+        assert len(recs) >= 2 and {(r["v"], r["front"]) for r in recs} == {(2, "asyncio")}
+        metrics = requests.get(f"{proc.url}/metrics", timeout=5).text
+        assert 'sidecar_info{front="asyncio"' in metrics
+    finally:
+        client.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(40)
