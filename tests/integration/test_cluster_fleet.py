@@ -18,6 +18,7 @@ from sidecar.core.slots import balanced_tags, key_slot
 from sidecar.publish import Publisher
 from tests.clients import SSEClient, WSClient
 from tests.cluster import RedisClusterNodes
+from tests.integration import test_cluster_relay as on_cluster
 from tests.integration.test_cluster_relay import healthz, live_key, master_of, one_channel_per_master, wait_for
 from tests.integration.test_live_channels import CHANNELS, publish_without_notification
 from tests.integration.test_metrics import scrape
@@ -152,3 +153,55 @@ def test_the_channels_reader_counts_what_it_caught_up_from_history(redis_server,
     assert "# HELP sidecar_reader_caught_up_total" in text
     pub.close()
     ws.close()
+
+
+def test_in_channels_mode_a_dead_master_not_yet_replaced_costs_only_its_channels_and_healthz_stays_ready(
+    redis_cluster: RedisClusterNodes, cluster_url: str, sidecar_process
+) -> None:
+    # Nothing can be published on the dead master's channels, so a replica has nothing it fails to hear: it is
+    # not deaf, and stays ready (in shards mode every replica turns unready, above). Its position checks of the
+    # dead node's channels fail meanwhile, and the other nodes' go on.
+    sidecar = sidecar_process(cluster_url, **CHANNELS)
+    victim_channel, other = one_channel_per_master(redis_cluster, "dead")[:2]
+    victim = master_of(redis_cluster, victim_channel)
+    replica = redis_cluster.replica_of(victim)
+    replica.command("CONFIG", "SET", "cluster-replica-no-failover", "yes")
+    ws = WSClient(sidecar.ws_url)
+    ws.subscribe(victim_channel, mode="event")
+    ws.subscribe(other, mode="event")
+    ws.wait(lambda f: len(ws.of_type("subscribed")) == 2)
+    for i in range(3):
+        publish_until_acked(cluster_url, victim_channel, i)
+        publish_until_acked(cluster_url, other, i)
+    ws.wait(lambda f: len(ws.messages()) == 6)
+    victim.kill()
+    statuses = []
+    for i in range(3, 3 + 8):  # 4 s: four position checks (SIDECAR_READER_STALL=1) with their node down
+        publish_until_acked(cluster_url, other, i)
+        statuses.append(healthz(sidecar.url)[0])
+        time.sleep(0.5)
+    # Unready at most while the pub/sub connection moves to another node, if it was on the dead one.
+    assert statuses[-4:] == [200] * 4, statuses
+    ws.wait(lambda f: len(ws.messages(other)) == 11, timeout=5)
+    assert [m["data"]["i"] for m in ws.messages(other)] == list(range(11))
+    replica.command("CLUSTER", "FAILOVER", "TAKEOVER")
+    redis_cluster.wait_promoted(victim, slot=key_slot(live_key(victim_channel)))
+    publish_until_acked(cluster_url, victim_channel, 3)
+    ws.wait(lambda f: 3 in [m["data"]["i"] for m in ws.messages(victim_channel)], timeout=15)
+    got = [m["data"]["i"] for m in ws.messages(victim_channel)]
+    assert len(got) == len(set(got))
+    print(f"\nchannels mode, dead master: /healthz {statuses}")
+    ws.close()
+
+
+def test_in_channels_mode_a_slot_migrated_during_traffic_loses_and_doubles_nothing(
+    redis_cluster: RedisClusterNodes, cluster_url: str, sidecar_process
+) -> None:
+    """test_cluster_relay.py's migration test, every sidecar in channels mode (test_live_cluster.py has the rest)."""
+
+    def in_channels_mode(redis_url: str, **env: str):
+        return sidecar_process(redis_url, **{**CHANNELS, **env})
+
+    on_cluster.test_a_slot_migrated_to_another_master_during_traffic_loses_and_doubles_nothing(
+        redis_cluster, cluster_url, in_channels_mode
+    )
