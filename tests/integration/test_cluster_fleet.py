@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import requests
@@ -68,22 +68,28 @@ def shards_of(cluster: RedisClusterNodes, addr: str) -> list[int]:
             if cluster.master_for_slot(key_slot(f"{SETTINGS.key_prefix}:{{{tags[s]}}}:live")).addr == addr]  # fmt: skip
 
 
-def publish_until_acked(url: str, channel: str, i: int, timeout: float = 20.0) -> None:
+def publish_until_acked(pub: Publisher, channel: str, i: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        pub = Publisher.from_url(url, redis_socket_timeout=1.0)
         try:
             pub.diff(channel, "tick", {"i": i}, data={"i": i})
             return
-        except Exception:  # the slot's master is gone until the takeover; a new client finds the new one
+        except Exception:  # the slot's master is gone until the takeover; the client then finds the new one
             assert time.monotonic() < deadline, f"{channel}: no publish acknowledged within {timeout:g} s"
             time.sleep(0.2)
-        finally:
-            pub.close()
+
+
+@pytest.fixture
+def cluster_pub(cluster_url: str) -> Iterator[Publisher]:
+    """Made before any master dies: a new cluster client cannot start while the master that owns slot 0 is dead
+    and not replaced (redis-py runs COMMAND on that node, its default, and connect() allows no retry)."""
+    pub = Publisher.from_url(cluster_url, redis_socket_timeout=1.0)
+    yield pub
+    pub.close()
 
 
 def test_a_dead_master_not_yet_replaced_turns_healthz_unready_within_the_stall_and_ready_after_its_takeover(
-    redis_cluster: RedisClusterNodes, cluster_url: str, sidecar_process
+    redis_cluster: RedisClusterNodes, cluster_url: str, sidecar_process, cluster_pub: Publisher
 ) -> None:
     # Relay.healthy() does not ping a cluster: the reader's loops and watchdog are all that can see a dead master.
     stall = 2.0
@@ -97,8 +103,8 @@ def test_a_dead_master_not_yet_replaced_turns_healthz_unready_within_the_stall_a
     ws.subscribe(other, mode="event")
     ws.wait(lambda f: len(ws.of_type("subscribed")) == 2)
     for i in range(3):
-        publish_until_acked(cluster_url, victim_channel, i)
-        publish_until_acked(cluster_url, other, i)
+        publish_until_acked(cluster_pub, victim_channel, i)
+        publish_until_acked(cluster_pub, other, i)
     ws.wait(lambda f: len(ws.messages()) == 6)
     assert healthz(sidecar.url)[0] == 200
     expected = shards_of(redis_cluster, victim.addr)
@@ -122,13 +128,13 @@ def test_a_dead_master_not_yet_replaced_turns_healthz_unready_within_the_stall_a
     stuck = scrape(sidecar.url)
     assert all(stuck[("sidecar_reader_stuck", (("shard", str(s)),))] == 1 for s in expected)
     # The other masters' shards go on meanwhile.
-    publish_until_acked(cluster_url, other, 3)
+    publish_until_acked(cluster_pub, other, 3)
     ws.wait(lambda f: len(ws.messages(other)) == 4, timeout=5)
 
     replica.command("CLUSTER", "FAILOVER", "TAKEOVER")
     redis_cluster.wait_promoted(victim, slot=key_slot(live_key(victim_channel)))
     wait_for(lambda: healthz(sidecar.url)[0] == 200, 20, "healthz ready after the takeover")
-    publish_until_acked(cluster_url, victim_channel, 3)
+    publish_until_acked(cluster_pub, victim_channel, 3)
     ws.wait(lambda f: len(ws.messages(victim_channel)) >= 4, timeout=15)
     got = [m["data"]["i"] for m in ws.messages(victim_channel)]
     assert got[-1] == 3 and len(got) == len(set(got))  # nothing doubled; what was lost is a reset, not a resume
@@ -156,7 +162,7 @@ def test_the_channels_reader_counts_what_it_caught_up_from_history(redis_server,
 
 
 def test_in_channels_mode_a_dead_master_not_yet_replaced_costs_only_its_channels_and_healthz_stays_ready(
-    redis_cluster: RedisClusterNodes, cluster_url: str, sidecar_process
+    redis_cluster: RedisClusterNodes, cluster_url: str, sidecar_process, cluster_pub: Publisher
 ) -> None:
     # Nothing can be published on the dead master's channels, so a replica has nothing it fails to hear: it is
     # not deaf, and stays ready (in shards mode every replica turns unready, above). Its position checks of the
@@ -171,13 +177,13 @@ def test_in_channels_mode_a_dead_master_not_yet_replaced_costs_only_its_channels
     ws.subscribe(other, mode="event")
     ws.wait(lambda f: len(ws.of_type("subscribed")) == 2)
     for i in range(3):
-        publish_until_acked(cluster_url, victim_channel, i)
-        publish_until_acked(cluster_url, other, i)
+        publish_until_acked(cluster_pub, victim_channel, i)
+        publish_until_acked(cluster_pub, other, i)
     ws.wait(lambda f: len(ws.messages()) == 6)
     victim.kill()
     statuses = []
     for i in range(3, 3 + 8):  # 4 s: four position checks (SIDECAR_READER_STALL=1) with their node down
-        publish_until_acked(cluster_url, other, i)
+        publish_until_acked(cluster_pub, other, i)
         statuses.append(healthz(sidecar.url)[0])
         time.sleep(0.5)
     # Unready at most while the pub/sub connection moves to another node, if it was on the dead one.
@@ -186,7 +192,7 @@ def test_in_channels_mode_a_dead_master_not_yet_replaced_costs_only_its_channels
     assert [m["data"]["i"] for m in ws.messages(other)] == list(range(11))
     replica.command("CLUSTER", "FAILOVER", "TAKEOVER")
     redis_cluster.wait_promoted(victim, slot=key_slot(live_key(victim_channel)))
-    publish_until_acked(cluster_url, victim_channel, 3)
+    publish_until_acked(cluster_pub, victim_channel, 3)
     ws.wait(lambda f: 3 in [m["data"]["i"] for m in ws.messages(victim_channel)], timeout=15)
     got = [m["data"]["i"] for m in ws.messages(victim_channel)]
     assert len(got) == len(set(got))
