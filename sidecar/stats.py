@@ -551,10 +551,14 @@ class StatsCollector(Collector):
              "was resynchronised).", stats.slow_dropped),
             (counter, "sidecar_stuck_closed", "Connections closed while stuck in one socket write.",
              relay.control.stuck_closed),
-            (counter, "sidecar_messages_read", "Messages read from every shard.", reader.messages_read),
+            (counter, "sidecar_messages_read", "Messages the live reader decoded (shards mode: every message "
+             "published; channels mode: those of its clients' channels).", reader.messages_read),
+            (counter, "sidecar_reader_caught_up", "Messages the channels-mode reader took from history on a "
+             "(re)subscribe or position check: what pub/sub lost or raced (0 in shards mode).",
+             getattr(reader, "caught_up", 0)),
             (counter, "sidecar_frames_encoded", "Frames encoded (once per message, mode and transport).",
              hub.frames_encoded),
-            (gauge, "sidecar_reader_healthy", "1 while the shard reader reads.", int(reader.alive and reader.healthy)),
+            (gauge, "sidecar_reader_healthy", "1 while the live reader reads.", int(reader.alive and reader.healthy)),
             (counter, "sidecar_reader_reconnects", "Reader reconnects to Redis.", reader.reconnects),
             (counter, "sidecar_reader_watchdog_reconnects", "Reader connections the watchdog closed because their "
              "shard's stream moved on while they read nothing.", reader.kicks),

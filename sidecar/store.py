@@ -215,10 +215,12 @@ def _connect_cluster(scheme: str, rest: str, settings: Settings, block_ms: int) 
     if not nodes:
         raise ValueError("a Redis Cluster URL needs at least one host:port")
     first = f"{scheme}://{auth + '@' if auth else ''}{nodes[0].host}:{nodes[0].port}{tail}"
-    return redis.RedisCluster(
+    client = redis.RedisCluster(
         url=first,
         startup_nodes=nodes[1:],
-        retry=Retry(NoBackoff(), 0),
+        # Retries only while the client is made: redis-py then asks its default node (the first master) for
+        # COMMAND, and a dead master not yet replaced would fail every new process; a retry asks another one.
+        retry=Retry(NoBackoff(), 2),
         require_full_coverage=False,  # the other masters keep serving while one shard fails over
         connection_pool_class=redis.BlockingConnectionPool,
         max_connections=settings.redis_pool,
@@ -226,6 +228,8 @@ def _connect_cluster(scheme: str, rest: str, settings: Settings, block_ms: int) 
         socket_timeout=settings.redis_socket_timeout + block_ms / 1000,
         socket_connect_timeout=settings.redis_socket_timeout,
     )
+    client.set_retry(Retry(NoBackoff(), 0))
+    return client
 
 
 def _seed(text: str) -> ClusterNode:
