@@ -116,6 +116,14 @@ COLUMNS = """([name, columns]) => {
 }"""
 
 
+MARKER_AT = """() => {
+  const marker = [...Bokeh.documents[0].all_models].find(m => m.name === 'policy-marker');
+  const view = Bokeh.index.find_one(marker), plot = view.parent, box = plot.canvas_view.el.getBoundingClientRect();
+  const sx = view.coordinates.x_scale.compute(marker.data_source.data.t[0]);
+  return [box.left + sx, box.top + plot.frame.bbox.top + plot.frame.bbox.height / 2];
+}"""  # the page position of the first policy marker, halfway down its chart
+
+
 def columns(page: Any, name: str, *cols: str) -> dict[str, list[Any]]:
     return page.evaluate(COLUMNS, [name, list(cols)])
 
@@ -182,6 +190,16 @@ def test_the_v2_views_show_what_the_replicas_and_publishers_recorded(redis_serve
                          "the policy-change markers")  # fmt: skip
         assert marks["who"] == ["ops-anna", "ops-bo"] and marks["what"][1] == "admit_rate 0 -> 5"
         assert marks["t"][0] == pytest.approx(changes[0][0] * 1000, abs=1)
+        when = columns(page, "changes", "when")["when"]
+        assert when == [time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at)) for at, _, _ in changes]
+        # Hovering a marker says who, what and when (a hover tool on each chart's markers): the mouse on the first
+        # marker of the first chart shows its time, written nowhere else on the page.
+        hovers = page.evaluate("""() => [...Bokeh.documents[0].all_models].filter(m => m.name === 'policy-hover')
+            .map(h => [h.tooltips.map(t => t.join(' ')).join('; '), h.renderers.map(r => r.name).join()])""")
+        assert len(hovers) == 11 and set(map(tuple, hovers)) == {("who @who; what @what; when @when", "policy-marker")}
+        assert page.get_by_text(when[0], exact=True).count() == 0
+        page.mouse.move(*page.evaluate(MARKER_AT))
+        page.get_by_text(when[0], exact=True).first.wait_for(timeout=5_000)
         page.get_by_text("orders:* window 0 -> 0.25 s", exact=True).first.wait_for(timeout=5_000)
         page.screenshot(path=str(artifacts / "dashboard-v2.png"), full_page=True)
     finally:
