@@ -178,7 +178,8 @@ def _changes(changes: list[Any]) -> dict[str, list[Any]]:
     """The policy-change markers' source, oldest first."""
     ordered = list(reversed(changes))
     return {"t": [c.at * 1000 for c in ordered], "who": [c.who for c in ordered], "what": [c.what for c in ordered],
-            "label": [f"{c.who}: {c.what}" for c in ordered]}  # fmt: skip
+            "label": [f"{c.who}: {c.what}" for c in ordered],
+            "when": [time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(c.at)) for c in ordered]}  # fmt: skip
 
 
 def _figure(title: str, x_range: Range1d, y_label: str, height: int = 260, counts: bool = False) -> Any:
@@ -351,8 +352,10 @@ class Dashboard:
         # Policy changes: a vertical marker on every time chart, who and what written on two of them.
         self.changes = ColumnDataSource(_changes([]), name="changes")
         for fig in (*self.figures, self.heat_fig):
-            fig.vspan(x="t", source=self.changes, line_color="#7f7f7f", line_dash="dashed", line_width=2,
-                      name="policy-marker")  # fmt: skip
+            marker = fig.vspan(x="t", source=self.changes, line_color="#7f7f7f", line_dash="dashed", line_width=2,
+                               name="policy-marker")  # fmt: skip
+            fig.add_tools(HoverTool(renderers=[marker], tooltips=[("who", "@who"), ("what", "@what"),
+                                    ("when", "@when")], name="policy-hover"))  # fmt: skip
         for fig in (self.rates_fig, self.ratio_fig):
             fig.add_layout(LabelSet(x="t", y=5, y_units="screen", text="label", source=self.changes, x_offset=4,
                                     text_font_size="11px", text_color="#555555", name="policy-label"))  # fmt: skip

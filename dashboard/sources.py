@@ -34,7 +34,7 @@ import orjson
 from sidecar.core.patterns import glob_match
 from sidecar.stats import COUNTERS, LATENCY_BOUNDS_MS, QUEUE_BOUNDS, RECORD_FIELD, SUBSCRIBERS
 
-COUNT_KEYS = tuple(COUNTERS.values())  # "pub", "dlv", "coal", "drop", "delay", "adm", "rej", "pull"
+COUNT_KEYS = tuple(COUNTERS.values())  # "pub", "dlv", "coal", "drop", "delay", "adm", "rej", "pull", "win"
 N_BUCKETS = len(LATENCY_BOUNDS_MS)
 VERSIONS = (1, 2)  # record versions this dashboard reads (v2 adds fields; docs/dashboard.md, "The stats record")
 N_QUEUE = len(QUEUE_BOUNDS)  # the per-connection queue-depth histogram of v2 records ("qd"), in frames
@@ -226,6 +226,7 @@ class Point:
     admitted: float = 0.0
     rejected: float = 0.0
     pulled: float = 0.0
+    flushed: float = 0.0  # coalescing windows flushed (records that count them: "win")
     slow: float = 0.0
     latency: list[float] = field(default_factory=lambda: [0.0] * N_BUCKETS)
     sse: int = 0
@@ -370,13 +371,16 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
 
 def _sent(r: Record, counts: Mapping[str, int]) -> float:
     """What the throttle let out for the channels ``counts`` are of, in record ``r``: the messages it sent at
-    once (``pub - coal``: a held message counts as coalesced) plus the windows it flushed. A record counts flushes
-    for the whole replica only (the ``held`` observations less the spread pokes, ``delay``); a pattern gets its
-    share of them by its share of the coalesced messages (of the subscribers, when the record coalesced nothing
-    new): exact with one pattern held, an estimate with several. v1 records have no ``held``: their flushes are
-    not counted."""
+    once (``pub - coal``: a held message counts as coalesced) plus the windows it flushed. Records that count
+    flushes per pattern (``win``, in any of their patterns) give them exactly. Older ones count them for the whole
+    replica only (the ``held`` observations less the spread pokes, ``delay``); a pattern gets its share of them
+    by its share of the coalesced messages (of the subscribers, when the record coalesced nothing new): exact
+    with one pattern held, an estimate with several. v1 records have no ``held``: their flushes are not
+    counted."""
     held = sum(r.stage.get("held", ()))
     sent = counts["pub"] - counts["coal"]
+    if counts["win"] or any("win" in entry for entry in r.channels.values()):
+        return sent + counts["win"]
     if not held:
         return sent
     every = r.counts()
@@ -508,7 +512,7 @@ class Window:
     ) -> None:
         for r in self._covering(rows, start, end):
             counts = r.counts(pattern)
-            sent = _sent(r, counts) if counts[SUBSCRIBERS] or counts["coal"] else None
+            sent = _sent(r, counts) if counts[SUBSCRIBERS] or counts["coal"] or counts["win"] else None
             first, last = max(math.floor(r.begin), start), min(math.ceil(r.ts), end)
             for t in range(first, last):
                 overlap = _overlap(r.begin, r.ts, t, t + 1)

@@ -82,12 +82,13 @@ SLOWEST = 5  # connections listed in a record's "slowest"
 COUNTERS = {
     "published": "pub",  # messages read from the live streams (every replica reads all of them)
     "delivered": "dlv",  # frames queued to this replica's connections
-    "coalesced": "coal",  # messages folded into a later one by the throttle
+    "coalesced": "coal",  # messages the throttle held for a window (not sent at once)
     "dropped": "drop",  # frames dropped: by the throttle, or for a connection too slow to keep up
     "poke_delayed": "delay",  # pokes the throttle spread out instead of sending at once
     "admitted": "adm",  # connections the admission control let in (counted per channel asked for)
     "rejected": "rej",  # connections it turned away (the same)
     "pulled": "pull",  # GET /channels/<c>/state (the pull of poke/pull)
+    "flushed": "win",  # coalescing windows the throttle sent (one frame out each: frames out = pub - coal + win)
 }
 SUBSCRIBERS = "subs"  # a gauge in the same "ch" entries
 GAUGES = ("pokes_pending", "poke_spread")  # herd control: pokes waiting to be sent, seconds they are spread over
@@ -211,6 +212,7 @@ class Stats:
         self.registry.register(StatsCollector(self))
         ProcessCollector(registry=self.registry)
         relay.throttle.on_held = self.observe_held
+        relay.throttle.on_flushed = lambda channel: self.count("flushed", channel)
         # The read stage is timed where the reader hands its decoded messages on (whatever the reader's kind).
         dispatch = getattr(relay.reader, "on_messages", None)
         if dispatch is not None:
@@ -506,12 +508,13 @@ def _top(channels: dict[str, dict[str, Any]], limit: int) -> dict[str, dict[str,
 _HELP = {
     "published": "Messages read from the live streams (every replica reads all of them).",
     "delivered": "Frames queued to this replica's connections.",
-    "coalesced": "Messages the throttle folded into a later one.",
+    "coalesced": "Messages the throttle held for a coalescing window (sent in its frame, not at once).",
     "dropped": "Frames dropped by the throttle or for connections too slow to keep up.",
     "poke_delayed": "Pokes the throttle spread out.",
     "admitted": "Connections admitted by the throttle, per channel they asked for.",
     "rejected": "Connections rejected by the throttle, per channel they asked for.",
     "pulled": "Reads of GET /channels/<channel>/state.",
+    "flushed": "Coalescing windows the throttle sent (one frame out each).",
 }
 
 

@@ -193,6 +193,7 @@ class Throttle:
         self.counts: dict[tuple[str, str], int] = {}  # (counter, channel) -> n since take_counts()
         self.spread_seconds = 0.0  # what the latest change's pokes were spread over
         self.on_held: Callable[[float], None] | None = None  # the seconds each held delivery was held (stats)
+        self.on_flushed: Callable[[str], None] | None = None  # the channel of each window sent (stats)
         self.admissions = {"ok": 0, "defer": 0, "rej": 0}  # ever: admitted; refused by the bucket; over a cap
         self._bucket: TokenBucket | None = None
         self._backlog = 0.0  # rejected connections expected back (drains at admit_rate)
@@ -239,7 +240,9 @@ class Throttle:
             window.since = now
         window.pending.append(msg)
         if now >= window.until or len(window.pending) >= MAX_PENDING:
-            # Overdue (the scheduler ran late) or full: send what is held with this one, in order.
+            # Overdue (the scheduler ran late) or full: send what is held with this one, in order. This one goes
+            # out in the window's frame, not at once: coalesced too, so frames out = pub - coal + windows sent.
+            self._count("coalesced", channel)
             return [self._close(channel, window, policy, now)]
         self._count("coalesced", channel)
         if len(window.pending) == 1:
@@ -250,6 +253,8 @@ class Throttle:
         messages, window.pending = tuple(window.pending), []
         if self.on_held is not None and now > window.since:
             self.on_held(now - window.since)
+        if self.on_flushed is not None:  # at once, like on_held: a record has both or neither
+            self.on_flushed(channel)
         if policy.window > 0:
             window.until = now + policy.window  # the next window starts with this send
         else:

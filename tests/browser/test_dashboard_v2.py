@@ -52,7 +52,7 @@ def relay_record(replica: str, ts: int, started: float) -> dict[str, Any]:
         "shards": {"0": {"lag": 2.0 + 10 * i, "reconn": 0}, "1": {"lag": 1.0, "reconn": 0}},
         "adm": ADM, "qd": QD, "stuck": 0,
         "slowest": [{"t": "ws", "ch": 2 + i, "qb": 40_000 + i, "qf": 300, "age": 12.0}],
-        "ch": {"orders:*": {"pub": 20, "dlv": 4, "coal": 16, "subs": 1, "lat": LAT,
+        "ch": {"orders:*": {"pub": 20, "dlv": 4, "coal": 16, "win": 2, "subs": 1, "lat": LAT,
                             "modes": {"event": 1, "diff": 0, "state": 0, "poke": 0}}},
     }  # fmt: skip
 
@@ -116,6 +116,14 @@ COLUMNS = """([name, columns]) => {
 }"""
 
 
+MARKER_AT = """() => {
+  const marker = [...Bokeh.documents[0].all_models].find(m => m.name === 'policy-marker');
+  const view = Bokeh.index.find_one(marker), plot = view.parent, box = plot.canvas_view.el.getBoundingClientRect();
+  const sx = view.coordinates.x_scale.compute(marker.data_source.data.t[0]);
+  return [box.left + sx, box.top + plot.frame.bbox.top + plot.frame.bbox.height / 2];
+}"""  # the page position of the first policy marker, halfway down its chart
+
+
 def columns(page: Any, name: str, *cols: str) -> dict[str, list[Any]]:
     return page.evaluate(COLUMNS, [name, list(cols)])
 
@@ -157,8 +165,8 @@ def test_the_v2_views_show_what_the_replicas_and_publishers_recorded(redis_serve
         cells = {(b, c) for b, c in zip(heat["bucket"], heat["count"])}
         assert ("\u22645", 10.0) in cells and ("\u2264500", 2.0) in cells
 
-        # What the throttle did: per replica 20 messages in; 4 sent at once and 2 windows flushed (the two "held"
-        # observations): 6 frames out.
+        # What the throttle did: per replica 20 messages in; 4 sent at once and 2 windows sent ("win", the two
+        # "held" observations): 6 frames out.
         ratio = full_seconds(columns(page, "throttle", "ratio"), "ratio")
         assert ratio == pytest.approx([20 / 6] * len(ratio)) and ratio
         adm = columns(page, "admission", "admitted", "deferred", "rejected", "attempts", "bucket")
@@ -182,6 +190,16 @@ def test_the_v2_views_show_what_the_replicas_and_publishers_recorded(redis_serve
                          "the policy-change markers")  # fmt: skip
         assert marks["who"] == ["ops-anna", "ops-bo"] and marks["what"][1] == "admit_rate 0 -> 5"
         assert marks["t"][0] == pytest.approx(changes[0][0] * 1000, abs=1)
+        when = columns(page, "changes", "when")["when"]
+        assert when == [time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at)) for at, _, _ in changes]
+        # Hovering a marker says who, what and when (a hover tool on each chart's markers): the mouse on the first
+        # marker of the first chart shows its time, written nowhere else on the page.
+        hovers = page.evaluate("""() => [...Bokeh.documents[0].all_models].filter(m => m.name === 'policy-hover')
+            .map(h => [h.tooltips.map(t => t.join(' ')).join('; '), h.renderers.map(r => r.name).join()])""")
+        assert len(hovers) == 11 and set(map(tuple, hovers)) == {("who @who; what @what; when @when", "policy-marker")}
+        assert page.get_by_text(when[0], exact=True).count() == 0
+        page.mouse.move(*page.evaluate(MARKER_AT))
+        page.get_by_text(when[0], exact=True).first.wait_for(timeout=5_000)
         page.get_by_text("orders:* window 0 -> 0.25 s", exact=True).first.wait_for(timeout=5_000)
         page.screenshot(path=str(artifacts / "dashboard-v2.png"), full_page=True)
     finally:
@@ -275,18 +293,17 @@ def test_real_traffic_shows_stages_the_windows_coalescing_the_storms_admission_a
 
         # The coalescing as plotted is the records' (messages in / frames out), and what a 0.5 s window
         # allows: at most one frame per window, the first at once.
-        # Frames out: the messages sent at once (not coalesced) and one per window flushed (each a "held"
-        # observation; no poke is spread here).
+        # Frames out: the messages sent at once (not coalesced) and the windows flushed, as the records count them
+        # per pattern ("win").
         records = [r for r in read_records(client, "rt:stats") if r.kind == "relay"]
         pub_n = sum(r.channels.get("win:*", {}).get("pub", 0) for r in records)
         coal = sum(r.channels.get("win:*", {}).get("coal", 0) for r in records)
-        flushed = sum(sum(r.stage.get("held", ())) for r in records)
+        flushed = sum(r.channels.get("win:*", {}).get("win", 0) for r in records)
         shown = sums_of(page, "throttle", "messages_in", "frames_out")
         assert shown["messages_in"] == pytest.approx(pub_n) and pub_n == MESSAGES
-        assert shown["frames_out"] == pytest.approx(pub_n - coal + flushed)
-        # At most one frame per window from the first message to the last one's window end; a window the
-        # scheduler closed late (from the next offer) counts its frame twice (docs/dashboard.md): one more.
-        assert took / WINDOW - 1 <= shown["frames_out"] <= (took + WINDOW) / WINDOW + 1 + 1
+        assert flushed and shown["frames_out"] == pytest.approx(pub_n - coal + flushed)
+        # At most one frame per window from the first message to the last one's window end.
+        assert took / WINDOW - 1 <= shown["frames_out"] <= (took + WINDOW) / WINDOW + 1
 
         # Where the time goes: every stage has latencies, and no frame was held longer than a window allows
         # (its histogram bucket's upper bound).

@@ -479,6 +479,24 @@ def test_frames_out_count_the_windows_a_replica_flushed_shared_by_the_patterns_i
     assert sum(p.coal_out for p in w.series(T0, T0 + 2)) == pytest.approx(2 + 3 + 2 + 1 + 1)
 
 
+def test_frames_out_are_exact_when_the_record_counts_each_patterns_windows_flushed():
+    # Windows counted per pattern ("win"): 2 for orders:*, 1 for task:*, where the estimate would share the 4
+    # "held" observations that are no poke 18 : 6 (3 and 1; the fifth is a poke spread in the record before).
+    w = Window(stale_after=5)
+    ch = {"orders:*": {"pub": 20, "coal": 18, "win": 2, "subs": 1}, "task:*": {"pub": 8, "coal": 6, "win": 1,
+          "subs": 1}, "pokes:*": {"pub": 1, "delay": 1, "subs": 1}}  # fmt: skip
+    w.add([v2("a:1", T0 + 1, stage={"held": list(lat(b200=5))}, ch=ch)])
+    assert w.series(T0, T0 + 1, "orders:*")[0].coal_out == pytest.approx(2 + 2)
+    assert w.series(T0, T0 + 1, "task:*")[0].coal_out == pytest.approx(2 + 1)
+    assert w.series(T0, T0 + 1, "pokes:*")[0].coal_out == pytest.approx(1)  # counted: none of its windows
+    assert w.series(T0, T0 + 1)[0].flushed == pytest.approx(3)
+    # A record that counts flushes and flushed none: no estimate from its "held" observations.
+    w.add([v2("a:1", T0 + 2, stage={"held": list(lat(b200=2))},
+              ch={"orders:*": {"pub": 4, "coal": 1, "subs": 1}, "task:*": {"win": 1, "subs": 1}})])  # fmt: skip
+    assert w.series(T0 + 1, T0 + 2, "orders:*")[0].coal_out == pytest.approx(3)
+    assert w.series(T0 + 1, T0 + 2, "task:*")[0].coal_out == pytest.approx(1)
+
+
 def test_admission_counts_are_rates_and_the_bucket_level_a_gauge_of_the_live_replicas():
     w = Window(stale_after=5)
     for i in range(1, 4):

@@ -338,6 +338,33 @@ def test_a_coalescing_window_puts_its_held_frames_in_the_held_stage(clock):
     assert record["ch"]["orders:*"]["coal"] == 9 and record["ch"]["orders:*"]["dlv"] == 2
 
 
+def test_a_record_counts_the_windows_sent_per_pattern_and_frames_out_are_pub_less_coal_plus_win(clock):
+    policy = Policy.from_json({"channels": {"orders:*": {"window": 0.5}, "task:*": {"window": 0.5}}})
+    relay = fake_relay(Settings(), clock, policy)
+    stats = Stats(relay, clock)
+    conn = relay.hub.connect(Connection(SSE, lambda: None))
+    for channel in ("orders:1", "orders:2", "task:1"):
+        relay.hub.start(relay.hub.subscribe(conn, channel, "diff"), Sync(Position(), 0))
+    read(relay, *(message(c, i) for i in range(1, 4) for c in ("orders:1", "orders:2")))  # 2 go, 4 wait
+    read(relay, message("task:1", 1), message("task:1", 2))  # 1 goes, 1 waits
+    clock.now += 0.5
+    relay.hub.flush()  # 3 windows end: 3 frames out
+    clock.now += 0.6  # task:1's next window ends with nothing held; orders:1's is overdue when a message comes
+    read(relay, message("orders:1", 4))
+    clock.now += 0.1
+    read(relay, message("orders:1", 5))  # held
+    clock.now += 0.5
+    read(relay, message("orders:1", 6))  # the scheduler is late: this one closes the window, and goes out in it
+    relay.hub.flush()
+    for (name, channel), n in relay.hub.take_counts().items():
+        stats.count(name, channel, n)
+    ch = stats.sample()[0]["ch"]
+    # orders:* frames out: 3 sent at once (the first two, #4), 3 windows (2 that ended, 1 closed late): 9 - 6 + 3.
+    assert (ch["orders:*"]["pub"], ch["orders:*"]["coal"], ch["orders:*"]["win"]) == (9, 6, 3)
+    assert (ch["task:*"]["pub"], ch["task:*"]["coal"], ch["task:*"]["win"]) == (2, 1, 1)
+    assert conn.queue and 'sidecar_flushed_total{pattern="orders:*"} 3.0' in exposition(stats).decode()
+
+
 def test_spread_pokes_are_held_from_the_change_to_their_slot(clock):
     policy = Policy.from_json({"channels": {"orders:*": {"poke_rate": 100 / 3, "poke_floor": 0}}})
     relay = fake_relay(Settings(stats_patterns="orders:*"), clock, policy)
