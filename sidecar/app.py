@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import redis
@@ -28,7 +27,6 @@ from sidecar.core.http_api import (
     UNAVAILABLE,
     UNKNOWN_CHANNEL,
     Refusal,
-    publish_item,
     publish_items,
     refusal,
 )
@@ -270,8 +268,3 @@ def publish() -> Response:
     published = publisher._send(encoded)
     body = [{"channel": p.channel, "id": p.id, "seq": p.seq, "epoch": p.epoch} for p in published]  # protocol.md
     return Response(dumps({"published": body}), mimetype="application/json")
-
-
-def _publish_item(publisher: Publisher, index: int, item: Any) -> Any:
-    """Kept for the asgi front until it imports sidecar.core.http_api.publish_item itself."""
-    return publish_item(index, item, publisher.item)

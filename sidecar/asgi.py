@@ -44,6 +44,7 @@ from sidecar.auth import Auth, AuthError, Grant, bearer, presented_token
 from sidecar.config import Settings
 from sidecar.control import HOUSEKEEPING
 from sidecar.core.connection import SSE, WS, Connection
+from sidecar.core.http_api import UNAVAILABLE, Refusal, publish_items, too_large
 from sidecar.core.protocol import SSE_KEEPALIVE, ProtocolError, dumps, error_body, loads_exact, validate_channel
 from sidecar.core.session import (
     STORE_DOWN,
@@ -57,7 +58,7 @@ from sidecar.core.session import (
     busy,
     sse_request,
 )
-from sidecar.publish import Publisher, PublishError
+from sidecar.publish import Publisher
 from sidecar.relay import Relay, drive_async
 from sidecar.runtime import AsyncioRuntime
 from sidecar.state_cache import Pulled
@@ -214,8 +215,12 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+def answer(refused: Refusal) -> Response:
+    return Response(refused.body, refused.status, headers=dict(refused.headers), media_type="application/json")
+
+
 def _too_large(limit: int) -> Response:
-    return error(413, "too-large", f"request bodies are limited to {limit} bytes")
+    return answer(too_large(limit))
 
 
 # -- routes -------------------------------------------------------------------------------------------------
@@ -356,25 +361,12 @@ async def publish(request: Request) -> Response:
     data = await read_body(request, limit)
     if data is None:
         return _too_large(limit)
-    body = loads_exact(data)
-    if isinstance(body, dict) and "messages" in body:
-        if len(body) > 1:
-            return error(400, "bad-request", 'a batch is {"messages": [...]} and nothing else')
-        items = body["messages"]
-    else:
-        items = [body]
-    if not isinstance(items, list) or not items:
-        return error(400, "bad-request", '"messages" must be a non-empty list')
-    from sidecar.app import _publish_item  # the Flask front's check of one item (to move to the core)
-
     publisher = front.publisher
     assert publisher is not None
-    try:
-        encoded = [_publish_item(publisher, i, item) for i, item in enumerate(items)]
-    except PublishError as exc:
-        return error(400, exc.code, exc.message)
+    encoded = publish_items(loads_exact(data), publisher.item)  # ProtocolError (PublishError too): a 400
     published = await front.read(publisher._send, encoded)
-    return Response(dumps({"published": [p.__dict__ for p in published]}), media_type="application/json")
+    body = [{"channel": p.channel, "id": p.id, "seq": p.seq, "epoch": p.epoch} for p in published]  # protocol.md
+    return Response(dumps({"published": body}), media_type="application/json")
 
 
 async def admin_throttle(request: Request) -> Response:
@@ -545,7 +537,7 @@ async def _auth_error(_request: Request, exc: Exception) -> Response:
 
 async def _redis_down(_request: Request, exc: Exception) -> Response:
     log.warning("Redis unavailable: %s", type(exc).__name__)
-    return error(503, "unavailable", "the relay cannot reach its store; retry shortly", **{"Retry-After": "1"})
+    return answer(UNAVAILABLE)
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:

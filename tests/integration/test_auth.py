@@ -271,6 +271,7 @@ def test_publish_needs_the_publisher_key(sidecar):
     for key in (PUBLISHER_KEY, "old-publisher-key-000000"):  # either key of a rotation
         ok = requests.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=5)
         assert ok.status_code == 200 and ok.json()["published"][0]["channel"] == "pub:1"
+        assert set(ok.json()["published"][0]) == {"channel", "id", "seq", "epoch"}  # protocol.md's reply, no more
 
 
 def test_admin_api_needs_the_admin_key(sidecar):
