@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
 import redis
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
@@ -150,19 +149,8 @@ def metrics() -> Response:
 @api.get("/healthz")
 def healthz() -> Response:
     relay = relay_of()
-    ok = relay.healthy()
-    # Per shard: lag_ms is head id time - position id time, idle_s the seconds since its loop's last reply.
-    shards = [{"shard": g.shard, "lag_ms": g.lag_ms, "idle_s": g.idle, "stuck": g.stuck} for g in relay.reader.lags()]
-    body = {
-        "ok": ok,
-        "reader": relay.reader.alive and relay.reader.healthy,
-        "stuck": [s["shard"] for s in shards if s["stuck"]],
-        "connections": len(relay.hub.connections),
-        "shards": shards,
-    }
-    if not ok and relay.reader.reason:
-        body["reason"] = relay.reader.reason
-    return Response(orjson.dumps(body), status=200 if ok else 503, mimetype="application/json")
+    status, body = relay.health(relay.healthy())
+    return Response(body, status=status, mimetype="application/json")
 
 
 @api.get("/sse")

@@ -227,18 +227,8 @@ def _too_large(limit: int) -> Response:
 async def healthz(request: Request) -> Response:
     front = front_of(request)
     relay = await front.ready()
-    ok = await front.read(relay.healthy)  # a PING: blocking
-    shards = [{"shard": g.shard, "lag_ms": g.lag_ms, "idle_s": g.idle, "stuck": g.stuck} for g in relay.reader.lags()]
-    body = {
-        "ok": ok,
-        "reader": relay.reader.alive and relay.reader.healthy,
-        "stuck": [s["shard"] for s in shards if s["stuck"]],
-        "connections": len(relay.hub.connections),
-        "shards": shards,
-    }
-    if not ok and relay.reader.reason:  # the channels reader's pub/sub connection, the stream reader's stuck shards
-        body["reason"] = relay.reader.reason
-    return Response(orjson.dumps(body), 200 if ok else 503, media_type="application/json")
+    status, body = relay.health(await front.read(relay.healthy))  # healthy(): a PING, blocking
+    return Response(body, status, media_type="application/json")
 
 
 async def metrics(request: Request) -> Response:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Generator
 from functools import partial
 
+import orjson
 import redis
 
 from sidecar.config import Settings
@@ -114,6 +115,24 @@ class Relay:
             return bool(self.store.redis.ping())
         except Exception:
             return False
+
+    def health(self, ok: bool) -> tuple[int, bytes]:
+        """/healthz's (status, JSON body) for `ok` (healthy()'s answer, which may block: the front calls it its
+        own way), built once for both fronts. Per shard: lag_ms is head id time - position id time, idle_s the
+        seconds since its loop's last reply; "reason" (the channels reader's pub/sub connection, the stream
+        reader's stuck shards) only while not ok."""
+        lags = self.reader.lags()
+        shards = [{"shard": g.shard, "lag_ms": g.lag_ms, "idle_s": g.idle, "stuck": g.stuck} for g in lags]
+        body = {
+            "ok": ok,
+            "reader": self.reader.alive and self.reader.healthy,
+            "stuck": [s["shard"] for s in shards if s["stuck"]],
+            "connections": len(self.hub.connections),
+            "shards": shards,
+        }
+        if not ok and self.reader.reason:
+            body["reason"] = self.reader.reason
+        return (200 if ok else 503), orjson.dumps(body)
 
     def connection(self, transport: str, wake: object) -> Connection:
         p = self.throttle.policy  # the queue bounds are live: ops may change them
