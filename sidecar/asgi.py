@@ -36,6 +36,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as _UvicornWSProtocol
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
@@ -476,9 +477,17 @@ async def _deny(ws: WebSocket, exc: AuthError) -> None:
         await ws.close(1008, exc.message)
 
 
+FRAMES = "sidecar.websocket.frames"  # the ASGI extension of WSProtocol below: pre-built frames in one send
+
+
 async def _send_frames(ws: WebSocket, data: bytes) -> None:
-    """The hub's WebSocket frames are whole RFC 6455 frames (shared by every socket on the gevent front); ASGI
-    sends messages, so each frame's payload goes as one message. Ping frames are left to the server's own."""
+    """The hub's WebSocket frames are whole RFC 6455 frames (shared by every socket on the gevent front). On
+    WSProtocol (its FRAMES extension) they go to the transport as they are, one write per Write action. ASGI
+    itself sends messages, so elsewhere each frame's payload goes as one message, and ping frames are left to the
+    server's own."""
+    if FRAMES in ws.scope.get("extensions", {}):
+        await ws.send({"type": "websocket.send", FRAMES: data})
+        return
     i, n = 0, len(data)
     while i < n:
         opcode, size = data[i] & 0x0F, data[i + 1] & 0x7F
@@ -569,7 +578,28 @@ class WSProtocol(_UvicornWSProtocol):
     with its close frame (1007) instead of dropping the connection: RFC 6455 section 7.1.7, and what the gevent
     front does. wsproto reports such a frame as a CloseConnection while the connection is still open (a real
     close from the client is REMOTE_CLOSING), and uvicorn then closed TCP without a close frame. For uvicorn's
-    command line: `--ws sidecar.asgi:WSProtocol` (docs/deployment.md)."""
+    command line: `--ws sidecar.asgi:WSProtocol` (docs/deployment.md).
+
+    Its FRAMES extension (offered only without permessage-deflate, which compresses each message itself): a
+    `websocket.send` carrying FRAMES is written to the transport as it is, after uvicorn's own checks (flow
+    control, disconnect, close sent): the relay's pre-built frames, one write for all frames of a Write action
+    instead of one ASGI send, one wsproto encoding and one transport write per frame."""
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        if not self.config.ws_per_message_deflate:
+            self.scope["extensions"][FRAMES] = {}
+
+    async def send(self, message: Any) -> None:
+        frames = message.get(FRAMES)
+        if frames is None or message["type"] != "websocket.send":
+            await super().send(message)
+            return
+        await self.writable.wait()
+        if self.disconnected or self.close_sent or self.conn.state != ConnectionState.OPEN:
+            raise ClientDisconnected()
+        if not self.transport.is_closing():
+            self.transport.write(frames)
 
     def handle_close(self, event: CloseConnection) -> None:
         if not self.close_sent and self.conn.state == ConnectionState.OPEN:
