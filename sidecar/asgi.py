@@ -1,9 +1,9 @@
 """The asyncio front: the relay as a Starlette app, on the same core as the Flask front (docs/architecture.md).
 
-SSE goes through sse-starlette's EventSourceResponse (its ping is the keepalive, its send timeout cuts a stuck
-peer), the WebSocket through Starlette's; both are driven by core/session.Session, like the Flask routes. The
-hub runs on the event loop; the reader, stats and policy loops are threads, and every Redis read a request
-needs is awaited in the runtime's pool (sidecar/runtime.py).
+SSE goes through sse-starlette's EventSourceResponse run in the request's own task (_EventStream: its send timeout
+cuts a stuck peer, its shutdown watcher ends the streams), the WebSocket through Starlette's; both are driven
+by core/session.Session, like the Flask routes. The hub runs on the event loop; the reader, stats and policy
+loops are threads, and every Redis read a request needs is awaited in the runtime's pool (sidecar/runtime.py).
 
 Example::
 
@@ -27,8 +27,8 @@ from typing import Any
 
 import orjson
 import redis
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from sse_starlette.sse import SendTimeoutError
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError, _ensure_watcher_started_on_this_loop, _get_shutdown_state
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
@@ -46,7 +46,7 @@ from sidecar.config import Settings
 from sidecar.control import HOUSEKEEPING
 from sidecar.core.connection import SSE, WS, Connection
 from sidecar.core.http_api import UNAVAILABLE, Refusal, publish_items, too_large
-from sidecar.core.protocol import SSE_KEEPALIVE, ProtocolError, dumps, error_body, loads_exact, validate_channel
+from sidecar.core.protocol import ProtocolError, dumps, error_body, loads_exact, validate_channel
 from sidecar.core.session import (
     STORE_DOWN,
     Authenticate,
@@ -73,19 +73,71 @@ Authorize = Callable[[HTTPConnection], Grant | None | Awaitable[Grant | None]]
 _FAILED = object()
 
 
-class _Keepalive(ServerSentEvent):
-    """sse-starlette's ping, as the bytes docs/protocol.md gives the keepalive (`:` alone)."""
+class _Nothing:
+    """The content EventSourceResponse is given: _EventStream runs the session's loop itself."""
 
-    def encode(self) -> bytes:
-        return SSE_KEEPALIVE
+    def __aiter__(self) -> _Nothing:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise StopAsyncIteration
 
 
 class _EventStream(EventSourceResponse):
-    """A send that times out is a peer that stopped reading: the stream ends like any disconnect (no traceback)."""
+    """sse-starlette's response (its headers, its HEAD answer, its send timeout, its shutdown watcher) run in the
+    request's own task. EventSourceResponse's own __call__ runs an anyio task group of four tasks per stream (the
+    body, the ping, the exit-signal and the disconnect listeners) with their cancel scopes and Events: most of an
+    idle stream's memory (docs/performance.md). Here the body is the session's loop (`run`), the ping is the
+    session's keepalive Write (the same `:` bytes), and one small task awaits receive() for the client leaving,
+    which wakes the loop. A send that times out, or a stuck write aborted by the stuck check (control.py), ends
+    the stream like any disconnect (no traceback)."""
+
+    def __init__(self, run: Callable[[_EventStream], Awaitable[None]], wake: Callable[[], None], **kw: Any) -> None:
+        super().__init__(_Nothing(), ping=0, sep="\n", **kw)
+        self.run = run
+        self.wake = wake
+        self.aborted = False
+        self._send: Any = None
+
+    def set(self) -> None:
+        """The client left, or the server shuts down (sse-starlette's watcher sets its registered events)."""
+        self.active = False
+        self.wake()
+
+    def abort(self, task: asyncio.Task[Any]) -> None:
+        self.aborted = True
+        self.set()
+        task.cancel()
+
+    async def write(self, data: bytes) -> None:
+        await self._send_with_timeout(self._send, {"type": "http.response.body", "body": data, "more_body": True})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        with contextlib.suppress(SendTimeoutError):
+        if scope["type"] != "http" or scope["method"] == "HEAD":
             await super().__call__(scope, receive, send)
+            return
+        self._send = send
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        listener = asyncio.ensure_future(self._listen_for_disconnect(receive))
+        listener.add_done_callback(lambda _: self.set())
+        _ensure_watcher_started_on_this_loop()
+        shutdown = _get_shutdown_state().events
+        shutdown.add(self)  # type: ignore[arg-type]
+        try:
+            await self.run(self)
+            # The end of the body: a no-op on uvicorn once the client left, a clean end on a server shutdown.
+            await self._send_with_timeout(send, {"type": "http.response.body", "body": b"", "more_body": False})
+        except (SendTimeoutError, OSError):
+            pass
+        except asyncio.CancelledError:
+            if not self.aborted:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        finally:
+            shutdown.discard(self)
+            listener.cancel()
 
 
 class Front:
@@ -272,36 +324,36 @@ async def sse(request: Request) -> Response:
     # The stuck check (control.py) closes a stream stuck in a write after stuck_timeout; the send timeout is
     # only a backstop, for a loop too busy to run it.
     response = _EventStream(
-        _sse_stream(front, relay, conn, session, wake), headers=headers, ping=settings.keepalive,
-        sep="\n", ping_message_factory=lambda: _Keepalive(),
+        lambda stream: _sse_loop(front, relay, conn, session, wake, stream), wake.set, headers=headers,
         send_timeout=relay.throttle.policy.stuck_timeout + 3 * HOUSEKEEPING,
     )  # fmt: skip
     return _cors(request, response)
 
 
-async def _sse_stream(
-    front: Front, relay: Relay, conn: Connection, session: Session, wake: asyncio.Event
-) -> AsyncIterator[bytes]:
-    """The SSE connection's loop: the Session's actions carried out as the response's chunks. The keepalive is
-    sse-starlette's ping (so the session's idle timer is not reported), and a client that leaves is seen by
-    sse-starlette's disconnect listener, which cancels this generator."""
+async def _sse_loop(
+    front: Front, relay: Relay, conn: Connection, session: Session, wake: asyncio.Event, stream: _EventStream
+) -> None:
+    """The SSE connection's loop: the Session's actions carried out as the response's chunks, the keepalive
+    included (as on the gevent front), until the client leaves (`stream.active`)."""
     task = asyncio.current_task()
-    conn.abort = _canceller(task)  # a stuck write (control.py); send_timeout too
+    assert task is not None
+    conn.abort = lambda: stream.abort(task)  # a stuck write (control.py)
     try:
-        while True:
+        while stream.active:
             action = session.next(time.time())
             if isinstance(action, Write):
                 if action.data:
                     with conn.writing(time.monotonic()):  # resumed once the chunk is sent
-                        yield action.data
+                        await stream.write(action.data)
                 if action.frames:
                     relay.stats.observe_write(conn)
             elif isinstance(action, Wait):
-                await _woken(wake, action.deadline - time.time())
+                if not await _woken(wake, action.deadline - time.time()):
+                    session.timer_fired()
                 wake.clear()
             elif isinstance(action, Close):
                 if action.data:
-                    yield action.data  # never outlive the token
+                    await stream.write(action.data)  # never outlive the token
                 return
             else:
                 await drive_async(relay.resyncing(conn), front.runtime)  # type: ignore[arg-type]
