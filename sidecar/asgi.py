@@ -312,7 +312,7 @@ async def sse(request: Request) -> Response:
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     if request.method == "HEAD":
         return _cors(request, Response(headers=headers, media_type="text/event-stream"))
-    wake = asyncio.Event()
+    wake = _Wake()
     conn = relay.connection(SSE, wake.set)
     try:
         await drive_async(relay.subscribing(conn, channels, mode, positions), front.runtime)  # type: ignore[arg-type]
@@ -331,7 +331,7 @@ async def sse(request: Request) -> Response:
 
 
 async def _sse_loop(
-    front: Front, relay: Relay, conn: Connection, session: Session, wake: asyncio.Event, stream: _EventStream
+    front: Front, relay: Relay, conn: Connection, session: Session, wake: _Wake, stream: _EventStream
 ) -> None:
     """The SSE connection's loop: the Session's actions carried out as the response's chunks, the keepalive
     included (as on the gevent front), until the client leaves (`stream.active`)."""
@@ -362,7 +362,39 @@ async def _sse_loop(
         relay.hub.disconnect(conn)
 
 
-async def _woken(wake: asyncio.Event, timeout: float) -> bool:
+class _Wake:
+    """A connection's wake-up, set by the hub (on the loop) and awaited by the connection's loop, like an
+    asyncio.Event but with a future only while it waits: an Event keeps a deque for every idle connection."""
+
+    __slots__ = ("flag", "waiter")
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self.flag = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self.flag = False
+
+    def is_set(self) -> bool:
+        return self.flag
+
+    async def wait(self) -> None:
+        if self.flag:
+            return
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+
+async def _woken(wake: _Wake, timeout: float) -> bool:
     """Wait for `wake` up to `timeout` seconds: True if woken. In the connection's own task (wait_for would make
     one more task per wait: memory for every idle connection)."""
     if wake.is_set():
@@ -459,7 +491,7 @@ async def websocket(ws: WebSocket) -> None:
     if refused is not None:
         await ws.close(refused.code, refused.reason)
         return
-    wake = asyncio.Event()
+    wake = _Wake()
     conn = relay.connection(WS, wake.set)
     if grant is None:
         relay.control.unauthenticated.add(conn.id)
