@@ -249,3 +249,17 @@ def test_an_asgi_sidecar_says_asyncio_in_its_stats_records_and_metrics(redis_ser
         client.close()
         proc.stop()
     assert "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
+def test_python_m_sidecar_serve_front_asgi_runs_unpatched_with_its_loops_on_os_threads(redis_server, tmp_path):
+    """`python -m sidecar serve --front asgi` (the fixture's command) must not monkey-patch: the asyncio front's
+    reader, watchdog, stats and policy loops are OS threads, so the asgi tests test what uvicorn runs. On the
+    gevent front the same loops are greenlets of one thread."""
+    asgi = SidecarProcess(redis_server.url, tmp_path, front="asgi")
+    gevent = SidecarProcess(redis_server.url, tmp_path, front="gevent")
+    try:
+        threads = {p.front: len(list(Path(f"/proc/{p.pid}/task").iterdir())) for p in (asgi, gevent)}
+        assert threads["asgi"] >= 5 and threads["asgi"] > threads["gevent"] + 2, threads
+    finally:
+        asgi.stop()
+        gevent.stop()
