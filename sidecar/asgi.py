@@ -699,26 +699,11 @@ class WSProtocol(_UvicornWSProtocol):
 def serve(settings: Settings) -> None:
     """`sidecar serve --front asgi`: the app on uvicorn (uvloop and httptools when installed), with the same
     startup checks and embedded Redis as the gevent front. Production: docs/deployment.md."""
-    import sys
-
     import uvicorn
 
-    from sidecar.auth import InsecureConfig, check_startup
-    from sidecar.embedded import EmbeddedRedis
-    from sidecar.logs import configure
+    from sidecar.embedded import prepare_to_serve
 
-    configure()
-    try:
-        check_startup(settings)
-    except InsecureConfig as exc:
-        log.critical("not starting: %s", exc)
-        sys.exit(2)
-    embedded = None
-    if not settings.redis_url:
-        embedded = EmbeddedRedis(settings.data_dir).start()
-        settings = settings.replace(redis_url=embedded.url)
-        log.warning("no REDIS_URL: started an embedded redis-server at %s (data in %s)", embedded.url,
-                    settings.data_dir)  # fmt: skip
+    settings, embedded = prepare_to_serve(settings, log)
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, loop="auto", http="auto", ws=WSProtocol,
         ws_max_size=settings.max_frame_bytes, ws_ping_interval=settings.keepalive, ws_ping_timeout=None,

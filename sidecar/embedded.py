@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,10 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.config import Settings
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
@@ -212,3 +217,23 @@ def _answers_ping(port: int) -> bool:
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def prepare_to_serve(settings: Settings, log: logging.Logger) -> tuple[Settings, EmbeddedRedis | None]:
+    """What both fronts' `sidecar serve` do first: redacting logs (no token reaches a log line), the startup
+    checks (production refuses to run open: exit 2 with one `not starting:` line; dev mode says what is open),
+    and an embedded redis-server when no REDIS_URL is given. Returns the settings to serve with."""
+    from sidecar.auth import InsecureConfig, check_startup
+    from sidecar.logs import configure
+
+    configure()
+    try:
+        check_startup(settings)
+    except InsecureConfig as exc:
+        log.critical("not starting: %s", exc)
+        sys.exit(2)
+    if settings.redis_url:
+        return settings, None
+    embedded = EmbeddedRedis(settings.data_dir).start()
+    log.warning("no REDIS_URL: started an embedded redis-server at %s (data in %s)", embedded.url, settings.data_dir)
+    return settings.replace(redis_url=embedded.url), embedded

@@ -18,11 +18,9 @@ from flask import Flask  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer, _InvalidClientInput  # noqa: E402
 
 from sidecar.app import create_app  # noqa: E402
-from sidecar.auth import InsecureConfig, check_startup  # noqa: E402
 from sidecar.config import Settings  # noqa: E402
 from sidecar.deadlines import body_deadline  # noqa: E402
-from sidecar.embedded import EmbeddedRedis  # noqa: E402
-from sidecar.logs import configure  # noqa: E402
+from sidecar.embedded import prepare_to_serve  # noqa: E402
 
 log = logging.getLogger("sidecar")
 
@@ -114,21 +112,7 @@ def listen(app: Flask, settings: Settings) -> WSGIServer:
 
 
 def serve(settings: Settings) -> None:
-    configure()  # redacting: no token reaches a log line (sidecar/logs.py)
-    try:
-        check_startup(settings)  # production refuses to run open; dev mode says loudly what is open
-    except InsecureConfig as exc:
-        log.critical("not starting: %s", exc)
-        sys.exit(2)
-    embedded = None
-    if not settings.redis_url:
-        embedded = EmbeddedRedis(settings.data_dir).start()
-        settings = settings.replace(redis_url=embedded.url)
-        log.warning(
-            "no REDIS_URL: started an embedded redis-server at %s (data in %s)",
-            embedded.url,
-            settings.data_dir,
-        )
+    settings, embedded = prepare_to_serve(settings, log)
     app = create_app(settings)
     relay = app.extensions["relay"]
     relay.start()
