@@ -179,6 +179,15 @@ def run_group(ctx: Context, group: list[tuple[str, int]], redis_url: str, only: 
     return records
 
 
+def print_row(record: dict) -> None:
+    steps = " ".join(f"{s['deliveries_per_s'] // 1000}k:{s['p99']}{'' if s['held'] else '!'}" for s in record["steps"])
+    print(
+        f"  fanout {record['server']:>11} {record['transport']:>3} n={record['clients']:<5} "
+        f"best={record['best_deliveries_per_s']:>7}/s  [{steps}]",
+        flush=True,
+    )
+
+
 def run(ctx: Context, only: list[str] | None = None, groups: list[list[tuple[str, int]]] | None = None) -> list[dict]:
     records: list[dict] = []
     with ctx.redis("fanout") as redis:
@@ -218,12 +227,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def print_row(record: dict) -> None:
-    steps = " ".join(f"{s['deliveries_per_s'] // 1000}k:{s['p99']}{'' if s['held'] else '!'}" for s in record["steps"])
-    print(
-        f"  fanout {record['server']:>11} {record['transport']:>3} n={record['clients']:<5} "
-        f"best={record['best_deliveries_per_s']:>7}/s  [{steps}]",
-        flush=True,
-    )
