@@ -13,7 +13,7 @@ other load on the machine.
 
 On its own, both fronts side by side with the peer and the raw ceilings, 1,000 clients each, in one run::
 
-    python -m bench.fanout --front gevent --front asgi [--transport sse|ws] [--clients N] [--single]
+    python -m bench.fanout --front gevent --front asgi [--transport sse|ws] [--clients N] [--single] [--ladder ...]
 """
 
 from __future__ import annotations
@@ -150,7 +150,10 @@ def make(ctx: Context, kind: str, n: int, redis_url: str) -> Target:
     return CeilingTarget(ctx.log_dir, transport, write)
 
 
-def run_group(ctx: Context, group: list[tuple[str, int]], redis_url: str, only: list[str] | None) -> list[dict]:
+def run_group(
+    ctx: Context, group: list[tuple[str, int]], redis_url: str, only: list[str] | None,
+    ladder: tuple[int, ...] = LADDER,
+) -> list[dict]:  # fmt: skip
     seconds = ctx.seconds(2.5, 2.0)
     series: list[Series] = []
     try:
@@ -158,7 +161,7 @@ def run_group(ctx: Context, group: list[tuple[str, int]], redis_url: str, only: 
             if not only or kind in only:
                 series.append(Series(kind, make(ctx, kind, n, redis_url), n))
         standing = list(series)
-        for deliveries in LADDER:
+        for deliveries in ladder:
             for s in list(standing):
                 if s.n >= MANY and deliveries > 200_000:
                     standing.remove(s)
@@ -188,11 +191,14 @@ def print_row(record: dict) -> None:
     )
 
 
-def run(ctx: Context, only: list[str] | None = None, groups: list[list[tuple[str, int]]] | None = None) -> list[dict]:
+def run(
+    ctx: Context, only: list[str] | None = None, groups: list[list[tuple[str, int]]] | None = None,
+    ladder: tuple[int, ...] = LADDER,
+) -> list[dict]:  # fmt: skip
     records: list[dict] = []
     with ctx.redis("fanout") as redis:
         for group in groups or plan(ctx):
-            records += run_group(ctx, group, redis.url, only)
+            records += run_group(ctx, group, redis.url, only, ladder)
     return records
 
 
@@ -211,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--single", action="store_true", help="also the raw ceiling with one write per frame")
     parser.add_argument("--quick", action="store_true", help="2 s steps instead of 2.5 s")
+    parser.add_argument("--ladder", default=",".join(map(str, LADDER)),
+                        help="deliveries/s tried, in order, comma-separated (lower for a slow front)")  # fmt: skip
     args = parser.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="sidecar-bench-fanout-"))
     ctx = Context(quick=args.quick, log_dir=log_dir)
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"scenario": "machine", "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "logs": str(log_dir)}), flush=True)  # fmt: skip
     group = fronts_group(args.front or list(FRONTS), args.transport or ["sse", "ws"], args.clients, args.single)
-    records = run(ctx, groups=[group])
+    records = run(ctx, groups=[group], ladder=tuple(int(x) for x in args.ladder.split(",")))
     for record in records:
         print(json.dumps(record), flush=True)
     print(report.row(report.ratios(records, args.clients)), flush=True)
