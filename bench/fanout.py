@@ -10,19 +10,29 @@ rates whether it held the one before or not: there the figure is the latency at 
 Per step: deliveries/s (messages/s x clients, as read by the clients), latency p50/p95/p99/max (publish call ->
 frame read), messages lost, server CPU% and the server's CPU time per delivery, the figure least disturbed by
 other load on the machine.
+
+On its own, both fronts side by side with the peer and the raw ceilings, 1,000 clients each, in one run::
+
+    python -m bench.fanout --front gevent --front asgi [--transport sse|ws] [--clients N] [--single] [--ladder ...]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 
+from bench import report
 from bench.context import Context
 from bench.load import LoadClients
-from bench.servers import Meter
+from bench.servers import FRONTS, Meter
 from bench.targets import CeilingTarget, PeerTarget, SidecarTarget, Target
 
 P99_LIMIT_MS = 100.0
@@ -126,18 +136,24 @@ def plan(ctx: Context) -> list[list[tuple[str, int]]]:
 
 
 def make(ctx: Context, kind: str, n: int, redis_url: str) -> Target:
-    if kind.startswith("sidecar-"):
+    """`sidecar-sse`, `sidecar-ws` (gevent front; `@`: the `--compare` checkout's), `asgi-sse`, `asgi-ws` (the
+    asyncio front), `peer`, `raw-<sse|ws>-<batched|single>`."""
+    if kind.startswith(("sidecar-", "asgi-")):
+        front = "asgi" if kind.startswith("asgi-") else "gevent"
         transport = kind.split("-")[1].rstrip("@")
         tree = ctx.compare if kind.endswith("@") else None
-        channel = f"fanout-{transport}-{n}-{time.monotonic_ns()}"
-        return SidecarTarget(redis_url, ctx.log_dir, transport, channel, tree)
+        channel = f"fanout-{front}-{transport}-{n}-{time.monotonic_ns()}"
+        return SidecarTarget(redis_url, ctx.log_dir, transport, channel, tree, front=front)
     if kind == "peer":
         return PeerTarget(redis_url, ctx.log_dir)
     _, transport, write = kind.split("-")
     return CeilingTarget(ctx.log_dir, transport, write)
 
 
-def run_group(ctx: Context, group: list[tuple[str, int]], redis_url: str, only: list[str] | None) -> list[dict]:
+def run_group(
+    ctx: Context, group: list[tuple[str, int]], redis_url: str, only: list[str] | None,
+    ladder: tuple[int, ...] = LADDER,
+) -> list[dict]:  # fmt: skip
     seconds = ctx.seconds(2.5, 2.0)
     series: list[Series] = []
     try:
@@ -145,7 +161,7 @@ def run_group(ctx: Context, group: list[tuple[str, int]], redis_url: str, only: 
             if not only or kind in only:
                 series.append(Series(kind, make(ctx, kind, n, redis_url), n))
         standing = list(series)
-        for deliveries in LADDER:
+        for deliveries in ladder:
             for s in list(standing):
                 if s.n >= MANY and deliveries > 200_000:
                     standing.remove(s)
@@ -166,14 +182,6 @@ def run_group(ctx: Context, group: list[tuple[str, int]], redis_url: str, only: 
     return records
 
 
-def run(ctx: Context, only: list[str] | None = None) -> list[dict]:
-    records: list[dict] = []
-    with ctx.redis("fanout") as redis:
-        for group in plan(ctx):
-            records += run_group(ctx, group, redis.url, only)
-    return records
-
-
 def print_row(record: dict) -> None:
     steps = " ".join(f"{s['deliveries_per_s'] // 1000}k:{s['p99']}{'' if s['held'] else '!'}" for s in record["steps"])
     print(
@@ -181,3 +189,49 @@ def print_row(record: dict) -> None:
         f"best={record['best_deliveries_per_s']:>7}/s  [{steps}]",
         flush=True,
     )
+
+
+def run(
+    ctx: Context, only: list[str] | None = None, groups: list[list[tuple[str, int]]] | None = None,
+    ladder: tuple[int, ...] = LADDER,
+) -> list[dict]:  # fmt: skip
+    records: list[dict] = []
+    with ctx.redis("fanout") as redis:
+        for group in groups or plan(ctx):
+            records += run_group(ctx, group, redis.url, only, ladder)
+    return records
+
+
+def fronts_group(fronts: list[str], transports: list[str], n: int, single: bool) -> list[tuple[str, int]]:
+    """Both fronts side by side with the peer and the raw ceilings, one group of `n` clients each."""
+    kinds = [f"{'sidecar' if front == 'gevent' else front}-{t}" for front in fronts for t in transports]
+    kinds += ["peer"] + [f"raw-{t}-batched" for t in transports]
+    kinds += [f"raw-{t}-single" for t in transports] if single else []
+    return [(kind, n) for kind in kinds]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fanout", description=__doc__.splitlines()[0])
+    parser.add_argument("--front", action="append", choices=FRONTS, help="repeat for side by side (default: both)")
+    parser.add_argument("--transport", action="append", choices=("sse", "ws"), help="repeatable (default: both)")
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--single", action="store_true", help="also the raw ceiling with one write per frame")
+    parser.add_argument("--quick", action="store_true", help="2 s steps instead of 2.5 s")
+    parser.add_argument("--ladder", default=",".join(map(str, LADDER)),
+                        help="deliveries/s tried, in order, comma-separated (lower for a slow front)")  # fmt: skip
+    args = parser.parse_args(argv)
+    log_dir = Path(tempfile.mkdtemp(prefix="sidecar-bench-fanout-"))
+    ctx = Context(quick=args.quick, log_dir=log_dir)
+    command = "python -m bench.fanout " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(json.dumps({"scenario": "machine", "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "logs": str(log_dir)}), flush=True)  # fmt: skip
+    group = fronts_group(args.front or list(FRONTS), args.transport or ["sse", "ws"], args.clients, args.single)
+    records = run(ctx, groups=[group], ladder=tuple(int(x) for x in args.ladder.split(",")))
+    for record in records:
+        print(json.dumps(record), flush=True)
+    print(report.row(report.ratios(records, args.clients)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

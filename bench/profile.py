@@ -1,4 +1,5 @@
-"""Profile the sidecar under fanout: `python -m bench.profile [sse|ws] [--clients N] [--rate R] [--seconds S]`.
+"""Profile the sidecar under fanout: `python -m bench.profile [sse|ws] [--front gevent|asgi] [--clients N] [--rate R]
+[--seconds S]`.
 
 Starts a redis-server, a sidecar and the load clients, publishes at R msg/s to one channel, and samples the
 sidecar with py-spy (`pip install py-spy`) for S seconds. Prints the functions with the most samples, by self
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from bench.context import Context
 from bench.load import LoadClients
-from bench.servers import Meter
+from bench.servers import FRONTS, Meter
 from bench.targets import SidecarTarget
 
 
@@ -48,6 +49,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=100.0, help="messages/s on the channel")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--front", choices=FRONTS, default="gevent")
     parser.add_argument("--native", action="store_true", help="include native (C) frames")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -56,7 +58,7 @@ def main() -> int:
         return 2
     ctx = Context(quick=True, log_dir=Path(tempfile.mkdtemp(prefix="sidecar-profile-")))
     with ctx.redis("profile") as server:
-        target = SidecarTarget(server.url, ctx.log_dir, args.transport, "profile")
+        target = SidecarTarget(server.url, ctx.log_dir, args.transport, "profile", front=args.front)
         try:
             with LoadClients(2) as load:
                 print(target.open(load, args.clients))

@@ -14,22 +14,23 @@ def best(records: list[dict], server: str, transport: str, clients: int = 1000) 
     return None
 
 
-def ratios(records: list[dict]) -> dict:
-    """The fanout figures as ratios of baselines measured in the same run (N=1,000)."""
+def ratios(records: list[dict], clients: int = 1000) -> dict:
+    """The fanout figures as ratios of baselines measured in the same run (N=1,000), for each front that ran."""
     out: dict = {"scenario": "ratios"}
-    peer = best(records, "peer", "ws")
-    for transport in ("sse", "ws"):
-        mine = best(records, "sidecar", transport)
-        batched = best(records, "raw-batched", transport)
-        single = best(records, "raw-single", transport)
-        if mine is None:
-            continue
-        if peer:
-            out[f"sidecar_{transport}_vs_peer"] = round(mine / peer, 2)
-        if batched:
-            out[f"sidecar_{transport}_vs_raw_batched"] = round(mine / batched, 2)
-        if single:
-            out[f"sidecar_{transport}_vs_raw_single"] = round(mine / single, 2)
+    peer = best(records, "peer", "ws", clients)
+    for server, label in (("sidecar", "sidecar"), ("sidecar-asgi", "asgi")):
+        for transport in ("sse", "ws"):
+            mine = best(records, server, transport, clients)
+            batched = best(records, "raw-batched", transport, clients)
+            single = best(records, "raw-single", transport, clients)
+            if mine is None:
+                continue
+            if peer:
+                out[f"{label}_{transport}_vs_peer"] = round(mine / peer, 2)
+            if batched:
+                out[f"{label}_{transport}_vs_raw_batched"] = round(mine / batched, 2)
+            if single:
+                out[f"{label}_{transport}_vs_raw_single"] = round(mine / single, 2)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -43,6 +44,10 @@ class TreeSidecar(SidecarProcess):
         self.allow_tracebacks = False
         argv = [sys.executable, "-m", "sidecar", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         argv += [] if front == "gevent" else ["--front", front]
+        if front != "gevent" and os.environ.get("BENCH_ASGI_UNPATCHED") == "1":
+            # `python -m sidecar serve` monkey-patches for either front (sidecar/__main__.py); the `sidecar`
+            # script and uvicorn do not. This starts the CLI as the script does, to measure the front unpatched.
+            argv[1:3] = ["-c", "import sys; from sidecar.cli import main; sys.exit(main())"]
         name = f"sidecar-{tree.name}-{front}-{self.port}"
         environ = child_env(redis_url, {"SIDECAR_DEV": "1", **env})
         ManagedProcess.__init__(self, name, argv, environ, log_dir / f"{name}.log", cwd=tree)

@@ -54,13 +54,16 @@ class SidecarTarget(Target):
     name = "sidecar"
 
     def __init__(
-        self, redis_url: str, log_dir: Path, transport: str, channel: str, tree: Path | None = None, **env: object
-    ) -> None:
+        self, redis_url: str, log_dir: Path, transport: str, channel: str, tree: Path | None = None,
+        front: str = "gevent", **env: object,
+    ) -> None:  # fmt: skip
         self.transport = transport
         self.channel = channel
+        if front != "gevent":
+            self.name = f"sidecar-{front}"
         if tree is not None:
-            self.name = f"sidecar@{tree.name}"
-        self.proc = start_sidecar(redis_url, log_dir, tree, **env)
+            self.name += f"@{tree.name}"
+        self.proc = start_sidecar(redis_url, log_dir, tree, front=front, **env)
         self.pid = self.proc.pid
         self.publisher = Publisher.from_url(redis_url)
         self.data = {"pad": "x" * PAD}
