@@ -219,6 +219,24 @@ class RedisClusterNodes:
             raise RuntimeError(f"{old} owned no slot when wait_promoted was called: give the slot to look up")
         return self.master_for_slot(slot if slot is not None else owned[0])
 
+    def take_over(self, replica: ClusterNode, old_master: ClusterNode, slot: int, timeout: float = 45.0) -> ClusterNode:
+        """CLUSTER FAILOVER TAKEOVER on `replica` until no slot range names `old_master`; then the owner of
+        `slot`. Sent again while `replica` is still a replica (a takeover can lose its epoch race with gossip, or
+        not start on a loaded machine), never to a node that is a master already."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if replica.info("replication").get("role") == "slave":
+                    replica.command("CLUSTER", "FAILOVER", "TAKEOVER")
+            except redis.ResponseError:
+                pass  # it became a master meanwhile: wait for the others to see it
+            try:
+                left = max(deadline - time.monotonic(), 0.1)
+                return self.wait_promoted(old_master, timeout=min(5.0, left), slot=slot)
+            except RuntimeError:
+                if time.monotonic() >= deadline:
+                    raise
+
     def _known(self, node: ClusterNode) -> int:
         with node.client() as c:
             text = c.execute_command("CLUSTER", "NODES")

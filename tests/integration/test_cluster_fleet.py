@@ -18,7 +18,7 @@ from sidecar.core.slots import balanced_tags, key_slot
 from sidecar.publish import Publisher
 from sidecar.store import Store, connect
 from tests.clients import SSEClient, WSClient
-from tests.cluster import ClusterNode, RedisClusterNodes
+from tests.cluster import RedisClusterNodes
 from tests.integration import test_cluster_relay as on_cluster
 from tests.integration.test_cluster_relay import healthz, live_key, master_of, one_channel_per_master, wait_for
 from tests.integration.test_live_channels import CHANNELS, publish_without_notification
@@ -80,19 +80,6 @@ def publish_until_acked(pub: Publisher, channel: str, i: int, timeout: float = 2
             time.sleep(0.2)
 
 
-def take_over(cluster: RedisClusterNodes, replica: ClusterNode, dead: ClusterNode, slot: int) -> None:
-    """CLUSTER FAILOVER TAKEOVER on `replica` until the cluster names it instead of `dead` (a takeover that
-    loses its epoch race with gossip is tried again)."""
-    for attempt in range(3):
-        replica.command("CLUSTER", "FAILOVER", "TAKEOVER")
-        try:
-            cluster.wait_promoted(dead, timeout=10, slot=slot)
-            return
-        except RuntimeError:
-            if attempt == 2:
-                raise
-
-
 @pytest.fixture
 def cluster_pub(cluster_url: str) -> Iterator[Publisher]:
     """One publisher for the whole test, made before any master dies (a new one each try works too: see
@@ -145,7 +132,7 @@ def test_a_dead_master_not_yet_replaced_turns_healthz_unready_within_the_stall_a
     publish_until_acked(cluster_pub, other, 3)
     ws.wait(lambda f: len(ws.messages(other)) == 4, timeout=5)
 
-    take_over(redis_cluster, replica, victim, key_slot(live_key(victim_channel)))
+    redis_cluster.take_over(replica, victim, key_slot(live_key(victim_channel)))
     wait_for(lambda: healthz(sidecar.url)[0] == 200, 20, "healthz ready after the takeover")
     publish_until_acked(cluster_pub, victim_channel, 3)
     ws.wait(lambda f: len(ws.messages(victim_channel)) >= 4, timeout=15)
@@ -204,7 +191,7 @@ def test_in_channels_mode_a_dead_master_not_yet_replaced_costs_only_its_channels
     assert statuses[-4:] == [200] * 4, statuses
     ws.wait(lambda f: len(ws.messages(other)) == 11, timeout=5)
     assert [m["data"]["i"] for m in ws.messages(other)] == list(range(11))
-    take_over(redis_cluster, replica, victim, key_slot(live_key(victim_channel)))
+    redis_cluster.take_over(replica, victim, key_slot(live_key(victim_channel)))
     publish_until_acked(cluster_pub, victim_channel, 3)
     ws.wait(lambda f: 3 in [m["data"]["i"] for m in ws.messages(victim_channel)], timeout=15)
     got = [m["data"]["i"] for m in ws.messages(victim_channel)]
