@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -18,7 +19,7 @@ from sidecar.core.slots import balanced_tags, key_slot
 from sidecar.publish import Publisher
 from sidecar.store import Store, connect
 from tests.clients import SSEClient, WSClient
-from tests.cluster import RedisClusterNodes
+from tests.cluster import ClusterNode, RedisClusterNodes
 from tests.integration import test_cluster_relay as on_cluster
 from tests.integration.test_cluster_relay import healthz, live_key, master_of, one_channel_per_master, wait_for
 from tests.integration.test_live_channels import CHANNELS, publish_without_notification
@@ -80,6 +81,26 @@ def publish_until_acked(pub: Publisher, channel: str, i: int, timeout: float = 2
             time.sleep(0.2)
 
 
+def streaming_on_two_masters(
+    cluster: RedisClusterNodes, sidecar: Any, pub: Publisher
+) -> tuple[str, str, ClusterNode, ClusterNode, WSClient]:
+    """A WS client of two channels on two masters, three events each received; the first channel's master (the
+    victim) has a replica that nobody promotes by itself (the test takes it over when it chooses)."""
+    victim_channel, other = one_channel_per_master(cluster, "dead")[:2]
+    victim = master_of(cluster, victim_channel)
+    replica = cluster.replica_of(victim)
+    replica.command("CONFIG", "SET", "cluster-replica-no-failover", "yes")
+    ws = WSClient(sidecar.ws_url)
+    ws.subscribe(victim_channel, mode="event")
+    ws.subscribe(other, mode="event")
+    ws.wait(lambda f: len(ws.of_type("subscribed")) == 2)
+    for i in range(3):
+        publish_until_acked(pub, victim_channel, i)
+        publish_until_acked(pub, other, i)
+    ws.wait(lambda f: len(ws.messages()) == 6)
+    return victim_channel, other, victim, replica, ws
+
+
 @pytest.fixture
 def cluster_pub(cluster_url: str) -> Iterator[Publisher]:
     """One publisher for the whole test, made before any master dies (a new one each try works too: see
@@ -95,18 +116,7 @@ def test_a_dead_master_not_yet_replaced_turns_healthz_unready_within_the_stall_a
     # Relay.healthy() does not ping a cluster: the reader's loops and watchdog are all that can see a dead master.
     stall = 2.0
     sidecar = sidecar_process(cluster_url, SIDECAR_READER_STALL=str(stall))
-    victim_channel, other = one_channel_per_master(redis_cluster, "dead")[:2]
-    victim = master_of(redis_cluster, victim_channel)
-    replica = redis_cluster.replica_of(victim)
-    replica.command("CONFIG", "SET", "cluster-replica-no-failover", "yes")  # nobody promotes it by itself
-    ws = WSClient(sidecar.ws_url)
-    ws.subscribe(victim_channel, mode="event")
-    ws.subscribe(other, mode="event")
-    ws.wait(lambda f: len(ws.of_type("subscribed")) == 2)
-    for i in range(3):
-        publish_until_acked(cluster_pub, victim_channel, i)
-        publish_until_acked(cluster_pub, other, i)
-    ws.wait(lambda f: len(ws.messages()) == 6)
+    victim_channel, other, victim, replica, ws = streaming_on_two_masters(redis_cluster, sidecar, cluster_pub)
     assert healthz(sidecar.url)[0] == 200
     expected = shards_of(redis_cluster, victim.addr)
 
@@ -169,18 +179,7 @@ def test_in_channels_mode_a_dead_master_not_yet_replaced_costs_only_its_channels
     # not deaf, and stays ready (in shards mode every replica turns unready, above). Its position checks of the
     # dead node's channels fail meanwhile, and the other nodes' go on.
     sidecar = sidecar_process(cluster_url, **CHANNELS)
-    victim_channel, other = one_channel_per_master(redis_cluster, "dead")[:2]
-    victim = master_of(redis_cluster, victim_channel)
-    replica = redis_cluster.replica_of(victim)
-    replica.command("CONFIG", "SET", "cluster-replica-no-failover", "yes")
-    ws = WSClient(sidecar.ws_url)
-    ws.subscribe(victim_channel, mode="event")
-    ws.subscribe(other, mode="event")
-    ws.wait(lambda f: len(ws.of_type("subscribed")) == 2)
-    for i in range(3):
-        publish_until_acked(cluster_pub, victim_channel, i)
-        publish_until_acked(cluster_pub, other, i)
-    ws.wait(lambda f: len(ws.messages()) == 6)
+    victim_channel, other, victim, replica, ws = streaming_on_two_masters(redis_cluster, sidecar, cluster_pub)
     victim.kill()
     statuses = []
     for i in range(3, 3 + 8):  # 4 s: four position checks (SIDECAR_READER_STALL=1) with their node down
