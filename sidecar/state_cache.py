@@ -7,7 +7,7 @@ A poke makes every subscriber pull the channel's state. Two things keep that off
   subscribers there is no such knowledge, so only single flight applies.
 
 `get` is the gevent front's whole pull. The asyncio front runs the same three steps with its own flights
-(sidecar/asgi.py): `cached` and `keep` on the event loop, `read` in the runtime's pool.
+(sidecar/asgi/): `cached` and `keep` on the event loop, `read` in the runtime's pool.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def test_merge_patch_follows_rfc_7386_and_ignores_proto_keys(browser):
     page.close()
 
 
-# These two run on both fronts (sidecar/asgi.py too): the page's whole state, and a resume across a killed
+# These two run on both fronts (sidecar/asgi/ too): the page's whole state, and a resume across a killed
 # replica, are what realtime.js must get alike from either; the rest test the client itself.
 @pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
 def test_page_state_equals_the_server_snapshot_after_random_diffs_in_every_mode(

@@ -1,4 +1,4 @@
-"""The asyncio front (sidecar/asgi.py) over real uvicorn: mounted in a FastAPI app under /realtime with the app's
+"""The asyncio front (sidecar/asgi/) over real uvicorn: mounted in a FastAPI app under /realtime with the app's
 own session-cookie auth next to the JWT path, and a browser-like permessage-deflate WebSocket on both fronts.
 
 The protocol suites (test_relay.py, test_auth.py, test_herd.py, test_task_events.py, test_hostile.py) run on

@@ -15,7 +15,7 @@ from sidecar.publish import Publisher
 from tests.clients import SSEClient, WSClient
 from tests.processes import FRONTS
 
-# The spine on both fronts (sidecar/app.py + ws.py on gevent, sidecar/asgi.py on uvicorn): every test here is
+# The spine on both fronts (sidecar/app.py + ws.py on gevent, sidecar/asgi/ on uvicorn): every test here is
 # about the protocol a client sees, which both must give alike.
 pytestmark = pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
 

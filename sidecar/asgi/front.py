@@ -1,0 +1,213 @@
+"""What the asyncio front's routes share: the app's Front (its relay, started in the lifespan or at the first
+request), error answers, CORS, bodies, and a connection's wake-up (sidecar/asgi/__init__.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+
+from sidecar.auth import Auth, Grant, presented_token
+from sidecar.config import Settings
+from sidecar.core.http_api import Refusal, too_large
+from sidecar.core.protocol import error_body
+from sidecar.publish import Publisher
+from sidecar.relay import Relay
+from sidecar.runtime import AsyncioRuntime
+from sidecar.state_cache import Pulled
+
+log = logging.getLogger(__name__)
+
+
+Authorize = Callable[[HTTPConnection], Grant | None | Awaitable[Grant | None]]
+_FAILED = object()
+
+
+
+
+class Front:
+    """One app's relay and what its routes share; the relay starts in the lifespan or at the first request."""
+
+    def __init__(self, settings: Settings, authorize: Authorize | None) -> None:
+        self.settings = settings
+        self.authorize = authorize
+        self.auth = Auth(settings)
+        self.relay: Relay | None = None
+        self.runtime: AsyncioRuntime | None = None
+        self.publisher: Publisher | None = None
+        self._starting: asyncio.Lock | None = None
+        self._flights: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
+
+    async def ready(self) -> Relay:
+        if self.relay is not None:
+            return self.relay
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self.relay is None:
+                loop = asyncio.get_running_loop()
+                runtime = AsyncioRuntime(loop, self.settings.redis_pool)
+                relay = Relay(self.settings, runtime=runtime)
+                await loop.run_in_executor(None, relay.start)  # blocking reads; its hub steps come to the loop
+                self.runtime, self.publisher, self.relay = runtime, Publisher(relay.store), relay
+        return self.relay
+
+    async def stop(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            await asyncio.get_running_loop().run_in_executor(None, relay.stop)  # its last stats record: a Redis write
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Any = None) -> AsyncIterator[None]:
+        await self.ready()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def grant(self, conn: HTTPConnection, required: bool = True) -> Grant | None:
+        """The app's own grant if it gives one, else the token's (`Authorization: Bearer` or `?token=`). With
+        `required` false (a WebSocket), None when no token came and tokens are required: it must send one."""
+        if self.authorize is not None:
+            given = self.authorize(conn)
+            if asyncio.iscoroutine(given) or isinstance(given, Awaitable):
+                given = await given
+            if given is not None:
+                return given
+        token = presented_token(conn.headers.get("authorization"), conn.query_params.getlist("token"))
+        if not required and not token and self.auth.tokens_required:
+            return None
+        return self.auth.grant(token)
+
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self.runtime is not None
+        return await self.runtime.read(fn, *args)
+
+    async def pull(self, channel: str) -> Pulled:
+        """The state cache's pull (sidecar/state_cache.py) with asyncio flights: N pulls of one version, one read."""
+        relay = await self.ready()
+        relay.stats.count("pulled", channel)
+        cache = relay.control.pulls
+        hit, result, version, record = cache.cached(channel)
+        if hit:
+            return result
+        flight = self._flights.get(version)
+        if flight is not None:
+            shared = await asyncio.shield(flight)
+            if shared is not _FAILED:
+                return shared
+        flight = self._flights[version] = asyncio.get_running_loop().create_future()
+        outcome: Any = _FAILED
+        try:
+            outcome = cache.keep(channel, record, await self.read(cache.read, channel))
+            return outcome
+        finally:
+            if self._flights.get(version) is flight:
+                del self._flights[version]
+            flight.set_result(outcome)
+
+
+def canceller(task: asyncio.Task[Any] | None) -> Callable[[], None] | None:
+    if task is None:
+        return None
+
+    def cancel() -> None:
+        task.cancel()
+
+    return cancel
+
+
+def front_of(conn: HTTPConnection) -> Front:
+    return conn.app.state.front
+
+
+def error(status: int, code: str, message: str, **headers: str) -> Response:
+    return Response(error_body(code, message), status, headers=headers, media_type="application/json")
+
+
+def cors(request: Request, response: Response) -> Response:
+    """CORS for the browser-facing reads, as the Flask front (allowlist: SIDECAR_CORS_ORIGINS)."""
+    response.headers.append("Vary", "Origin")
+    allow = front_of(request).auth.cors_origin(request.headers.get("origin"))
+    if allow:
+        response.headers["Access-Control-Allow-Origin"] = allow
+        response.headers["Access-Control-Expose-Headers"] = "ETag"
+        if request.method == "OPTIONS":
+            response.headers["Access-Control-Allow-Methods"] = "GET"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Last-Event-ID, If-None-Match"
+            response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it is over `limit` (413), chunked or not."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+    return b"".join(chunks)
+
+
+def answer(refused: Refusal) -> Response:
+    return Response(refused.body, refused.status, headers=dict(refused.headers), media_type="application/json")
+
+
+def oversized(limit: int) -> Response:
+    return answer(too_large(limit))
+
+
+class Wake:
+    """A connection's wake-up, set by the hub (on the loop) and awaited by the connection's loop, like an
+    asyncio.Event but with a future only while it waits: an Event keeps a deque for every idle connection."""
+
+    __slots__ = ("flag", "waiter")
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self.flag = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self.flag = False
+
+    def is_set(self) -> bool:
+        return self.flag
+
+    async def wait(self) -> None:
+        if self.flag:
+            return
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+
+async def woken(wake: Wake, timeout: float) -> bool:
+    """Wait for `wake` up to `timeout` seconds: True if woken. In the connection's own task (wait_for would make
+    one more task per wait: memory for every idle connection)."""
+    if wake.is_set():
+        return True
+    try:
+        async with asyncio.timeout(max(0.0, timeout)):
+            await wake.wait()
+    except TimeoutError:
+        return False
+    return True
+
+

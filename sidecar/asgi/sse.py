@@ -1,0 +1,171 @@
+"""The asyncio front's Server-Sent Events: `/sse` (sidecar/asgi/__init__.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError, _ensure_watcher_started_on_this_loop, _get_shutdown_state
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sidecar.asgi.front import Front, Wake, cors, front_of, woken
+from sidecar.auth import Auth
+from sidecar.control import HOUSEKEEPING
+from sidecar.core.connection import SSE, Connection
+from sidecar.core.session import (
+    Close,
+    Session,
+    Wait,
+    Write,
+    busy,
+    sse_request,
+)
+from sidecar.relay import Relay, drive_async
+
+log = logging.getLogger(__name__)
+
+
+class _Nothing:
+    """The content EventSourceResponse is given: _EventStream runs the session's loop itself."""
+
+    def __aiter__(self) -> _Nothing:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise StopAsyncIteration
+
+
+class _EventStream(EventSourceResponse):
+    """sse-starlette's response (its headers, its HEAD answer, its send timeout, its shutdown watcher) run in the
+    request's own task. EventSourceResponse's own __call__ runs an anyio task group of four tasks per stream (the
+    body, the ping, the exit-signal and the disconnect listeners) with their cancel scopes and Events: most of an
+    idle stream's memory (docs/performance.md). Here the body is the session's loop (`run`), the ping is the
+    session's keepalive Write (the same `:` bytes), and one small task awaits receive() for the client leaving,
+    which wakes the loop. A send that times out, or a stuck write aborted by the stuck check (control.py), ends
+    the stream like any disconnect (no traceback)."""
+
+    def __init__(self, run: Callable[[_EventStream], Awaitable[None]], wake: Callable[[], None], **kw: Any) -> None:
+        super().__init__(_Nothing(), ping=0, sep="\n", **kw)
+        self.run = run
+        self.wake = wake
+        self.aborted = False
+        self._send: Any = None
+
+    def set(self) -> None:
+        """The client left, or the server shuts down (sse-starlette's watcher sets its registered events)."""
+        self.active = False
+        self.wake()
+
+    def abort(self, task: asyncio.Task[Any]) -> None:
+        self.aborted = True
+        self.set()
+        task.cancel()
+
+    async def write(self, data: bytes) -> None:
+        await self._send_with_timeout(self._send, {"type": "http.response.body", "body": data, "more_body": True})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] == "HEAD":
+            await super().__call__(scope, receive, send)
+            return
+        self._send = send
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        listener = asyncio.ensure_future(self._listen_for_disconnect(receive))
+        listener.add_done_callback(lambda _: self.set())
+        _ensure_watcher_started_on_this_loop()
+        shutdown = _get_shutdown_state().events
+        shutdown.add(self)  # type: ignore[arg-type]
+        try:
+            await self.run(self)
+            # The end of the body: a no-op on uvicorn once the client left, a clean end on a server shutdown.
+            await self._send_with_timeout(send, {"type": "http.response.body", "body": b"", "more_body": False})
+        except (SendTimeoutError, OSError):
+            pass
+        except asyncio.CancelledError:
+            if not self.aborted:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        finally:
+            shutdown.discard(self)
+            listener.cancel()
+
+
+async def sse(request: Request) -> Response:
+    """Server-Sent Events: `?channel=a&channel=b&mode=diff`, resumed by `Last-Event-ID` (or `last_event_id`)."""
+    if request.method == "OPTIONS":
+        return cors(request, Response(status_code=200))
+    front = front_of(request)
+    settings, relay = front.settings, await front.ready()
+    grant = await front.grant(request)
+    assert grant is not None
+    query = request.query_params
+    cursor = request.headers.get("last-event-id") or query.get("last_event_id")
+    channels, mode, positions = sse_request(
+        query.getlist("channel"), query.get("mode", "diff"), cursor, settings.max_channels,
+        lambda names: Auth.authorize(grant, names),  # all or nothing: 403 if any channel is outside the grant
+    )  # fmt: skip
+    retry = relay.control.admit(channels)  # before any Redis read: a refused client costs next to nothing
+    if retry is not None:
+        body, _, after = busy(retry)
+        return cors(request, Response(body, 503, headers={"Retry-After": after}, media_type="application/json"))
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if request.method == "HEAD":
+        return cors(request, Response(headers=headers, media_type="text/event-stream"))
+    wake = Wake()
+    conn = relay.connection(SSE, wake.set)
+    try:
+        await drive_async(relay.subscribing(conn, channels, mode, positions), front.runtime)  # type: ignore[arg-type]
+    except BaseException:
+        relay.hub.disconnect(conn)
+        raise
+    session = Session(conn, relay.hub, settings, grant, time.time())
+    session.stream(channels, mode, random.random())  # queues `ready`; its first Write is the `retry:` line
+    # The stuck check (control.py) closes a stream stuck in a write after stuck_timeout; the send timeout is
+    # only a backstop, for a loop too busy to run it.
+    response = _EventStream(
+        lambda stream: _sse_loop(front, relay, conn, session, wake, stream), wake.set, headers=headers,
+        send_timeout=relay.throttle.policy.stuck_timeout + 3 * HOUSEKEEPING,
+    )  # fmt: skip
+    return cors(request, response)
+
+
+async def _sse_loop(
+    front: Front, relay: Relay, conn: Connection, session: Session, wake: Wake, stream: _EventStream
+) -> None:
+    """The SSE connection's loop: the Session's actions carried out as the response's chunks, the keepalive
+    included (as on the gevent front), until the client leaves (`stream.active`)."""
+    task = asyncio.current_task()
+    assert task is not None
+    conn.abort = lambda: stream.abort(task)  # a stuck write (control.py)
+    try:
+        while stream.active:
+            action = session.next(time.time())
+            if isinstance(action, Write):
+                if action.data:
+                    with conn.writing(time.monotonic()):  # resumed once the chunk is sent
+                        await stream.write(action.data)
+                if action.frames:
+                    relay.stats.observe_write(conn)
+            elif isinstance(action, Wait):
+                if not await woken(wake, action.deadline - time.time()):
+                    session.timer_fired()
+                wake.clear()
+            elif isinstance(action, Close):
+                if action.data:
+                    await stream.write(action.data)  # never outlive the token
+                return
+            else:
+                await drive_async(relay.resyncing(conn), front.runtime)  # type: ignore[arg-type]
+    finally:
+        conn.abort = None
+        relay.hub.disconnect(conn)
+
+

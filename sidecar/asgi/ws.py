@@ -1,0 +1,212 @@
+"""The asyncio front's WebSocket: `/ws`, and the uvicorn protocol that carries it (sidecar/asgi/__init__.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import redis
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as _UvicornWSProtocol
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
+
+from sidecar.asgi.front import Front, Wake, canceller, error, front_of, woken
+from sidecar.auth import AuthError, Grant
+from sidecar.core.connection import WS
+from sidecar.core.protocol import ProtocolError
+from sidecar.core.session import (
+    STORE_DOWN,
+    Authenticate,
+    Close,
+    Session,
+    Subscribe,
+    Wait,
+    Write,
+    admission,
+)
+from sidecar.relay import Relay, drive_async
+
+log = logging.getLogger(__name__)
+
+
+async def websocket(ws: WebSocket) -> None:
+    """The WebSocket: the same checks and Session as sidecar/ws.py (uvicorn checked the upgrade itself)."""
+    front = front_of(ws)
+    settings = front.settings
+    if not front.auth.origin_allowed(ws.headers.get("origin"), ws.headers.get("host")):
+        await _deny(ws, AuthError(403, "forbidden-origin", "WebSockets from this origin are not allowed"))
+        return
+    try:
+        grant = await front.grant(ws, required=False)
+    except AuthError as exc:
+        await _deny(ws, exc)
+        return
+    relay = await front.ready()
+    # A socket without a token yet is admitted as a connection only when its auth frame brings one (_request).
+    refused = admission(relay.control.admit() if grant is not None else relay.control.admit_unauthenticated())
+    await ws.accept()
+    if refused is not None:
+        await ws.close(refused.code, refused.reason)
+        return
+    wake = Wake()
+    conn = relay.connection(WS, wake.set)
+    if grant is None:
+        relay.control.unauthenticated.add(conn.id)
+    session = Session(conn, relay.hub, settings, grant, time.time())
+    inbox: list[str | bytes] = []  # lists, not deques or Events: every idle socket holds these
+    gone = False
+    task = asyncio.current_task()
+    conn.abort = canceller(task)  # a stuck write (control.py)
+
+    async def receive() -> None:
+        nonlocal gone
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                raw = message.get("text")
+                inbox.append(raw if raw is not None else message.get("bytes") or b"")
+                wake.set()
+        finally:
+            gone = True
+            wake.set()
+
+    receiver = asyncio.create_task(receive())
+    close: Close | None = None
+    try:
+        while not gone and close is None:
+            action = session.next(time.time())
+            if isinstance(action, Write):
+                with conn.writing(time.monotonic()):
+                    await _send_frames(ws, action.data)
+                if action.frames:
+                    relay.stats.observe_write(conn)
+            elif isinstance(action, Wait):
+                if not await woken(wake, action.deadline - time.time()):
+                    session.timer_fired()  # its keepalive is a ping frame: uvicorn's own ping sends those
+                wake.clear()
+                while inbox and close is None:
+                    close = await _request(front, relay, session, session.receive(inbox.pop(0), time.time()))
+            elif isinstance(action, Close):
+                close = action
+            else:
+                await drive_async(relay.resyncing(conn), front.runtime)  # type: ignore[arg-type]
+        if close is not None:
+            await ws.close(close.code, close.reason)
+    except redis.RedisError:
+        with contextlib.suppress(Exception):
+            await ws.close(STORE_DOWN.code, STORE_DOWN.reason)
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        pass  # the client went away (Starlette raises RuntimeError for a send after the close)
+    finally:
+        receiver.cancel()
+        conn.abort = None
+        relay.control.unauthenticated.discard(conn.id)
+        relay.hub.disconnect(conn)
+
+
+async def not_websocket(_request: Request) -> Response:
+    return error(400, "not-websocket", "this endpoint speaks WebSocket only (RFC 6455)")
+
+
+async def _deny(ws: WebSocket, exc: AuthError) -> None:
+    """Refuse the upgrade with the HTTP status and JSON body the Flask front gives."""
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(error(exc.status, exc.code, exc.message, **exc.headers))
+    else:
+        await ws.close(1008, exc.message)
+
+
+FRAMES = "sidecar.websocket.frames"  # the ASGI extension of WSProtocol below: pre-built frames in one send
+
+
+async def _send_frames(ws: WebSocket, data: bytes) -> None:
+    """The hub's WebSocket frames are whole RFC 6455 frames (shared by every socket on the gevent front). On
+    WSProtocol (its FRAMES extension) they go to the transport as they are, one write per Write action. ASGI
+    itself sends messages, so elsewhere each frame's payload goes as one message, and ping frames are left to the
+    server's own."""
+    if FRAMES in ws.scope.get("extensions", {}):
+        await ws.send({"type": "websocket.send", FRAMES: data})
+        return
+    i, n = 0, len(data)
+    while i < n:
+        opcode, size = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if size == 126:
+            size, i = int.from_bytes(data[i : i + 2], "big"), i + 2
+        elif size == 127:
+            size, i = int.from_bytes(data[i : i + 8], "big"), i + 8
+        payload, i = data[i : i + size], i + size
+        if opcode == 0x1:
+            await ws.send({"type": "websocket.send", "text": payload.decode()})
+        elif opcode == 0x2:
+            await ws.send({"type": "websocket.send", "bytes": payload})
+
+
+async def _request(front: Front, relay: Relay, session: Session, asked: object) -> Close | None:
+    """Carry out what a client frame asked for (sidecar/ws.py's _request, with the Redis read awaited)."""
+    if isinstance(asked, Subscribe):
+        since = {asked.channel: asked.since} if asked.since else {}
+        try:
+            steps = relay.subscribing(session.conn, [asked.channel], asked.mode, since)
+            await drive_async(steps, front.runtime)  # type: ignore[arg-type]
+        except ProtocolError as exc:
+            session.error(exc, asked.channel)
+    elif isinstance(asked, Authenticate):
+        verdict: Grant | str
+        try:
+            verdict = front.auth.grant(asked.token)
+        except AuthError as exc:
+            verdict = exc.message
+        # Its first token: from now on it counts as a connection (or it is refused, the replica being full).
+        return session.authenticate(verdict, lambda: relay.control.authorised(session.conn.id))
+    return asked if isinstance(asked, Close) else None
+
+
+class WSProtocol(_UvicornWSProtocol):
+    """uvicorn's wsproto protocol, answering a frame wsproto cannot parse (invalid UTF-8 in a text frame, say)
+    with its close frame (1007) instead of dropping the connection: RFC 6455 section 7.1.7, and what the gevent
+    front does. wsproto reports such a frame as a CloseConnection while the connection is still open (a real
+    close from the client is REMOTE_CLOSING), and uvicorn then closed TCP without a close frame. For uvicorn's
+    command line: `--ws sidecar.asgi:WSProtocol` (docs/deployment.md).
+
+    Its FRAMES extension (offered only without permessage-deflate, which compresses each message itself): a
+    `websocket.send` carrying FRAMES is written to the transport as it is, after uvicorn's own checks (flow
+    control, disconnect, close sent): the relay's pre-built frames, one write for all frames of a Write action
+    instead of one ASGI send, one wsproto encoding and one transport write per frame."""
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        if not self.config.ws_per_message_deflate:
+            self.scope["extensions"][FRAMES] = {}
+
+    async def send(self, message: Any) -> None:
+        frames = message.get(FRAMES)
+        if frames is None or message["type"] != "websocket.send":
+            await super().send(message)
+            return
+        await self.writable.wait()
+        if self.disconnected or self.close_sent or self.conn.state != ConnectionState.OPEN:
+            raise ClientDisconnected()
+        if not self.transport.is_closing():
+            self.transport.write(frames)
+
+    def handle_close(self, event: CloseConnection) -> None:
+        if not self.close_sent and self.conn.state == ConnectionState.OPEN:
+            reason = (event.reason or "").encode()[:123].decode(errors="ignore")
+            self.transport.write(self.conn.send(CloseConnection(event.code, reason)))
+            self.close_sent = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": event.code, "reason": reason})
+            self.transport.close()
+            return
+        super().handle_close(event)
+
+
