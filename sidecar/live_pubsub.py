@@ -40,6 +40,7 @@ from sidecar.config import Settings
 from sidecar.core.protocol import Message, StreamKey, stream_key
 from sidecar.core.slots import key_slot
 from sidecar.reader import WATCH_TIMEOUT, Lag
+from sidecar.runtime import Spawn, spawn_thread
 from sidecar.store import Store, connect, decode_entries, decode_published
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,11 @@ class ChannelReader:
         resync_channel: Callable[[str], None],
         on_error: Callable[[Message | None, Exception], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        spawn: Spawn = spawn_thread,
     ) -> None:
         self.store = store
         self.settings = settings
+        self.spawn = spawn  # the runtime's (sidecar/runtime.py): its loops block in redis-py
         self.on_messages = on_messages
         self.resync_channel = resync_channel
         self.on_error = on_error
@@ -119,10 +122,8 @@ class ChannelReader:
     def start(self) -> None:
         self.running = True
         self.down_since = self.clock()
-        self.thread = threading.Thread(target=self._run, name="sidecar-live-pubsub", daemon=True)
-        self.thread.start()
-        self.checker = threading.Thread(target=self._check_loop, name="sidecar-live-check", daemon=True)
-        self.checker.start()
+        self.thread = self.spawn(self._run, "sidecar-live-pubsub")
+        self.checker = self.spawn(self._check_loop, "sidecar-live-check")
 
     def stop(self) -> None:
         self.running = False

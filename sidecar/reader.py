@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 import redis
@@ -38,6 +39,7 @@ from redis.exceptions import AskError, MovedError, RedisClusterException
 from sidecar.config import Settings
 from sidecar.core.protocol import Message, stream_key
 from sidecar.core.slots import key_slot
+from sidecar.runtime import Spawn, spawn_thread
 from sidecar.store import Store, connect, decode_entry
 
 log = logging.getLogger(__name__)
@@ -84,9 +86,11 @@ class Reader:
         on_gap: Callable[[int], None] | None = None,
         on_error: Callable[[Message | None, Exception], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        spawn: Spawn = spawn_thread,
     ) -> None:
         self.store = store
         self.settings = settings
+        self.spawn = spawn  # the runtime's (sidecar/runtime.py): its loops block in redis-py
         self.on_messages = on_messages
         self.on_gap = on_gap
         self.on_error = on_error
@@ -125,11 +129,9 @@ class Reader:
         for key in self.shards:
             self.replied_at[key] = now
         for i, loop in enumerate(self.loops):
-            loop.thread = threading.Thread(target=self._run, args=(loop,), name=f"sidecar-reader-{i}", daemon=True)
-            loop.thread.start()
+            loop.thread = self.spawn(partial(self._run, loop), f"sidecar-reader-{i}")
         self.thread = self.loops[0].thread
-        self.watchdog = threading.Thread(target=self._watch, name="sidecar-reader-watchdog", daemon=True)
-        self.watchdog.start()
+        self.watchdog = self.spawn(self._watch, "sidecar-reader-watchdog")
 
     def stop(self) -> None:
         self.running = False

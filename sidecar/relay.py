@@ -80,10 +80,12 @@ class Relay:
         dispatch, failed = partial(soon, self.hub.dispatch), partial(soon, self.hub.failed)
         self.reader: Reader | ChannelReader
         if settings.live_read == "channels":  # only the channels this replica's clients want (docs/scaling.md)
-            self.reader = ChannelReader(self.store, settings, dispatch, partial(soon, self.resync_channel), failed)
+            resync = partial(soon, self.resync_channel)
+            self.reader = ChannelReader(self.store, settings, dispatch, resync, failed, spawn=self.runtime.spawn)
             self.hub.on_channel = self.reader.on_channel  # called on the hub's thread; it only queues
         elif settings.live_read == "shards":
-            self.reader = Reader(self.store, settings, dispatch, partial(soon, self.resync_shard), failed)
+            resync = partial(soon, self.resync_shard)
+            self.reader = Reader(self.store, settings, dispatch, resync, failed, spawn=self.runtime.spawn)
         else:
             raise ValueError(f"SIDECAR_LIVE_READ must be shards or channels, not {settings.live_read!r}")
         self.hub.on_error = self._dispatch_failed

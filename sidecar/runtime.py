@@ -33,6 +33,14 @@ from typing import Any, Protocol, TypeVar
 from sidecar.scheduler import Scheduler
 
 T = TypeVar("T")
+Spawn = Callable[[Callable[[], None], str], threading.Thread]  # (loop, name): the loop started in the background
+
+
+def spawn_thread(fn: Callable[[], None], name: str) -> threading.Thread:
+    """A daemon thread running `fn` (a greenlet once gevent has patched threading)."""
+    thread = threading.Thread(target=fn, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 class Cancellable(Protocol):
@@ -60,9 +68,7 @@ class _Threads:
     """What both runtimes share: background loops are threads (greenlets once gevent has patched threading)."""
 
     def spawn(self, fn: Callable[[], None], name: str) -> threading.Thread:
-        thread = threading.Thread(target=fn, name=name, daemon=True)
-        thread.start()
-        return thread
+        return spawn_thread(fn, name)
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
