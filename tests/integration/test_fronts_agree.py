@@ -78,7 +78,7 @@ def mint(channels: list[str] | str, ttl: float = 3600, **claims: object) -> str:
 
 
 @pytest.fixture(scope="module")
-def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, SidecarProcess]]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, SidecarProcess], EmbeddedRedis]]:
     """One redis-server and one production-mode sidecar of each front, every guard configured."""
     forget_earlier_garbage()
     tmp = tmp_path_factory.mktemp("agree")
@@ -88,7 +88,7 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Sidec
         for front in FRONTS:
             started[front] = SidecarProcess(server.url, tmp, ENV, front=front)
         TOKENS.update({"*": mint(["*"]), "a": mint(["a:*", "open"])})
-        yield started
+        yield started, server
     finally:
         alive = {front: proc.running for front, proc in started.items()}
         for proc in started.values():
@@ -99,6 +99,11 @@ def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Sidec
         assert "Traceback" not in proc.log_text(), proc.log_tail(80)
         for secret in (SECRET, PUBLISHER_KEY, ADMIN_KEY):
             assert secret not in proc.log_text()
+
+
+@pytest.fixture
+def fronts(stack: tuple[dict[str, SidecarProcess], EmbeddedRedis]) -> dict[str, SidecarProcess]:
+    return stack[0]
 
 
 def each(fronts: dict[str, SidecarProcess], fn: Callable[[SidecarProcess], Any]) -> dict[str, Any]:
@@ -403,6 +408,18 @@ def test_publish_refusals_agree(fronts, body, status, code):
         assert got.body["message"].startswith("message 1: ")  # the batch's bad message, by its index
 
 
+def test_a_batch_with_one_bad_message_publishes_none_of_it(fronts):
+    def send(sidecar: SidecarProcess) -> tuple[int, str, int]:
+        channel = f"a:batch:none:{sidecar.front}"
+        batch = {"messages": [{"channel": channel, "event": "e", "state": {"x": 1}}, {"channel": channel}]}
+        with requests.post(sidecar.url + "/publish", json=batch, headers=bearer(PUBLISHER_KEY), timeout=5) as r:
+            refused = r.json()["error"]
+        state = requests.get(f"{sidecar.url}/channels/{channel}/state", headers=bearer(TOKENS["a"]), timeout=5)
+        return r.status_code, refused, state.status_code
+
+    assert agree(each(fronts, send)) == (400, "bad-event", 404)
+
+
 def chunks(*parts: bytes) -> Callable[[], Iterator[bytes]]:
     return lambda: iter(parts)
 
@@ -620,6 +637,23 @@ def test_the_sse_head_and_ready_agree_byte_for_byte(fronts):
         else:  # resumed: a:sse:1's missed message, a:sse:2's one message (0-0~: no epoch check), a:sse:3 none
             assert names[0] == b"event: message" and b'"seq":2' in events[0]
             assert names[-1] == b"event: ready"
+
+
+def test_last_event_id_wins_over_the_query_cursor(fronts):
+    done = publish(fronts, {"channel": "a:wins", "event": "e", "data": 1})
+    publish(fronts, {"channel": "a:wins", "event": "e", "data": 2})
+    cursor = f"{done['id']}~{done['epoch']}"
+
+    def run(sidecar: SidecarProcess) -> list[bytes]:
+        stream = Stream(sidecar, sse_request("/sse?channel=a:wins&mode=event&last_event_id=garbage", TOKENS["a"],
+                                             f"Last-Event-ID: {cursor}"))  # fmt: skip
+        try:
+            body = stream.read_until(lambda b: READY in b and b.endswith(b"\n\n"))
+        finally:
+            stream.close()
+        return [e.split(b"\n")[1] for e in split_retry(body)[1].split(b"\n\n")[:-1]]
+
+    assert agree(each(fronts, run)) == [b"event: message", b"event: ready"]  # resumed: the one message after it
 
 
 def test_the_retry_hint_is_2000_ms_times_a_random_1_to_2(fronts):
@@ -1125,3 +1159,43 @@ def test_a_full_replica_refuses_sse_with_503_and_websockets_with_1013_on_both(fr
         for stream in holders.values():
             stream.close()
         put_policy(fronts, "gevent", None)
+
+
+# -- Redis unreachable (last: it stops the module's Redis, then starts it again) ----------------------------
+def test_with_redis_down_every_front_answers_503_unavailable_and_websockets_1013(stack):
+    fronts, server = stack
+    server.kill()
+    try:
+        def down(sidecar: SidecarProcess) -> tuple[Any, ...]:
+            deadline = time.monotonic() + 15
+            while requests.get(sidecar.url + "/healthz", timeout=15).status_code != 503:
+                assert time.monotonic() < deadline, "healthz still says ready with Redis gone"
+                time.sleep(0.1)
+            health = requests.get(sidecar.url + "/healthz", timeout=15)
+            answers = []
+            for method, path, headers in (
+                ("GET", "/sse?channel=a:down", bearer(TOKENS["a"])),
+                ("GET", "/channels/a:down/state", bearer(TOKENS["a"])),
+                ("POST", "/publish", bearer(PUBLISHER_KEY)),
+            ):
+                body = b'{"channel": "a:down", "event": "e"}' if method == "POST" else None
+                with requests.request(method, sidecar.url + path, data=body, headers=headers, timeout=15) as r:
+                    answers.append(answer_of(r, NOT_CORS))
+            ws = RawWS(sidecar, TOKENS["a"])
+            ws.send(text({"op": "subscribe", "channel": "a:down"}))
+            closed = ws.closed(timeout=15)
+            ws.close()
+            return health.status_code, health.json()["ok"], answers, closed
+
+        status, ok, answers, closed = agree(each(fronts, down))
+        assert (status, ok) == (503, False)
+        for got in answers:
+            assert got.status == 503 and got.body["error"] == "unavailable" and got.header("retry-after") == "1"
+        assert closed == (1013, "store unavailable, retry shortly")
+    finally:
+        server.restart()
+    for sidecar in fronts.values():
+        deadline = time.monotonic() + 15
+        while requests.get(sidecar.url + "/healthz", timeout=15).status_code != 200:
+            assert time.monotonic() < deadline, "healthz did not recover with Redis back"
+            time.sleep(0.1)
