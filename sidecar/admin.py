@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 
 import orjson
 import redis
@@ -22,15 +21,11 @@ from flask import Blueprint, Response, current_app, g, request
 
 from sidecar.app import error, read_body, too_large
 from sidecar.auth import bearer
-from sidecar.core.throttle import LIMITS, ChannelPolicy, Policy, PolicyError
+from sidecar.core.throttle import LOG_MAX, Policy, PolicyError, change_summary, log_count, policy_changes
 
 log = logging.getLogger(__name__)
 admin = Blueprint("admin", __name__, url_prefix="/admin")
 
-LOG_MAX = 1000  # GET /admin/throttle/log?n= at most (the stream keeps about as many)
-WHAT_MAX = 200  # characters of a change's summary
-UNITS = {"window": " s", "poke_rate": "/s", "poke_floor": " s", "admit_rate": "/s", "queue_bytes": " B",
-         "stuck_timeout": " s"}  # fmt: skip
 
 
 @admin.before_request
@@ -84,65 +79,17 @@ def reset_throttle() -> Response:
 @admin.get("/throttle/log")
 def throttle_log() -> Response:
     """The last `n` (1-1000, default 50) policy changes, newest first."""
-    raw = request.args.get("n", "50")
-    n = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 4 else 0
-    if not 1 <= n <= LOG_MAX:
+    n = log_count(request.args.get("n", "50"))
+    if n is None:
         return error(400, "bad-request", f"n must be an integer from 1 to {LOG_MAX}")
-    changes = []
-    for stream_id, entry in current_app.extensions["relay"].store.read_policy_log(n):
-        try:
-            at = float(entry.get("at", ""))
-            policy = orjson.loads(entry["policy"]) if entry.get("policy") else None
-        except (ValueError, orjson.JSONDecodeError):
-            continue  # not written by us
-        changes.append({"id": stream_id, "at": at, "who": entry.get("who", ""), "what": entry.get("what", ""),
-                        "policy": policy})  # fmt: skip
+    changes = policy_changes(current_app.extensions["relay"].store.read_policy_log(n))
     return Response(orjson.dumps({"changes": changes}), mimetype="application/json")
 
 
 def _log_change(before: Policy, after: Policy, stored: bytes | None) -> None:
     """The change is made: log it (a log Redis refuses leaves the change standing, with a warning)."""
     control = current_app.extensions["relay"].control
-    what = describe_change(before, after)
-    if stored is None:
-        what = f"back to the settings' policy: {what}"[:WHAT_MAX]
     try:
-        control.store.log_policy_change(control.updated, g.admin, what, stored)
+        control.store.log_policy_change(control.updated, g.admin, change_summary(before, after, stored), stored)
     except redis.RedisError as exc:
         log.warning("throttle: the policy change was applied but not logged (%s)", type(exc).__name__)
-
-
-def describe_change(before: Policy, after: Policy) -> str:
-    """A short human summary of what changed, e.g. ``orders:* window 0 -> 0.5 s; admit_rate 0 -> 200/s``.
-
-    A pattern added is compared with what its channels got before (the pattern that matched it), a pattern
-    removed with what they get now."""
-    parts = []
-    for pattern in sorted(before.channels.keys() | after.channels.keys()):
-        old, new = before.channels.get(pattern), after.channels.get(pattern)
-        if old == new:
-            continue
-        note = ""
-        if old is None:
-            old, note = before.match(pattern)[1], " (new)"
-        elif new is None:
-            new, note = after.match(pattern)[1], " (removed)"
-        changed = _changes(old, new, [f.name for f in fields(ChannelPolicy)])
-        parts.append(f"{pattern} {changed or 'as before'}{note}")
-    limits = _changes(before, after, list(LIMITS))
-    if limits:
-        parts.append(limits)
-    text = "; ".join(parts) or "no change"
-    return text if len(text) <= WHAT_MAX else text[: WHAT_MAX - 3] + "..."
-
-
-def _changes(old: object, new: object, names: list[str]) -> str:
-    return ", ".join(
-        f"{name} {_number(getattr(old, name))} -> {_number(getattr(new, name))}{UNITS.get(name, '')}"
-        for name in names
-        if getattr(old, name) != getattr(new, name)
-    )
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from http import HTTPStatus
 from pathlib import Path
 
 import redis
@@ -49,6 +50,8 @@ def create_app(settings: Settings, relay: Relay | None = None) -> Flask:
     app.extensions["auth"] = Auth(settings)
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_publish_bytes * 2  # every body: see read_body()
+    # OPTIONS only where CORS is offered (the routes below that name it): elsewhere a 405, as on the asgi front.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.register_blueprint(api)
     from sidecar.admin import admin
 
@@ -105,10 +108,14 @@ def too_large() -> Response:
 
 def _http_error(exc: HTTPException) -> Response:
     headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-    return error(exc.code or 500, (exc.name or "error").lower().replace(" ", "-"), exc.description or "", **headers)
+    status = exc.code or 500
+    # The reason phrase as the message (Werkzeug's descriptions are addressed to a person at a browser), the same
+    # answer as the asgi front's: {"error": "not-found", "message": "Not Found"}.
+    return error(status, (exc.name or "error").lower().replace(" ", "-"), HTTPStatus(status).phrase, **headers)
 
 
 CORS_ENDPOINTS = ("api.sse", "api.channel_state")
+CORS_METHODS: dict = {"methods": ["GET", "OPTIONS"], "provide_automatic_options": True}  # Flask answers preflights
 
 
 def _cors(response: Response) -> Response:
@@ -116,6 +123,8 @@ def _cors(response: Response) -> Response:
     if request.endpoint not in CORS_ENDPOINTS:
         return response
     response.vary.add("Origin")
+    if request.method == "OPTIONS":
+        del response.headers["Content-Type"]  # no body: Flask's default answer says text/html
     allow = current_app.extensions["auth"].cors_origin(request.headers.get("Origin"))
     if allow:
         response.headers["Access-Control-Allow-Origin"] = allow
@@ -153,7 +162,7 @@ def healthz() -> Response:
     return Response(body, status=status, mimetype="application/json")
 
 
-@api.get("/sse")
+@api.route("/sse", **CORS_METHODS)
 def sse() -> Response:
     """Server-Sent Events: `?channel=a&channel=b&mode=diff`, resumed by `Last-Event-ID` (or `last_event_id`)."""
     settings, relay = settings_of(), relay_of()
@@ -228,7 +237,7 @@ def sse() -> Response:
     return Response(stream(), mimetype="text/event-stream", headers=headers, direct_passthrough=True)
 
 
-@api.get("/channels/<channel>/state")
+@api.route("/channels/<channel>/state", **CORS_METHODS)
 def channel_state(channel: str) -> Response:
     """The pull of poke/pull: the channel's snapshot, with an ETag of its position. N pulls of one version cost
     one Redis read (sidecar/state_cache.py)."""

@@ -64,7 +64,7 @@ class AuthError(Exception):
         if self.status != 401:
             return {}
         # RFC 6750 section 3: no error code when the request carried no credentials at all.
-        if self.code == "unauthorized" and self.message == MISSING:
+        if self.code == "unauthorized" and self.message in (MISSING, KEY_MISSING):
             return {"WWW-Authenticate": 'Bearer realm="sidecar"'}
         return {"WWW-Authenticate": 'Bearer realm="sidecar", error="invalid_token"'}
 
@@ -74,6 +74,7 @@ class InsecureConfig(ValueError):
 
 
 MISSING = "a bearer token is required"
+KEY_MISSING = "a bearer key is required"
 INVALID = "the token is not valid"  # the same words for every reason: no oracle for forgers
 
 
@@ -341,7 +342,7 @@ class Auth:
                 return
             raise AuthError(403, "disabled", f"{what} is disabled: no {name} is configured")
         if not presented:
-            raise AuthError(401, "unauthorized", "a bearer key is required")
+            raise AuthError(401, "unauthorized", KEY_MISSING)
         if not keys_match(presented, keys):
             raise AuthError(401, "unauthorized", "the key is not valid")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import re
 import socket
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from wsproto.utilities import RemoteProtocolError
 from sidecar.app import answer, error
 from sidecar.auth import AuthError, Grant, presented_token
 from sidecar.core.connection import WS
-from sidecar.core.http_api import NOT_WEBSOCKET, UNSUPPORTED_VERSION
+from sidecar.core.http_api import MALFORMED_UPGRADE, NOT_WEBSOCKET, upgrade_refusal
 from sidecar.core.protocol import ProtocolError
 from sidecar.core.session import (
     STORE_DOWN,
@@ -140,9 +139,6 @@ def _request(relay: Any, session: Session, asked: Request | None) -> Close | Non
     return asked if isinstance(asked, Close) else None
 
 
-KEY = re.compile(r"[A-Za-z0-9+/]{21}[AQgw]==")  # base64 of 16 bytes (RFC 6455 section 4.1)
-
-
 @sock.bp.app_errorhandler(WebsocketMismatch)
 def not_websocket(exc: WebsocketMismatch) -> Response:
     # Werkzeug's router takes a request without `Connection: Upgrade` + `Upgrade: websocket` for plain HTTP.
@@ -159,8 +155,9 @@ def handshake() -> Response | None:
     {"op": "auth", "token": ...} within `auth_timeout`."""
     if request.headers.get("Upgrade", "").lower() != "websocket":
         raise ProtocolError(NOT_WEBSOCKET.code, NOT_WEBSOCKET.message)
-    if request.headers.get("Sec-WebSocket-Version") != "13":
-        return answer(UNSUPPORTED_VERSION)
+    refused = upgrade_refusal({name.lower(): value for name, value in request.headers.items()})
+    if refused is not None:  # the same checks as the asgi front's (sidecar/core/http_api.py)
+        return answer(refused)
     problem = _malformed(request.environ)
     if problem:
         raise ProtocolError("bad-handshake", problem)
@@ -177,9 +174,8 @@ def handshake() -> Response | None:
 
 
 def _malformed(environ: dict[str, Any]) -> str | None:
-    """What simple-websocket's handshake would fail on (a traceback and a 500), checked before it runs."""
-    if not KEY.fullmatch(environ.get("HTTP_SEC_WEBSOCKET_KEY", "")):
-        return "Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 section 4.2.1)"
+    """What simple-websocket's handshake would fail on (a traceback and a 500), checked before it runs (after
+    upgrade_refusal)."""
     # simple-websocket hands wsproto a request it rebuilds from the environ's headers; wsproto (h11) refuses
     # what HTTP/1.1 does not allow there (a bad header value, a Host that is not a hostname, ...), and its
     # permessage-deflate fails on a parameter that is not a number (RFC 7692 section 7.1).
@@ -199,5 +195,5 @@ def _malformed(environ: dict[str, Any]) -> str | None:
     except RemoteProtocolError as exc:
         return f"not a valid WebSocket upgrade: {exc}"
     except ValueError:  # UnicodeError included
-        return "not a valid WebSocket upgrade: a header value or a permessage-deflate parameter is malformed"
+        return MALFORMED_UPGRADE
     return None

@@ -9,8 +9,10 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 from sidecar.core.protocol import ProtocolError, error_body
@@ -32,6 +34,14 @@ class Refusal:
     def body(self) -> bytes:
         return error_body(self.code, self.message)
 
+    def http_response(self) -> bytes:
+        """The whole HTTP/1.1 answer, for a front that must write it to the socket itself (then close it)."""
+        body = self.body
+        head = f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in self.headers)
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        return head.encode("latin-1") + body
+
 
 def refusal(status: int, code: str, message: str, **headers: str) -> Refusal:
     return Refusal(status, code, message, tuple(headers.items()))
@@ -43,6 +53,42 @@ NOT_WEBSOCKET = refusal(400, "not-websocket", "this endpoint speaks WebSocket on
 UNSUPPORTED_VERSION = refusal(
     426, "unsupported-version", "this server speaks WebSocket version 13 (RFC 6455)", **{"Sec-WebSocket-Version": "13"}
 )
+
+
+WS_KEY_RE = re.compile(r"[A-Za-z0-9+/]{21}[AQgw]==")  # base64 of 16 bytes (RFC 6455 section 4.1)
+MALFORMED_UPGRADE = "not a valid WebSocket upgrade: a header value or a permessage-deflate parameter is malformed"
+
+
+def upgrade_refusal(headers: Mapping[str, str]) -> Refusal | None:
+    """The refusal of a WebSocket upgrade request (`headers`: lower-case names) that RFC 6455 section 4.2.1 and
+    RFC 7692 do not allow, before any token is needed (docs/protocol.md, "WebSocket"): 426 for a version other
+    than 13 or none, 400 `bad-handshake` for a key that is not 16 bytes in base64 or a permessage-deflate offer
+    whose window bits are not a number. None: the upgrade may go on."""
+    if headers.get("sec-websocket-version", "").strip() != "13":
+        return UNSUPPORTED_VERSION
+    if not WS_KEY_RE.fullmatch(headers.get("sec-websocket-key", "").strip()):
+        return refusal(400, "bad-handshake", "Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 section 4.2.1)")
+    for offer in headers.get("sec-websocket-extensions", "").split(","):
+        name, *params = (part.strip() for part in offer.split(";"))
+        if name != "permessage-deflate":
+            continue
+        for param in params:
+            key, eq, value = param.partition("=")
+            value = value.strip().strip('"')
+            if eq and key.strip().endswith("_max_window_bits") and not (value.isascii() and value.isdigit()):
+                return refusal(400, "bad-handshake", MALFORMED_UPGRADE)
+    return None
+
+
+def head_fields(head: bytes) -> dict[str, str]:
+    """The header fields of a raw HTTP/1.1 request head, lower-case names; repeated fields joined with ", "."""
+    fields: dict[str, str] = {}
+    for line in head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            name = name.strip().lower()
+            fields[name] = f"{fields[name]}, {value.strip()}" if name in fields else value.strip()
+    return fields
 
 
 def too_large(limit: int) -> Refusal:

@@ -18,9 +18,11 @@ import heapq
 import itertools
 import random
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+import orjson
 
 from sidecar.core.limits import TokenBucket
 from sidecar.core.patterns import glob_match
@@ -370,3 +372,72 @@ class Throttle:
     def take_counts(self) -> dict[tuple[str, str], int]:
         counts, self.counts = self.counts, {}
         return counts
+
+
+# -- the policy-change log (GET /admin/throttle/log, both fronts): what each change did, in words --------------
+LOG_MAX = 1000  # GET /admin/throttle/log?n= at most (the stream keeps about as many)
+WHAT_MAX = 200  # characters of a change's summary
+UNITS = {"window": " s", "poke_rate": "/s", "poke_floor": " s", "admit_rate": "/s", "queue_bytes": " B",
+         "stuck_timeout": " s"}  # fmt: skip
+
+
+def log_count(raw: str) -> int | None:
+    """`?n=` of GET /admin/throttle/log: 1 to LOG_MAX, else None (a 400)."""
+    n = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 4 else 0
+    return n if 1 <= n <= LOG_MAX else None
+
+
+def policy_changes(rows: Iterable[tuple[str, Mapping[str, str]]]) -> list[dict[str, Any]]:
+    """The log's entries (stream id, fields), newest first, as GET /admin/throttle/log answers them."""
+    changes = []
+    for stream_id, entry in rows:
+        try:
+            at = float(entry.get("at", ""))
+            policy = orjson.loads(entry["policy"]) if entry.get("policy") else None
+        except (ValueError, orjson.JSONDecodeError):
+            continue  # not written by us
+        changes.append({"id": stream_id, "at": at, "who": entry.get("who", ""), "what": entry.get("what", ""),
+                        "policy": policy})  # fmt: skip
+    return changes
+
+
+def change_summary(before: Policy, after: Policy, stored: bytes | None) -> str:
+    """The log's `what` of a PUT (`stored`: the policy stored) or a DELETE (None: back to the settings')."""
+    what = describe_change(before, after)
+    return what if stored is not None else f"back to the settings' policy: {what}"[:WHAT_MAX]
+
+
+def describe_change(before: Policy, after: Policy) -> str:
+    """A short human summary of what changed, e.g. ``orders:* window 0 -> 0.5 s; admit_rate 0 -> 200/s``.
+
+    A pattern added is compared with what its channels got before (the pattern that matched it), a pattern
+    removed with what they get now."""
+    parts = []
+    for pattern in sorted(before.channels.keys() | after.channels.keys()):
+        old, new = before.channels.get(pattern), after.channels.get(pattern)
+        if old == new:
+            continue
+        note = ""
+        if old is None:
+            old, note = before.match(pattern)[1], " (new)"
+        elif new is None:
+            new, note = after.match(pattern)[1], " (removed)"
+        changed = _changed(old, new, [f.name for f in fields(ChannelPolicy)])
+        parts.append(f"{pattern} {changed or 'as before'}{note}")
+    limits = _changed(before, after, list(LIMITS))
+    if limits:
+        parts.append(limits)
+    text = "; ".join(parts) or "no change"
+    return text if len(text) <= WHAT_MAX else text[: WHAT_MAX - 3] + "..."
+
+
+def _changed(old: object, new: object, names: list[str]) -> str:
+    return ", ".join(
+        f"{name} {_shown(getattr(old, name))} -> {_shown(getattr(new, name))}{UNITS.get(name, '')}"
+        for name in names
+        if getattr(old, name) != getattr(new, name)
+    )
+
+
+def _shown(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

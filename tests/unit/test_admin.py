@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.admin import WHAT_MAX, describe_change
 from sidecar.auth import Auth, AuthError, InsecureConfig
 from sidecar.config import Settings
-from sidecar.core.throttle import Policy
+from sidecar.core.throttle import WHAT_MAX, Policy, describe_change
 
 ANNA, BO, PLAIN = "anna-key-0123456789", "bo:key:with:colons-0123", "plain-admin-key-0123"
 
