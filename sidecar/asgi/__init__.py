@@ -197,16 +197,20 @@ class RelayApp(Starlette):
 
     async def _http(self, endpoint: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive,
                     send: Send) -> None:  # fmt: skip
+        response = await self._response(endpoint, scope, receive, send)
+        await response(scope, receive, send)  # a stream's whole life: the Request (and its parsed headers) is gone
+
+    async def _response(self, endpoint: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive,
+                        send: Send) -> Response:  # fmt: skip
         request = Request(scope, receive, send)
         try:
-            response = await endpoint(request)
+            return await endpoint(request)
         except Exception as exc:
             answered = await self._handled(request, exc)
             if answered is None:  # Starlette's ServerErrorMiddleware: a 500, and the error to the server's log
                 await PlainTextResponse("Internal Server Error", 500)(scope, receive, send)
                 raise
-            response = answered
-        await response(scope, receive, send)
+            return answered
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         ws = WebSocket(scope, receive, send)
