@@ -1,4 +1,4 @@
-"""`python -m bench.fronts_profile [sse|ws]`: tracemalloc of 300 idle connections on the ASGI front (uvicorn in
+"""`python -m bench.fronts_profile [sse|ws] [top]`: tracemalloc of 300 idle connections on the ASGI front (uvicorn in
 this process, with `sidecar serve`'s protocols): Python allocations per connection, and the top allocation
 sites, each by its innermost line and by the innermost line outside the standard library (who asked for it).
 """
@@ -45,7 +45,7 @@ def request(kind: str) -> bytes:
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()  # fmt: skip
 
 
-def main(kind: str) -> None:
+def main(kind: str, top: int = 24) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         redis_server = EmbeddedRedis(Path(tmp) / "redis").start()
         port = free_port()
@@ -90,7 +90,7 @@ def main(kind: str) -> None:
         ranked = sorted(packages.items(), key=lambda kv: -kv[1])
         print(" by package (of that line):", ", ".join(f"{name} {size / N:.0f} B" for name, size in ranked if size > N))
         print(" by innermost line outside the standard library:")
-        for site, size in sorted(callers.items(), key=lambda kv: -kv[1])[:24]:
+        for site, size in sorted(callers.items(), key=lambda kv: -kv[1])[:top]:
             print(f"  {size / N:8.0f} B/conn  {site}")
         for sock in warm + socks:
             sock.close()
@@ -100,4 +100,4 @@ def main(kind: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "sse")
+    main(sys.argv[1] if len(sys.argv) > 1 else "sse", int(sys.argv[2]) if len(sys.argv) > 2 else 24)
