@@ -1,5 +1,6 @@
-"""`python -m bench.fronts_profile [sse|ws]`: tracemalloc of 300 idle connections on the ASGI front (uvicorn in
-this process): Python allocations per connection, and the top allocation sites.
+"""`python -m bench.fronts_profile [sse|ws] [top]`: tracemalloc of 300 idle connections on the ASGI front (uvicorn in
+this process, with `sidecar serve`'s protocols): Python allocations per connection, and the top allocation
+sites, each by its innermost line and by the innermost line outside the standard library (who asked for it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ from sidecar.config import Settings
 from sidecar.embedded import EmbeddedRedis, free_port
 
 N = 300
+STDLIB = os.path.dirname(os.__file__)
+
+
+def caller(trace: tracemalloc.Traceback) -> str:
+    """The innermost frame outside the standard library: the code that asked for the allocation."""
+    for frame in reversed(trace):
+        if not frame.filename.startswith(STDLIB) or "site-packages" in frame.filename:
+            return f"{short(frame.filename)}:{frame.lineno}"
+    return f"{short(trace[-1].filename)}:{trace[-1].lineno}"
+
+
+def short(filename: str) -> str:
+    return filename.split("site-packages/")[-1].replace(STDLIB + "/", "").replace(os.getcwd() + "/", "")
 
 
 def request(kind: str) -> bytes:
@@ -31,7 +45,7 @@ def request(kind: str) -> bytes:
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()  # fmt: skip
 
 
-def main(kind: str) -> None:
+def main(kind: str, top: int = 24) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         redis_server = EmbeddedRedis(Path(tmp) / "redis").start()
         port = free_port()
@@ -57,11 +71,27 @@ def main(kind: str) -> None:
         socks = [open_one() for _ in range(N)]
         time.sleep(2)
         after = tracemalloc.take_snapshot()
-        total = sum(s.size_diff for s in after.compare_to(before, "traceback"))
+        diffs = after.compare_to(before, "traceback")
+        total = sum(s.size_diff for s in diffs)
         print(f"{kind}: {total / N / 1024:.1f} KB of Python allocations per connection (tracemalloc)")
+        print(" by innermost line:")
         for stat in after.compare_to(before, "lineno")[:14]:
             frame = stat.traceback[0]
-            print(f"  {stat.size_diff / N:8.0f} B/conn  {frame.filename.split('site-packages/')[-1]}:{frame.lineno}")
+            print(f"  {stat.size_diff / N:8.0f} B/conn  {short(frame.filename)}:{frame.lineno}")
+        callers: dict[str, int] = {}
+        for stat in diffs:
+            site = caller(stat.traceback)
+            callers[site] = callers.get(site, 0) + stat.size_diff
+        packages: dict[str, int] = {}
+        for site, size in callers.items():
+            parts = site.split(":")[0].split("/")
+            package = "/".join(parts[:2]) if parts[0] == "sidecar" else parts[0].removesuffix(".py")
+            packages[package] = packages.get(package, 0) + size
+        ranked = sorted(packages.items(), key=lambda kv: -kv[1])
+        print(" by package (of that line):", ", ".join(f"{name} {size / N:.0f} B" for name, size in ranked if size > N))
+        print(" by innermost line outside the standard library:")
+        for site, size in sorted(callers.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"  {size / N:8.0f} B/conn  {site}")
         for sock in warm + socks:
             sock.close()
         server.should_exit = True
@@ -70,4 +100,4 @@ def main(kind: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "sse")
+    main(sys.argv[1] if len(sys.argv) > 1 else "sse", int(sys.argv[2]) if len(sys.argv) > 2 else 24)

@@ -12,21 +12,29 @@ Example::
 
 A mounted app's lifespan is not run by Starlette or FastAPI: the relay then starts with the first request.
 Give the parent app its lifespan (``FastAPI(lifespan=relay_app.state.front.lifespan)``) to stop it cleanly too.
+
+The app is a Starlette app (`RelayApp`) whose own `__call__` sends `/sse` and `/ws` straight to their handlers,
+outside Starlette's middleware stack and router (their frames would be held for a stream's whole life), with
+the same exception handlers; everything else goes through Starlette.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import orjson
 import redis
+from starlette._utils import get_route_path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from sidecar.asgi.front import Authorize, Front, answer, cors, error, front_of, oversized, read_body
 from sidecar.asgi.sse import sse
@@ -39,7 +47,7 @@ from sidecar.stats import CONTENT_TYPE_LATEST, exposition
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FRAMES", "Authorize", "Front", "WSProtocol", "app", "create_app", "serve"]
+__all__ = ["FRAMES", "Authorize", "Front", "RelayApp", "WSProtocol", "app", "create_app", "serve"]
 
 STATIC = Path(__file__).parent.parent / "static"
 
@@ -125,28 +133,107 @@ async def admin_throttle(request: Request) -> Response:
 
 
 # -- errors -------------------------------------------------------------------------------------------------
-async def _protocol_error(_request: Request, exc: Exception) -> Response:
+# The browser-facing reads answer their errors with CORS too, as the Flask front's after_request does: a page on
+# another origin can then read why it was refused. (Starlette's Router sets the scope's endpoint, RelayApp too.)
+def _read_cors(conn: HTTPConnection, response: Response) -> Response:
+    if isinstance(conn, Request) and conn.scope.get("endpoint") in (sse, channel_state):
+        return cors(conn, response)
+    return response
+
+
+async def _protocol_error(request: HTTPConnection, exc: Exception) -> Response:
     assert isinstance(exc, ProtocolError)
-    return error(400, exc.code, exc.message)
+    return _read_cors(request, error(400, exc.code, exc.message))
 
 
-async def _auth_error(_request: Request, exc: Exception) -> Response:
+async def _auth_error(request: HTTPConnection, exc: Exception) -> Response:
     assert isinstance(exc, AuthError)
-    return error(exc.status, exc.code, exc.message, **exc.headers)
+    return _read_cors(request, error(exc.status, exc.code, exc.message, **exc.headers))
 
 
-async def _redis_down(_request: Request, exc: Exception) -> Response:
+async def _redis_down(request: HTTPConnection, exc: Exception) -> Response:
     log.warning("Redis unavailable: %s", type(exc).__name__)
-    return answer(UNAVAILABLE)
+    return _read_cors(request, answer(UNAVAILABLE))
 
 
-async def _http_error(_request: Request, exc: Exception) -> Response:
+# The Flask front's (Werkzeug's) codes and texts, so both fronts answer these with the same bytes.
+HTTP_ERRORS = {
+    404: ("not-found", "The requested URL was not found on the server. If you entered the URL manually please "
+                       "check your spelling and try again."),
+    405: ("method-not-allowed", "The method is not allowed for the requested URL."),
+}  # fmt: skip
+
+
+async def _http_error(_request: HTTPConnection, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "error")
-    return error(exc.status_code, code, str(exc.detail), **(exc.headers or {}))
+    code, message = HTTP_ERRORS.get(exc.status_code, ("error", str(exc.detail)))
+    return error(exc.status_code, code, message, **(exc.headers or {}))
 
 
-def create_app(settings: Settings, authorize: Authorize | None = None) -> Starlette:
+SSE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # the /sse route's: any other goes to Starlette's 405
+
+
+class RelayApp(Starlette):
+    """The relay's Starlette app, whose own `__call__` sends `/sse` and `/ws` (relative to the mount's
+    root_path) straight to their handlers. Through Starlette, a stream holds the coroutine frames of its
+    middleware stack, router and route wrappers for its whole life (about 4 KB per idle connection,
+    docs/performance.md). The answers are the routes': the same exception handlers, Starlette's 500 for an
+    unhandled error, the same Request and WebSocket objects. Everything else goes through Starlette: other
+    paths, other methods (a 405), the lifespan, and every request once middleware is added to this app."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "lifespan" and not self.user_middleware:
+            path = get_route_path(scope)
+            if path == "/sse" and kind == "http" and scope["method"] in SSE_METHODS:
+                scope["app"], scope["router"], scope["endpoint"] = self, self.router, sse
+                await self._http(sse, scope, receive, send)
+                return
+            if path == "/ws" and kind == "websocket":
+                scope["app"], scope["router"], scope["endpoint"] = self, self.router, websocket
+                await self._websocket(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def _http(self, endpoint: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive,
+                    send: Send) -> None:  # fmt: skip
+        response = await self._response(endpoint, scope, receive, send)
+        await response(scope, receive, send)  # a stream's whole life: the Request (and its parsed headers) is gone
+
+    async def _response(self, endpoint: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive,
+                        send: Send) -> Response:  # fmt: skip
+        request = Request(scope, receive, send)
+        try:
+            return await endpoint(request)
+        except Exception as exc:
+            answered = await self._handled(request, exc)
+            if answered is None:  # Starlette's ServerErrorMiddleware: a 500, and the error to the server's log
+                await PlainTextResponse("Internal Server Error", 500)(scope, receive, send)
+                raise
+            return answered
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ws = WebSocket(scope, receive, send)
+        try:
+            await websocket(ws)
+        except Exception as exc:
+            answered = await self._handled(ws, exc)
+            if answered is None:
+                raise
+            await answered(scope, receive, send)  # before the accept: the denial response, as Starlette's
+
+    async def _handled(self, conn: HTTPConnection, exc: Exception) -> Response | None:
+        """The answer of this app's exception handler for `exc` (looked up by its class's MRO, as Starlette)."""
+        for cls in type(exc).__mro__:
+            handler = self.exception_handlers.get(cls)
+            if handler is not None:
+                response = await handler(conn, exc)
+                exc.__traceback__ = None
+                return response
+        return None
+
+
+def create_app(settings: Settings, authorize: Authorize | None = None) -> RelayApp:
     """The relay as an ASGI app. `authorize`: the app's own way to turn a request into a Grant (None: the token's)."""
     front = Front(settings, authorize)
     routes = [
@@ -164,12 +251,12 @@ def create_app(settings: Settings, authorize: Authorize | None = None) -> Starle
         ProtocolError: _protocol_error, AuthError: _auth_error, redis.RedisError: _redis_down,
         HTTPException: _http_error,
     }  # fmt: skip
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=front.lifespan)
+    app = RelayApp(routes=routes, exception_handlers=handlers, lifespan=front.lifespan)
     app.state.front = front
     return app
 
 
-def app() -> Starlette:
+def app() -> RelayApp:
     """For `uvicorn --factory sidecar.asgi:app`: the settings from the environment (docs/settings.md)."""
     return create_app(Settings.from_env())
 

@@ -16,7 +16,7 @@ from sidecar.core.protocol import ZERO_KEY, Message, Position, StreamKey, encode
 SSE, WS = "sse", "ws"
 
 
-@dataclass
+@dataclass(slots=True)  # one per subscription of every idle connection: no __dict__
 class Subscription:
     conn: Connection
     channel: str
@@ -34,6 +34,12 @@ class Connection:
     connection needs the caller's attention (a resync); the caller's writer then calls :meth:`drain`.
     """
 
+    # One per idle connection: slots, not a __dict__ (docs/performance.md, RSS per idle connection).
+    __slots__ = (
+        "id", "transport", "wake", "max_frames", "max_bytes", "subs", "queue", "queued_channels", "queue_ts",
+        "batch_ts", "queue_at", "batch_at", "queue_channel", "batch_channel", "queued_bytes", "positions", "sent",
+        "resync", "dropped", "drops", "writing_since", "abort", "single_frames",
+    )  # fmt: skip
     _ids = itertools.count(1)
 
     def __init__(
@@ -64,7 +70,6 @@ class Connection:
         self.writing_since: float | None = None  # when the socket write in progress began (see writing())
         self.abort: Callable[[], None] | None = None  # set by the caller: ends a socket stuck in a write
         self.single_frames: SingleChannelFrames | None = None  # its hub's, shared by all its connections
-        self._writing = _Writing(self)
 
     def cursor(self) -> str:
         return encode_cursor([self.positions.get(c, Position()) for c in sorted(self.subs)])
@@ -112,7 +117,13 @@ class Connection:
     def writing(self, now: float) -> AbstractContextManager[None]:
         """Wrap each socket write: a write that lasts (the peer stopped reading) makes the connection stuck."""
         self.writing_since = now
-        return self._writing
+        return self  # its own context (no allocation per write, no object per connection)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        self.writing_since = None
 
     def _drop_backlog(self) -> None:
         # A slow consumer must not grow memory: drop what it has not read and resynchronise it instead.
@@ -128,21 +139,6 @@ class Connection:
         # Nothing is held for these channels until the resync's read begins (Hub.hold): a peer that stopped
         # reading may keep its writer blocked for long, and holding live messages meanwhile grows without bound.
         self.wake()
-
-
-class _Writing:
-    """The context of :meth:`Connection.writing`, one per connection (no allocation per write)."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        self.conn.writing_since = None
 
 
 class SingleChannelFrames:
