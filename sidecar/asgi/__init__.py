@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from pathlib import Path
 
 import orjson
@@ -43,6 +44,7 @@ from sidecar.auth import Auth, AuthError, bearer
 from sidecar.config import Settings
 from sidecar.core.http_api import UNAVAILABLE, publish_items
 from sidecar.core.protocol import ProtocolError, dumps, loads_exact, validate_channel
+from sidecar.core.throttle import LOG_MAX, PolicyError, change_summary, log_count, policy_changes
 from sidecar.stats import CONTENT_TYPE_LATEST, exposition
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ async def metrics(request: Request) -> Response:
 async def channel_state(request: Request) -> Response:
     """The pull of poke/pull: the channel's snapshot with an ETag of its position (one Redis read per version)."""
     if request.method == "OPTIONS":
-        return cors(request, Response(status_code=200))
+        return cors(request, Response(status_code=200, headers={"Allow": "GET, HEAD, OPTIONS"}))
     front = front_of(request)
     grant = await front.grant(request)
     assert grant is not None
@@ -107,7 +109,7 @@ async def publish(request: Request) -> Response:
 async def admin_throttle(request: Request) -> Response:
     """GET the policy in force; PUT a new one (what it leaves out takes the settings'); DELETE: the settings'."""
     front = front_of(request)
-    front.auth.require_admin(bearer(request.headers.get("authorization")))
+    who = front.auth.require_admin(bearer(request.headers.get("authorization")))
     relay = await front.ready()
     control = relay.control
     if request.method != "GET":
@@ -123,13 +125,29 @@ async def admin_throttle(request: Request) -> Response:
             if not isinstance(doc, dict):
                 message = "the policy is a JSON object (DELETE /admin/throttle restores the settings')"
                 return error(400, "bad-policy", message)
-        from sidecar.core.throttle import PolicyError
-
+        before = control.throttle.policy
         try:
-            control.applied(*await front.read(control.store_policy, doc))
+            policy, stored, version, at = await front.read(control.store_policy, doc)
         except PolicyError as exc:
             return error(400, "bad-policy", str(exc))
+        control.applied(policy, stored, version, at)
+        try:  # as sidecar/admin.py: a log Redis refuses leaves the change standing, with a warning
+            await front.read(control.store.log_policy_change, at, who, change_summary(before, policy, stored), stored)
+        except redis.RedisError as exc:
+            log.warning("throttle: the policy change was applied but not logged (%s)", type(exc).__name__)
     return Response(orjson.dumps(control.describe()), media_type="application/json")
+
+
+async def admin_throttle_log(request: Request) -> Response:
+    """The last `n` (1-1000, default 50) policy changes, newest first."""
+    front = front_of(request)
+    front.auth.require_admin(bearer(request.headers.get("authorization")))
+    relay = await front.ready()
+    n = log_count(request.query_params.get("n", "50"))
+    if n is None:
+        return error(400, "bad-request", f"n must be an integer from 1 to {LOG_MAX}")
+    changes = policy_changes(await front.read(relay.store.read_policy_log, n))
+    return Response(orjson.dumps({"changes": changes}), media_type="application/json")
 
 
 # -- errors -------------------------------------------------------------------------------------------------
@@ -156,18 +174,12 @@ async def _redis_down(request: HTTPConnection, exc: Exception) -> Response:
     return _read_cors(request, answer(UNAVAILABLE))
 
 
-# The Flask front's (Werkzeug's) codes and texts, so both fronts answer these with the same bytes.
-HTTP_ERRORS = {
-    404: ("not-found", "The requested URL was not found on the server. If you entered the URL manually please "
-                       "check your spelling and try again."),
-    405: ("method-not-allowed", "The method is not allowed for the requested URL."),
-}  # fmt: skip
-
-
 async def _http_error(_request: HTTPConnection, exc: Exception) -> Response:
+    """The reason phrase as the message, as on the Flask front: {"error": "not-found", "message": "Not Found"}."""
     assert isinstance(exc, HTTPException)
-    code, message = HTTP_ERRORS.get(exc.status_code, ("error", str(exc.detail)))
-    return error(exc.status_code, code, message, **(exc.headers or {}))
+    status = exc.status_code
+    return error(status, HTTPStatus(status).phrase.lower().replace(" ", "-"), HTTPStatus(status).phrase,
+                 **(exc.headers or {}))  # fmt: skip
 
 
 SSE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # the /sse route's: any other goes to Starlette's 405
@@ -243,6 +255,7 @@ def create_app(settings: Settings, authorize: Authorize | None = None) -> RelayA
         Route("/channels/{channel}/state", channel_state, methods=["GET", "HEAD", "OPTIONS"]),
         Route("/publish", publish, methods=["POST"]),
         Route("/admin/throttle", admin_throttle, methods=["GET", "PUT", "DELETE"]),
+        Route("/admin/throttle/log", admin_throttle_log),
         WebSocketRoute("/ws", websocket),
         Route("/ws", not_websocket),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),  # realtime.js, as the Flask front serves it

@@ -295,8 +295,6 @@ CORS_ERRORS = [("GET", "/sse?channel=a:1", {}), ("GET", "/sse?channel=b:1", A), 
                ("GET", "/channels/a:1/state", {"Authorization": "Bearer nope"})]  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="asgi: errors raised on /sse and the state endpoint get no CORS headers "
-                   "nor Vary: Origin (the integrator applies the diff in the agree branch's report)")  # fmt: skip
 @pytest.mark.parametrize(("method", "path", "headers"), CORS_ERRORS)
 def test_refusals_of_the_browser_reads_carry_the_cors_headers(fronts, method, path, headers):
     headers = {**{k: filled(v) for k, v in headers.items()}, "Origin": ORIGIN}
@@ -330,8 +328,6 @@ def test_preflights_agree(fronts, path, origin):
         assert got.header("access-control-allow-origin") is None
 
 
-@pytest.mark.xfail(strict=True, reason="asgi: the OPTIONS answer of /sse and the state endpoint has no Allow "
-                   "(RFC 9110 section 9.3.7); diff in the agree branch's report")  # fmt: skip
 @pytest.mark.parametrize("path", ["/sse", "/channels/a:1/state"])
 def test_an_options_answer_says_which_methods_are_allowed(fronts, path):
     got = ask(fronts, "OPTIONS", path, headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
@@ -513,8 +509,6 @@ def test_the_admin_api_agrees(fronts):
     assert agree(each(fronts, described))[2]["source"] == "settings"  # a refused document changed nothing
 
 
-@pytest.mark.xfail(strict=True, reason="asgi: no GET /admin/throttle/log, and its PUT/DELETE write no policy-change "
-                   "log; diff in the agree branch's report")  # fmt: skip
 def test_the_policy_change_log_is_written_and_read_by_both_fronts(fronts):
     auth = bearer(ADMIN_KEY)
     for via in FRONTS:
