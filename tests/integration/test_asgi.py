@@ -67,12 +67,20 @@ def fastapi_app_without_lifespan():  # noqa: ANN201
     return fastapi_app(lifespan=False)
 
 
-@pytest.fixture(params=["fastapi_app", "fastapi_app_without_lifespan"])
+# Our protocols (docs/deployment.md's command): the `sidecar.direct` extension reaches the mounted relay through
+# the mount, and its streams are written by the writer's pass. uvicorn's own: no extension, the ASGI send path.
+OUR_PROTOCOLS = ["--http", "sidecar.asgi.protocols:HTTPProtocol", "--ws", "sidecar.asgi:WSProtocol"]
+UVICORNS_OWN = ["--ws", "wsproto"]
+
+
+@pytest.fixture(params=[("fastapi_app", "direct"), ("fastapi_app_without_lifespan", "send")], ids=str)
 def mounted(redis_server, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    factory, path = request.param
     port = free_port()
     env = child_env(redis_server.url, {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_DEV": "1"})
-    argv = [sys.executable, "-m", "uvicorn", "--factory", f"tests.integration.test_asgi:{request.param}",
-            "--host", "127.0.0.1", "--port", str(port), "--ws", "wsproto", "--no-access-log"]  # fmt: skip
+    argv = [sys.executable, "-m", "uvicorn", "--factory", f"tests.integration.test_asgi:{factory}",
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]  # fmt: skip
+    argv += OUR_PROTOCOLS if path == "direct" else UVICORNS_OWN
     proc = ManagedProcess(f"fastapi-{port}", argv, {**env, "PYTHONPATH": str(REPO_ROOT)}, tmp_path / "fastapi.log")
     base = f"http://127.0.0.1:{port}"
 
@@ -263,3 +271,134 @@ def test_python_m_sidecar_serve_front_asgi_runs_unpatched_with_its_loops_on_os_t
     finally:
         asgi.stop()
         gevent.stop()
+
+
+# -- direct writes (sidecar/asgi/writer.py) on each of uvicorn's HTTP implementations ------------------------
+def uvicorn_relay(redis_url: str, tmp_path: Path, args: list[str], env: dict | None = None) -> ManagedProcess:
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "sidecar.asgi:app", "--host", "127.0.0.1", "--port",
+            str(port), "--no-access-log", *args]  # fmt: skip
+    proc = ManagedProcess(f"uvicorn-{port}", argv, child_env(redis_url, {"SIDECAR_DEV": "1", **(env or {})}),
+                          tmp_path / f"uvicorn-{port}.log")  # fmt: skip
+    proc.port = port  # type: ignore[attr-defined]
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    proc.wait_until("GET /healthz 200", healthy, 20)
+    return proc
+
+
+@pytest.mark.parametrize(
+    "http", ["sidecar.asgi.protocols:H11Protocol", "sidecar.asgi.protocols:HttpToolsProtocol", "h11", "httptools"]
+)
+def test_an_sse_body_written_directly_is_valid_http_chunks_ended_by_the_servers_last_chunk(
+    http, redis_server, tmp_path
+):
+    """The writer's pass frames each turn's frames as one chunk, as uvicorn would; uvicorn's own end of the body
+    (the server shutting down) then still ends it: a strict HTTP/1.1 parser (h11) reads every message in order,
+    then the end of the message. Our protocols on h11 and httptools (the direct path), uvicorn's own (the send
+    path) as the reference."""
+    import h11
+
+    proc = uvicorn_relay(redis_server.url, tmp_path, ["--http", http, "--ws", "sidecar.asgi:WSProtocol"])
+    pub = Publisher.from_url(redis_server.url)
+    sock = socket.create_connection(("127.0.0.1", proc.port), timeout=10)  # type: ignore[attr-defined]
+    try:
+        client = h11.Connection(h11.CLIENT)
+        sock.sendall(client.send(h11.Request(method="GET", target="/sse?channel=chunks:1&mode=event",
+                                             headers=[("Host", "127.0.0.1")])))  # fmt: skip
+        body, ended = b"", False
+
+        def read(until) -> None:  # noqa: ANN001
+            nonlocal body, ended
+            deadline = time.monotonic() + 15
+            while not until():
+                assert time.monotonic() < deadline, body[-300:]
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    assert event.status_code == 200 and (b"transfer-encoding", b"chunked") in event.headers
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    ended = True
+
+        read(lambda: b"event: ready" in body)
+        for start in range(0, 300, 30):  # batches: a turn's frames go as one chunk
+            with pub.batch() as batch:
+                for n in range(start, start + 30):
+                    batch.event("chunks:1", "tick", {"n": n})
+        read(lambda: b'"n":299' in body)
+        proc.stop()  # SIGTERM: sse-starlette's shutdown watcher ends the stream, uvicorn writes the last chunk
+        read(lambda: ended)
+        events = [orjson.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+        assert [e["data"]["n"] for e in events if e["type"] == "message"] == list(range(300))
+    finally:
+        sock.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text() and "ERROR" not in proc.log_text(), proc.log_tail(40)
+
+
+class PingCounter:
+    """A WebSocket client on wsproto that counts the pings it gets while idle, and answers them."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(host=f"127.0.0.1:{port}", target="/ws")))
+        self.pings: list[bytes] = []
+        self.texts: list[dict] = []
+        self.accepted = False
+        while not self.accepted:
+            self.pump(1)
+
+    def pump(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                break
+            assert data, "the server closed the connection"
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, AcceptConnection):
+                    self.accepted = True
+                elif isinstance(event, Ping):
+                    self.pings.append(bytes(event.payload))
+                    self.sock.sendall(self.ws.send(event.response()))
+                elif isinstance(event, TextMessage):
+                    self.texts.append(orjson.loads(event.data))
+
+    def send(self, **frame: object) -> None:
+        self.sock.sendall(self.ws.send(TextMessage(orjson.dumps(frame).decode())))
+
+
+def test_an_idle_asgi_websocket_gets_the_sessions_ping_alone_and_its_frames_direct(redis_server, tmp_path):
+    """`sidecar serve --front asgi` writes the session's frames itself (the writer's pass), its keepalive ping
+    included, so uvicorn's own ping is off: one ping per keepalive, as on the gevent front, not two."""
+    proc = SidecarProcess(redis_server.url, tmp_path, {"SIDECAR_KEEPALIVE": "1"}, front="asgi")
+    pub = Publisher.from_url(redis_server.url)
+    client = PingCounter(proc.port)
+    try:
+        client.send(op="subscribe", channel="idle:1", mode="event")
+        client.pump(0.5)
+        assert [t["type"] for t in client.texts] == ["subscribed"]
+        for n in range(50):
+            pub.event("idle:1", "tick", {"n": n})
+        client.pump(4.5)
+        assert [t["data"]["n"] for t in client.texts if t["type"] == "message"] == list(range(50))
+        # ~1 s apart once idle (the session's WS_PING: empty); uvicorn's 15 s ones are not sent at all.
+        assert 2 <= len(client.pings) <= 5 and set(client.pings) == {b""}, client.pings
+    finally:
+        client.sock.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(40)
