@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
 import redis
 import requests
@@ -380,6 +381,9 @@ class PingCounter:
     def send(self, **frame: object) -> None:
         self.sock.sendall(self.ws.send(TextMessage(orjson.dumps(frame).decode())))
 
+    def of_messages(self) -> list[dict]:
+        return [t for t in self.texts if t["type"] == "message"]
+
 
 def test_an_idle_asgi_websocket_gets_the_sessions_ping_alone_and_its_frames_direct(redis_server, tmp_path):
     """`sidecar serve --front asgi` writes the session's frames itself (the writer's pass), its keepalive ping
@@ -393,12 +397,63 @@ def test_an_idle_asgi_websocket_gets_the_sessions_ping_alone_and_its_frames_dire
         assert [t["type"] for t in client.texts] == ["subscribed"]
         for n in range(50):
             pub.event("idle:1", "tick", {"n": n})
-        client.pump(4.5)
-        assert [t["data"]["n"] for t in client.texts if t["type"] == "message"] == list(range(50))
-        # ~1 s apart once idle (the session's WS_PING: empty); uvicorn's 15 s ones are not sent at all.
-        assert 2 <= len(client.pings) <= 5 and set(client.pings) == {b""}, client.pings
+        deadline = time.monotonic() + 15
+        while len(client.of_messages()) < 50 and time.monotonic() < deadline:
+            client.pump(0.2)
+        assert [t["data"]["n"] for t in client.of_messages()] == list(range(50))
+        client.pings.clear()
+        client.pump(3.5)
+        # ~1 s apart once idle (the session's WS_PING: empty), not two per keepalive (uvicorn's would be as many).
+        assert 1 <= len(client.pings) <= 4 and set(client.pings) == {b""}, client.pings
     finally:
         client.sock.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
+def test_a_stalled_asgi_websocket_is_bounded_and_closed_by_the_stuck_check_while_another_keeps_receiving(
+    redis_server, tmp_path
+):
+    """Flow control on the direct path: once the stalled socket's transport is paused, its frames wait in the
+    connection's queue under its bounds (dropped for a resync, not buffered without end) and its task waits for
+    the drain inside conn.writing(), so the stuck check closes it; the reading socket gets every message. (SSE's
+    stall on both fronts: test_herd.py.)"""
+    proc = SidecarProcess(redis_server.url, tmp_path, {"SIDECAR_STUCK_TIMEOUT": "1", "SIDECAR_QUEUE_FRAMES": "100"},
+                          front="asgi")  # fmt: skip
+    pub = Publisher.from_url(redis_server.url)
+    pub.state("stall:1", "created", {"n": 0})
+    stalled = PingCounter(proc.port)
+    stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader = WSClient(proc.ws_url)
+    try:
+        for client in (stalled, reader):
+            client.send(op="subscribe", channel="stall:1", mode="diff")
+        reader.wait(lambda f: any(x["type"] == "subscribed" for x in f))
+        stalled.pump(0.5)
+        assert any(t["type"] == "subscribed" for t in stalled.texts)
+        rss = psutil.Process(proc.pid).memory_info().rss
+        filler = "x" * 4000
+        for start in range(1, 3001, 100):  # 12 MB, all of it to the stalled socket too
+            with pub.batch() as batch:
+                for n in range(start, start + 100):
+                    batch.diff("stall:1", "changed", {"n": n, "pad": filler})
+        reader.wait(lambda f: any(x.get("seq") == 3001 for x in f), timeout=60)
+        seqs = [x["seq"] for x in reader.frames if x["type"] == "message"]
+        assert seqs == list(range(2, 3002)) and not reader.of_type("snapshot")  # all, once, no resync
+
+        def connections() -> int:
+            return requests.get(f"{proc.url}/healthz", timeout=5).json()["connections"]
+
+        deadline = time.monotonic() + 20
+        while connections() > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert connections() == 1 and "stuck in a socket write" in proc.log_text()
+        grown = psutil.Process(proc.pid).memory_info().rss - rss
+        assert grown < 8 * 2**20, f"the sidecar grew by {grown / 2**20:.1f} MB for 12 MB to a stalled peer"
+    finally:
+        stalled.sock.close()
+        reader.close()
         pub.close()
         proc.stop()
     assert "Traceback" not in proc.log_text(), proc.log_tail(40)
