@@ -279,12 +279,16 @@ def serve(settings: Settings) -> None:
     startup checks and embedded Redis as the gevent front. Production: docs/deployment.md."""
     import uvicorn
 
+    from sidecar.asgi.protocols import HTTPProtocol
     from sidecar.embedded import prepare_to_serve
 
     settings, embedded = prepare_to_serve(settings, log)
+    # Our protocols offer the transport to the writer's pass (sidecar/asgi/writer.py). Without deflate the
+    # session's keepalive pings go direct too: uvicorn's own ping would be a second one.
+    ping = settings.keepalive if settings.ws_deflate else None
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, loop="auto", http="auto", ws=WSProtocol,
-        ws_max_size=settings.max_frame_bytes, ws_ping_interval=settings.keepalive, ws_ping_timeout=None,
+        create_app(settings), host=settings.host, port=settings.port, loop="auto", http=HTTPProtocol, ws=WSProtocol,
+        ws_max_size=settings.max_frame_bytes, ws_ping_interval=ping, ws_ping_timeout=None,
         ws_per_message_deflate=settings.ws_deflate,
         timeout_keep_alive=int(settings.idle_timeout), backlog=2048, log_config=None, access_log=False,
         lifespan="on",

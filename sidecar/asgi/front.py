@@ -12,6 +12,7 @@ from typing import Any
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
+from sidecar.asgi.writer import Writer
 from sidecar.auth import Auth, Grant, presented_token
 from sidecar.config import Settings
 from sidecar.core.http_api import Refusal, too_large
@@ -40,6 +41,7 @@ class Front:
         self.relay: Relay | None = None
         self.runtime: AsyncioRuntime | None = None
         self.publisher: Publisher | None = None
+        self.writer: Writer | None = None  # the direct writes' pass, on the hub's loop (sidecar/asgi/writer.py)
         self._starting: asyncio.Lock | None = None
         self._flights: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
 
@@ -54,6 +56,7 @@ class Front:
                 runtime = AsyncioRuntime(loop, self.settings.redis_pool)
                 relay = Relay(self.settings, runtime=runtime)
                 await loop.run_in_executor(None, relay.start)  # blocking reads; its hub steps come to the loop
+                self.writer = Writer(loop)
                 self.runtime, self.publisher, self.relay = runtime, Publisher(relay.store), relay
         return self.relay
 

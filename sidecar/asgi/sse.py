@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sidecar.asgi.front import Front, Wake, cors, front_of, woken
+from sidecar.asgi.writer import Outlet, Sink, outlet_of
 from sidecar.auth import Auth
 from sidecar.control import HOUSEKEEPING
 from sidecar.core.connection import SSE, Connection
@@ -56,6 +57,7 @@ class _EventStream(EventSourceResponse):
         self.wake = wake
         self.aborted = False
         self._send: Any = None
+        self.outlet: Outlet | None = None  # the transport, from our uvicorn protocols (sidecar/asgi/writer.py)
 
     def set(self) -> None:
         """The client left, or the server shuts down (sse-starlette's watcher sets its registered events)."""
@@ -75,6 +77,7 @@ class _EventStream(EventSourceResponse):
             await super().__call__(scope, receive, send)
             return
         self._send = send
+        self.outlet = outlet_of(scope)
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         listener = asyncio.ensure_future(self._listen_for_disconnect(receive))
         listener.add_done_callback(lambda _: self.set())
@@ -141,15 +144,28 @@ async def _sse_loop(
     front: Front, relay: Relay, conn: Connection, session: Session, wake: Wake, stream: _EventStream
 ) -> None:
     """The SSE connection's loop: the Session's actions carried out as the response's chunks, the keepalive
-    included (as on the gevent front), until the client leaves (`stream.active`)."""
+    included (as on the gevent front), until the client leaves (`stream.active`). With our protocols' transport
+    (sidecar/asgi/protocols.py) the writer's pass writes the queued frames and this loop the rest, directly;
+    otherwise every chunk is an ASGI send."""
     task = asyncio.current_task()
     assert task is not None
-    conn.abort = lambda: stream.abort(task)  # a stuck write (control.py)
+    sink: Sink | None = None
+    if stream.outlet is not None and front.writer is not None:  # the head is out: the body is ours to frame
+        sink = front.writer.sink(conn, stream.outlet, wake.set, relay.stats.observe_write)
+        conn.abort = stream.outlet.transport.abort  # a stuck write: the drain ends, as a disconnect
+    else:
+        conn.abort = lambda: stream.abort(task)  # a stuck write (control.py)
     try:
         while stream.active:
+            if sink is not None and sink.paused:  # flow control: the frames wait in the queue, under its bounds
+                with conn.writing(time.monotonic()):  # a drain that lasts is a stuck peer (control.py)
+                    await sink.drained()
+                continue
             action = session.next(time.time())
             if isinstance(action, Write):
-                if action.data:
+                if sink is not None:
+                    sink.write(action.data)
+                elif action.data:
                     with conn.writing(time.monotonic()):  # resumed once the chunk is sent
                         await stream.write(action.data)
                 if action.frames:
@@ -159,13 +175,15 @@ async def _sse_loop(
                     session.timer_fired()
                 wake.clear()
             elif isinstance(action, Close):
-                if action.data:
-                    await stream.write(action.data)  # never outlive the token
+                if sink is not None:
+                    sink.write(action.data)  # never outlive the token
+                elif action.data:
+                    await stream.write(action.data)
                 return
             else:
                 await drive_async(relay.resyncing(conn), front.runtime)  # type: ignore[arg-type]
     finally:
+        if sink is not None:
+            sink.close()  # before the end of the body: the pass writes nothing after it
         conn.abort = None
         relay.hub.disconnect(conn)
-
-

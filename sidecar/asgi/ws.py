@@ -18,6 +18,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
 from sidecar.asgi.front import Front, Wake, canceller, error, front_of, woken
+from sidecar.asgi.writer import Sink, offer, outlet_of
 from sidecar.auth import AuthError, Grant
 from sidecar.core.connection import WS
 from sidecar.core.protocol import ProtocolError
@@ -81,17 +82,30 @@ async def websocket(ws: WebSocket) -> None:
 
     receiver = asyncio.create_task(receive())
     close: Close | None = None
+    # Queued frames go to the transport in the writer's pass (sidecar/asgi/writer.py); we write the rest.
+    outlet = outlet_of(ws.scope)
+    sink: Sink | None = None
+    if outlet is not None and front.writer is not None:
+        sink = front.writer.sink(conn, outlet, wake.set, relay.stats.observe_write)
+        conn.abort = outlet.transport.abort  # a stuck write: the task's drain then ends, as a disconnect
     try:
         while not gone and close is None:
+            if sink is not None and sink.paused:  # flow control: the frames wait in the queue, under its bounds
+                with conn.writing(time.monotonic()):  # a drain that lasts is a stuck peer (control.py)
+                    await sink.drained()
+                continue
             action = session.next(time.time())
             if isinstance(action, Write):
-                with conn.writing(time.monotonic()):
-                    await _send_frames(ws, action.data)
+                if sink is not None:
+                    sink.write(action.data)
+                else:
+                    with conn.writing(time.monotonic()):
+                        await _send_frames(ws, action.data)
                 if action.frames:
                     relay.stats.observe_write(conn)
             elif isinstance(action, Wait):
                 if not await woken(wake, action.deadline - time.time()):
-                    session.timer_fired()  # its keepalive is a ping frame: uvicorn's own ping sends those
+                    session.timer_fired()  # its keepalive is a ping frame (dropped on the ASGI send path)
                 wake.clear()
                 while inbox and close is None:
                     close = await _request(front, relay, session, session.receive(inbox.pop(0), time.time()))
@@ -99,14 +113,20 @@ async def websocket(ws: WebSocket) -> None:
                 close = action
             else:
                 await drive_async(relay.resyncing(conn), front.runtime)  # type: ignore[arg-type]
+        if sink is not None:
+            sink.close()  # no more writes from the pass: a close frame must be the last thing sent
         if close is not None:
             await ws.close(close.code, close.reason)
     except redis.RedisError:
+        if sink is not None:
+            sink.close()
         with contextlib.suppress(Exception):
             await ws.close(STORE_DOWN.code, STORE_DOWN.reason)
     except (WebSocketDisconnect, OSError, RuntimeError):
         pass  # the client went away (Starlette raises RuntimeError for a send after the close)
     finally:
+        if sink is not None:
+            sink.close()
         receiver.cancel()
         conn.abort = None
         relay.control.unauthenticated.discard(conn.id)
@@ -171,6 +191,31 @@ async def _request(front: Front, relay: Relay, session: Session, asked: object) 
     return asked if isinstance(asked, Close) else None
 
 
+class _WSOutlet:
+    """The WebSocket's transport for the writer's pass (sidecar/asgi/writer.py's Outlet): writable once the
+    handshake is sent, until a close frame is sent or the connection is lost."""
+
+    __slots__ = ("protocol", "transport")
+
+    def __init__(self, protocol: WSProtocol) -> None:
+        self.protocol = protocol
+        self.transport: asyncio.WriteTransport = protocol.transport
+
+    def chunked(self) -> bool:
+        return False
+
+    def paused(self) -> bool:
+        return not self.protocol.writable.is_set()
+
+    async def drained(self) -> None:
+        await self.protocol.writable.wait()  # set again by connection_lost too
+
+    def gone(self) -> bool:
+        p = self.protocol
+        open_ = p.conn.state == ConnectionState.OPEN
+        return bool(p.disconnected or p.close_sent or not open_ or self.transport.is_closing())
+
+
 class WSProtocol(_UvicornWSProtocol):
     """uvicorn's wsproto protocol, answering a frame wsproto cannot parse (invalid UTF-8 in a text frame, say)
     with its close frame (1007) instead of dropping the connection: RFC 6455 section 7.1.7, and what the gevent
@@ -181,12 +226,14 @@ class WSProtocol(_UvicornWSProtocol):
     Its FRAMES extension (offered only without permessage-deflate, which compresses each message itself): a
     `websocket.send` carrying FRAMES is written to the transport as it is, after uvicorn's own checks (flow
     control, disconnect, close sent): the relay's pre-built frames, one write for all frames of a Write action
-    instead of one ASGI send, one wsproto encoding and one transport write per frame."""
+    instead of one ASGI send, one wsproto encoding and one transport write per frame. Its `sidecar.direct` extension
+    (under the same condition): the transport itself, for the writer's pass (sidecar/asgi/writer.py)."""
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         if not self.config.ws_per_message_deflate:
             self.scope["extensions"][FRAMES] = {}
+            offer(self.scope, _WSOutlet(self))
 
     async def send(self, message: Any) -> None:
         frames = message.get(FRAMES)

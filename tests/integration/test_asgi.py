@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
 import redis
 import requests
@@ -67,12 +68,20 @@ def fastapi_app_without_lifespan():  # noqa: ANN201
     return fastapi_app(lifespan=False)
 
 
-@pytest.fixture(params=["fastapi_app", "fastapi_app_without_lifespan"])
+# Our protocols (docs/deployment.md's command): the `sidecar.direct` extension reaches the mounted relay through
+# the mount, and its streams are written by the writer's pass. uvicorn's own: no extension, the ASGI send path.
+OUR_PROTOCOLS = ["--http", "sidecar.asgi.protocols:HTTPProtocol", "--ws", "sidecar.asgi:WSProtocol"]
+UVICORNS_OWN = ["--ws", "wsproto"]
+
+
+@pytest.fixture(params=[("fastapi_app", "direct"), ("fastapi_app_without_lifespan", "send")], ids=str)
 def mounted(redis_server, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    factory, path = request.param
     port = free_port()
     env = child_env(redis_server.url, {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_DEV": "1"})
-    argv = [sys.executable, "-m", "uvicorn", "--factory", f"tests.integration.test_asgi:{request.param}",
-            "--host", "127.0.0.1", "--port", str(port), "--ws", "wsproto", "--no-access-log"]  # fmt: skip
+    argv = [sys.executable, "-m", "uvicorn", "--factory", f"tests.integration.test_asgi:{factory}",
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]  # fmt: skip
+    argv += OUR_PROTOCOLS if path == "direct" else UVICORNS_OWN
     proc = ManagedProcess(f"fastapi-{port}", argv, {**env, "PYTHONPATH": str(REPO_ROOT)}, tmp_path / "fastapi.log")
     base = f"http://127.0.0.1:{port}"
 
@@ -263,3 +272,195 @@ def test_python_m_sidecar_serve_front_asgi_runs_unpatched_with_its_loops_on_os_t
     finally:
         asgi.stop()
         gevent.stop()
+
+
+# -- direct writes (sidecar/asgi/writer.py) on each of uvicorn's HTTP implementations ------------------------
+def uvicorn_relay(redis_url: str, tmp_path: Path, args: list[str], env: dict | None = None) -> ManagedProcess:
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "sidecar.asgi:app", "--host", "127.0.0.1", "--port",
+            str(port), "--no-access-log", *args]  # fmt: skip
+    proc = ManagedProcess(f"uvicorn-{port}", argv, child_env(redis_url, {"SIDECAR_DEV": "1", **(env or {})}),
+                          tmp_path / f"uvicorn-{port}.log")  # fmt: skip
+    proc.port = port  # type: ignore[attr-defined]
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    proc.wait_until("GET /healthz 200", healthy, 20)
+    return proc
+
+
+@pytest.mark.parametrize(
+    "http", ["sidecar.asgi.protocols:H11Protocol", "sidecar.asgi.protocols:HttpToolsProtocol", "h11", "httptools"]
+)
+def test_an_sse_body_written_directly_is_valid_http_chunks_ended_by_the_servers_last_chunk(
+    http, redis_server, tmp_path
+):
+    """The writer's pass frames each turn's frames as one chunk, as uvicorn would; uvicorn's own end of the body
+    (the server shutting down) then still ends it: a strict HTTP/1.1 parser (h11) reads every message in order,
+    then the end of the message. Our protocols on h11 and httptools (the direct path), uvicorn's own (the send
+    path) as the reference."""
+    import h11
+
+    proc = uvicorn_relay(redis_server.url, tmp_path, ["--http", http, "--ws", "sidecar.asgi:WSProtocol"])
+    pub = Publisher.from_url(redis_server.url)
+    sock = socket.create_connection(("127.0.0.1", proc.port), timeout=10)  # type: ignore[attr-defined]
+    try:
+        client = h11.Connection(h11.CLIENT)
+        sock.sendall(client.send(h11.Request(method="GET", target="/sse?channel=chunks:1&mode=event",
+                                             headers=[("Host", "127.0.0.1")])))  # fmt: skip
+        body, ended = b"", False
+
+        def read(until) -> None:  # noqa: ANN001
+            nonlocal body, ended
+            deadline = time.monotonic() + 15
+            while not until():
+                assert time.monotonic() < deadline, body[-300:]
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    assert event.status_code == 200 and (b"transfer-encoding", b"chunked") in event.headers
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    ended = True
+
+        read(lambda: b"event: ready" in body)
+        for start in range(0, 300, 30):  # batches: a turn's frames go as one chunk
+            with pub.batch() as batch:
+                for n in range(start, start + 30):
+                    batch.event("chunks:1", "tick", {"n": n})
+        read(lambda: b'"n":299' in body)
+        proc.stop()  # SIGTERM: sse-starlette's shutdown watcher ends the stream, uvicorn writes the last chunk
+        read(lambda: ended)
+        events = [orjson.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+        assert [e["data"]["n"] for e in events if e["type"] == "message"] == list(range(300))
+    finally:
+        sock.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text() and "ERROR" not in proc.log_text(), proc.log_tail(40)
+
+
+class PingCounter:
+    """A WebSocket client on wsproto that counts the pings it gets while idle, and answers them."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(host=f"127.0.0.1:{port}", target="/ws")))
+        self.pings: list[bytes] = []
+        self.texts: list[dict] = []
+        self.accepted = False
+        while not self.accepted:
+            self.pump(1)
+
+    def pump(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                break
+            assert data, "the server closed the connection"
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, AcceptConnection):
+                    self.accepted = True
+                elif isinstance(event, Ping):
+                    self.pings.append(bytes(event.payload))
+                    self.sock.sendall(self.ws.send(event.response()))
+                elif isinstance(event, TextMessage):
+                    self.texts.append(orjson.loads(event.data))
+
+    def send(self, **frame: object) -> None:
+        self.sock.sendall(self.ws.send(TextMessage(orjson.dumps(frame).decode())))
+
+    def of_messages(self) -> list[dict]:
+        return [t for t in self.texts if t["type"] == "message"]
+
+
+def test_an_idle_asgi_websocket_gets_the_sessions_ping_alone_and_its_frames_direct(redis_server, tmp_path):
+    """`sidecar serve --front asgi` writes the session's frames itself (the writer's pass), its keepalive ping
+    included, so uvicorn's own ping is off: one ping per keepalive, as on the gevent front, not two."""
+    proc = SidecarProcess(redis_server.url, tmp_path, {"SIDECAR_KEEPALIVE": "1"}, front="asgi")
+    pub = Publisher.from_url(redis_server.url)
+    client = PingCounter(proc.port)
+    try:
+        client.send(op="subscribe", channel="idle:1", mode="event")
+        client.pump(0.5)
+        assert [t["type"] for t in client.texts] == ["subscribed"]
+        for n in range(50):
+            pub.event("idle:1", "tick", {"n": n})
+        deadline = time.monotonic() + 15
+        while len(client.of_messages()) < 50 and time.monotonic() < deadline:
+            client.pump(0.2)
+        assert [t["data"]["n"] for t in client.of_messages()] == list(range(50))
+        client.pings.clear()
+        client.pump(3.5)
+        # ~1 s apart once idle (the session's WS_PING: empty), not two per keepalive (uvicorn's would be as many).
+        assert 1 <= len(client.pings) <= 4 and set(client.pings) == {b""}, client.pings
+    finally:
+        client.sock.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
+def test_a_stalled_asgi_websocket_is_bounded_and_closed_by_the_stuck_check_while_another_keeps_receiving(
+    redis_server, tmp_path
+):
+    """Flow control on the direct path: once the stalled socket's transport is paused, its frames wait in the
+    connection's queue under its bounds (dropped for a resync, not buffered without end) and its task waits for
+    the drain inside conn.writing(), so the stuck check closes it; the reading socket gets every message, or a
+    snapshot where it fell behind itself (this test process is busy), never a hole. (SSE's stall on both fronts:
+    test_herd.py.)"""
+    env = {"SIDECAR_STUCK_TIMEOUT": "3", "SIDECAR_QUEUE_BYTES": str(2 * 2**20), "SIDECAR_QUEUE_FRAMES": "20000"}
+    proc = SidecarProcess(redis_server.url, tmp_path, env, front="asgi")
+    pub = Publisher.from_url(redis_server.url)
+    pub.state("stall:1", "created", {"n": 0})
+    stalled = PingCounter(proc.port)
+    stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader = WSClient(proc.ws_url)
+    try:
+        for client in (stalled, reader):
+            client.send(op="subscribe", channel="stall:1", mode="diff")
+        reader.wait(lambda f: any(x["type"] == "subscribed" for x in f))
+        stalled.pump(0.5)
+        assert any(t["type"] == "subscribed" for t in stalled.texts)
+        rss = psutil.Process(proc.pid).memory_info().rss
+        filler = "x" * 4000
+        for start in range(1, 3001, 100):  # 12 MB, all of it to the stalled socket too
+            with pub.batch() as batch:
+                for n in range(start, start + 100):
+                    batch.diff("stall:1", "changed", {"n": n, "pad": filler})
+        reader.wait(lambda f: any(x.get("seq") == 3001 for x in f), timeout=60)
+        state, expected = None, None
+        for frame in reader.frames:  # the protocol's replay: a snapshot restarts, a message must be the next
+            if frame["type"] in ("subscribed", "snapshot"):
+                state, expected = frame["state"], frame["seq"] + 1
+            elif frame["type"] == "message":
+                assert frame["seq"] == expected, (frame["seq"], expected)
+                state, expected = {**state, **frame["diff"]}, expected + 1
+        assert state == {"n": 3000, "pad": filler} and expected == 3002
+
+        def connections() -> int:
+            return requests.get(f"{proc.url}/healthz", timeout=5).json()["connections"]
+
+        deadline = time.monotonic() + 20
+        while connections() > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert connections() == 1 and "stuck in a socket write" in proc.log_text()
+        grown = psutil.Process(proc.pid).memory_info().rss - rss
+        assert grown < 6 * 2**20, f"the sidecar grew by {grown / 2**20:.1f} MB for 12 MB to a stalled peer"
+    finally:
+        stalled.sock.close()
+        reader.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(40)

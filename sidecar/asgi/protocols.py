@@ -1,0 +1,89 @@
+"""Our uvicorn HTTP protocols: uvicorn's own (h11 or httptools), offering each request's transport to the app as
+the ASGI extension `sidecar.direct` (sidecar/asgi/writer.py), so an SSE stream's frames go to the transport in one
+write per turn of the loop instead of one ASGI send per chunk. Extensions are part of the scope, so a relay
+mounted in a FastAPI or Starlette app gets it too. Everything else is uvicorn's.
+
+For uvicorn's command line: `--http sidecar.asgi.protocols:HTTPProtocol` (httptools when installed, else h11),
+or `:H11Protocol` / `:HttpToolsProtocol` (docs/deployment.md). `sidecar serve --front asgi` uses HTTPProtocol.
+
+Direct chunks leave uvicorn's state as it is: h11's chunked writer and uvicorn's httptools cycle count no body
+bytes, so the final `more_body: False` still ends the body with its `0\\r\\n\\r\\n` (tested on both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol as _H11Protocol
+
+from sidecar.asgi.writer import offer
+
+
+class _CycleOutlet:
+    """One request's transport (sidecar/asgi/writer.py's Outlet), from uvicorn's request-response cycle."""
+
+    __slots__ = ("cycle", "transport")
+
+    def __init__(self, cycle: Any) -> None:
+        self.cycle = cycle
+        self.transport: asyncio.WriteTransport = cycle.transport
+
+    def paused(self) -> bool:
+        return bool(self.cycle.flow.write_paused)
+
+    async def drained(self) -> None:
+        await self.cycle.flow.drain()  # set again by connection_lost too
+
+    def gone(self) -> bool:
+        cycle = self.cycle
+        return bool(cycle.disconnected or cycle.response_complete or self.transport.is_closing())
+
+    def chunked(self) -> bool:
+        raise NotImplementedError
+
+
+class _H11Outlet(_CycleOutlet):
+    __slots__ = ()
+
+    def chunked(self) -> bool:
+        """h11 decided the framing with the head: chunked for an HTTP/1.1 client, plain bytes (then close) for
+        HTTP/1.0. Read off its writer, the one thing it would frame with."""
+        from h11._writers import ChunkedWriter
+
+        return isinstance(getattr(self.cycle.conn, "_writer", None), ChunkedWriter)
+
+
+class _HttpToolsOutlet(_CycleOutlet):
+    __slots__ = ()
+
+    def chunked(self) -> bool:
+        return bool(self.cycle.chunked_encoding)
+
+
+class H11Protocol(_H11Protocol):
+    """uvicorn's h11 protocol with the `sidecar.direct` extension in every request's scope."""
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()  # makes the request's cycle and schedules its task: the app has not run yet
+        if self.cycle is not cycle and self.cycle is not None:
+            offer(self.cycle.scope, _H11Outlet(self.cycle))
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
+except ImportError:  # httptools is not installed
+    HTTPProtocol: type[asyncio.Protocol] = H11Protocol
+else:
+
+    class HttpToolsProtocol(_HttpToolsProtocol):
+        """uvicorn's httptools protocol with the `sidecar.direct` extension in every request's scope."""
+
+        def on_headers_complete(self) -> None:
+            cycle = self.cycle
+            super().on_headers_complete()  # makes the cycle (a pipelined one waits its turn): the app has not run
+            if self.cycle is not cycle and self.cycle is not None:
+                offer(self.cycle.scope, _HttpToolsOutlet(self.cycle))
+
+    HTTPProtocol = HttpToolsProtocol

@@ -1,0 +1,155 @@
+"""Direct writes on the asyncio front: what sidecar/writer.py does on gevent, on the event loop.
+
+Per message per socket, the ASGI send path costs a task wakeup, Starlette's send wrappers, sse-starlette's
+per-chunk cancel scope and uvicorn's framing (docs/performance.md). So once a stream is under way its
+connection's `wake` marks it instead, and ONE `loop.call_soon` callback per turn of the loop drains every marked
+connection and writes its frames to its transport in one write: for SSE framed as one HTTP/1.1 chunk, exactly
+the bytes uvicorn would have framed; for a WebSocket the frames as the hub built them. The connection's task
+wakes only for what needs it: the transport paused (flow control: the task awaits the drain inside
+`conn.writing()`, so the stuck check in sidecar/control.py closes a consumer that stopped reading, and the
+frames wait in the connection's queue meanwhile, under its slow-consumer bounds), a resync (it reads Redis),
+its keepalive, its token's expiry, a WebSocket's client frames, the client leaving.
+
+The transport comes from our uvicorn protocols (sidecar/asgi/protocols.py, sidecar/asgi/ws.py) as the ASGI
+extension `DIRECT`; without it (another server, permessage-deflate on) the routes keep the ASGI send path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sidecar.core.connection import Connection
+
+DIRECT = "sidecar.direct"  # the ASGI extension: scope["extensions"][DIRECT]["outlet"] is the connection's Outlet
+
+
+class Outlet(Protocol):
+    """A connection's transport as our protocols offer it (sidecar/asgi/protocols.py, sidecar/asgi/ws.py)."""
+
+    transport: asyncio.WriteTransport
+
+    def chunked(self) -> bool:
+        """Body bytes go as HTTP/1.1 chunks (asked once the response's head is sent; False for a WebSocket)."""
+        ...
+
+    def paused(self) -> bool:
+        """The transport's buffer is over its high-water mark (asyncio's pause_writing)."""
+        ...
+
+    async def drained(self) -> None:
+        """Until the transport takes more (or the connection is lost)."""
+        ...
+
+    def gone(self) -> bool:
+        """Nothing may be written any more: the peer left, the response or the WebSocket is closed."""
+        ...
+
+
+def offer(scope: Any, outlet: Outlet) -> None:
+    """Put `outlet` in the scope as the DIRECT extension (an extension's value is a dict: the ASGI spec)."""
+    scope.setdefault("extensions", {})[DIRECT] = {"outlet": outlet}
+
+
+def outlet_of(scope: Any) -> Outlet | None:
+    """The connection's Outlet if the server offers one (our uvicorn protocols), else None: the ASGI send path."""
+    return (scope.get("extensions") or {}).get(DIRECT, {}).get("outlet")
+
+
+class Sink:
+    """Who writes one connection's transport once its stream is under way (:meth:`Writer.sink`): the writer's pass
+    for queued frames, and the connection's task, synchronously, for what it writes itself (a keepalive, a resync's
+    frames, the last frame before a close). Both run on the loop and neither awaits between taking frames from
+    the queue and writing them, so writes never interleave or reorder. After :meth:`close` the pass writes
+    nothing more (a WebSocket's close frame must be the last thing sent)."""
+
+    __slots__ = ("writer", "conn", "outlet", "transport", "chunked", "wake_owner", "on_write", "closed")
+
+    def __init__(
+        self, writer: Writer, conn: Connection, outlet: Outlet, wake_owner: Callable[[], None],
+        on_write: Callable[[Connection], None],
+    ) -> None:  # fmt: skip
+        self.writer = writer
+        self.conn = conn
+        self.outlet = outlet
+        self.transport = outlet.transport
+        self.chunked = outlet.chunked()
+        self.wake_owner = wake_owner  # wakes the connection's task
+        self.on_write = on_write
+        self.closed = False
+        conn.wake = self.wake  # from now on the hub's wake marks the connection for the pass
+
+    def wake(self) -> None:
+        if not self.closed:
+            self.writer.mark(self)
+
+    @property
+    def paused(self) -> bool:
+        return self.outlet.paused() and not self.outlet.gone()
+
+    async def drained(self) -> None:
+        await self.outlet.drained()
+
+    def frame(self, data: bytes) -> bytes:
+        return self.writer.chunk(data) if self.chunked else data
+
+    def write(self, data: bytes) -> None:
+        """From the connection's task: `data` to the transport now (nothing once the peer is gone)."""
+        if data and not self.closed and not self.outlet.gone():
+            self.transport.write(self.frame(data))
+
+    def close(self) -> None:
+        """The task is done with the transport: the pass writes nothing more, the hub wakes the task again."""
+        self.closed = True
+        self.conn.wake = self.wake_owner
+
+
+class Writer:
+    """The pass that writes every marked connection, one per event loop (the hub's: sidecar/asgi/front.py)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.marked: list[Sink] = []
+        self.scheduled = False
+        self._chunk_in = b""  # the last frame framed as a chunk, and its chunk: a frame shared by many
+        self._chunk_out = b""  # connections is framed once, like the frame itself (sidecar/core/hub.py)
+
+    def chunk(self, data: bytes) -> bytes:
+        """`data` as one HTTP/1.1 chunk (RFC 9112 section 7.1), the bytes h11 and uvicorn's httptools protocol
+        write for a body message (never an empty chunk: that is the end of the body)."""
+        if not data:
+            return data
+        if data is not self._chunk_in:
+            self._chunk_in, self._chunk_out = data, b"%x\r\n%s\r\n" % (len(data), data)
+        return self._chunk_out
+
+    def sink(
+        self, conn: Connection, outlet: Outlet, wake_owner: Callable[[], None], on_write: Callable[[Connection], None]
+    ) -> Sink:
+        """The one :class:`Sink` of `conn`: from now on the pass writes its queued frames."""
+        return Sink(self, conn, outlet, wake_owner, on_write)
+
+    def mark(self, sink: Sink) -> None:
+        self.marked.append(sink)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        marked, self.marked = self.marked, []
+        for sink in marked:
+            if sink.closed:
+                continue
+            conn, outlet = sink.conn, sink.outlet
+            if conn.resync or conn.writing_since is not None or outlet.paused() or outlet.gone():
+                sink.wake_owner()  # its task has to act (or is waiting for the drain): it writes after that
+                continue
+            frames = conn.drain()
+            if not frames:
+                sink.wake_owner()  # woken for something else than frames: let the task look
+                continue
+            data: Any = frames[0] if len(frames) == 1 else b"".join(frames)
+            sink.transport.write(sink.frame(data))
+            sink.on_write(conn)
