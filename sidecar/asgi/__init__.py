@@ -39,7 +39,7 @@ from starlette.websockets import WebSocket
 
 from sidecar.asgi.front import Authorize, Front, answer, cors, error, front_of, oversized, read_body
 from sidecar.asgi.sse import sse
-from sidecar.asgi.ws import FRAMES, WSProtocol, not_websocket, websocket
+from sidecar.asgi.ws import FRAMES, WSProtocol, not_websocket, websocket, ws_protocol
 from sidecar.auth import Auth, AuthError, bearer
 from sidecar.config import Settings
 from sidecar.core.http_api import UNAVAILABLE, publish_items
@@ -287,7 +287,8 @@ def serve(settings: Settings) -> None:
     # session's keepalive pings go direct too: uvicorn's own ping would be a second one.
     ping = settings.keepalive if settings.ws_deflate else None
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, loop="auto", http=HTTPProtocol, ws=WSProtocol,
+        create_app(settings), host=settings.host, port=settings.port, loop="auto", http=HTTPProtocol,
+        ws=ws_protocol(settings),
         ws_max_size=settings.max_frame_bytes, ws_ping_interval=ping, ws_ping_timeout=None,
         ws_per_message_deflate=settings.ws_deflate,
         timeout_keep_alive=int(settings.idle_timeout), backlog=2048, log_config=None, access_log=False,

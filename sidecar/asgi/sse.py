@@ -53,6 +53,9 @@ class _EventStream(EventSourceResponse):
 
     def __init__(self, run: Callable[[_EventStream], Awaitable[None]], wake: Callable[[], None], **kw: Any) -> None:
         super().__init__(_Nothing(), ping=0, sep="\n", **kw)
+        # Connection is hop-by-hop and the server's to say: sse-starlette's keep-alive went out beside uvicorn's
+        # `close` when the client asked for one (and HTTP/1.1 keeps connections alive without it).
+        self.raw_headers = [(name, value) for name, value in self.raw_headers if name != b"connection"]
         self.run = run
         self.wake = wake
         self.aborted = False
@@ -104,7 +107,7 @@ class _EventStream(EventSourceResponse):
 async def sse(request: Request) -> Response:
     """Server-Sent Events: `?channel=a&channel=b&mode=diff`, resumed by `Last-Event-ID` (or `last_event_id`)."""
     if request.method == "OPTIONS":
-        return cors(request, Response(status_code=200))
+        return cors(request, Response(status_code=200, headers={"Allow": "GET, HEAD, OPTIONS"}))
     front = front_of(request)
     settings, relay = front.settings, await front.ready()
     grant = await front.grant(request)

@@ -20,7 +20,9 @@ from wsproto.events import CloseConnection
 from sidecar.asgi.front import Front, Wake, canceller, error, front_of, woken
 from sidecar.asgi.writer import Sink, offer, outlet_of
 from sidecar.auth import AuthError, Grant
+from sidecar.config import Settings
 from sidecar.core.connection import WS
+from sidecar.core.http_api import head_fields, upgrade_refusal
 from sidecar.core.protocol import ProtocolError
 from sidecar.core.session import (
     STORE_DOWN,
@@ -227,7 +229,29 @@ class WSProtocol(_UvicornWSProtocol):
     `websocket.send` carrying FRAMES is written to the transport as it is, after uvicorn's own checks (flow
     control, disconnect, close sent): the relay's pre-built frames, one write for all frames of a Write action
     instead of one ASGI send, one wsproto encoding and one transport write per frame. Its `sidecar.direct` extension
-    (under the same condition): the transport itself, for the writer's pass (sidecar/asgi/writer.py)."""
+    (under the same condition): the transport itself, for the writer's pass (sidecar/asgi/writer.py).
+
+    It also refuses a malformed upgrade with the JSON errors of docs/protocol.md, as the Flask front does (wsproto
+    answers some with an empty 400 and accepts others), and waits `close_after` seconds for the client's close
+    frame instead of uvicorn's 10 (SIDECAR_CLOSE_TIMEOUT: `ws_protocol(settings)` is this class with the
+    setting; the class itself has the setting's default)."""
+
+    close_after = 2.0  # the default of SIDECAR_CLOSE_TIMEOUT
+    _head_checked = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.close_timeout = self.close_after
+
+    def data_received(self, data: bytes) -> None:
+        if not self._head_checked:  # uvicorn hands over the whole request head in the first call
+            self._head_checked = True
+            refused = upgrade_refusal(head_fields(data))
+            if refused is not None:
+                self.transport.write(refused.http_response())
+                self.transport.close()
+                return
+        super().data_received(data)
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -257,3 +281,6 @@ class WSProtocol(_UvicornWSProtocol):
         super().handle_close(event)
 
 
+def ws_protocol(settings: Settings) -> type[WSProtocol]:
+    """WSProtocol waiting SIDECAR_CLOSE_TIMEOUT for a client's close frame (uvicorn takes a class, not settings)."""
+    return type("WSProtocol", (WSProtocol,), {"close_after": settings.close_timeout})

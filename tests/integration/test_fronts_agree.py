@@ -16,8 +16,7 @@ Where the document is silent and the fronts differed, the choice made (and why) 
   endpoint; elsewhere it is a wrong method (405): no browser preflights the other endpoints;
 - the reason of a 1009 close is the WebSocket library's (its code is the contract).
 
-The asgi front's known divergences are `xfail(strict=True)`; the report that added them gives the diff to
-sidecar/asgi/ that fixes each.
+A divergence is a failure: the fronts share one protocol (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -710,8 +709,6 @@ def test_an_sse_stream_ends_with_token_expired_when_its_token_expires(fronts):
         b'token"}\n\n' and ended  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="asgi: sse-starlette's default Connection: keep-alive goes out beside "
-                   "uvicorn's Connection: close; diff in the agree branch's report")  # fmt: skip
 def test_an_sse_answer_to_a_request_that_asks_to_close_says_close_only(fronts):
     """Connection is hop-by-hop (RFC 9110 section 7.6.1): an SSE answer adds no `keep-alive` of its own, never
     beside the `close` the client asked for. (gevent.pywsgi sends no Connection header at all here.)"""
@@ -1043,8 +1040,6 @@ def test_an_idle_socket_is_pinged(fronts):
     assert agree(each(fronts, run)) == 0x9
 
 
-@pytest.mark.xfail(strict=True, reason="asgi: uvicorn waits its own 10 s for the client's close frame, not "
-                   "SIDECAR_CLOSE_TIMEOUT; diff in the agree branch's report")  # fmt: skip
 def test_the_server_ends_tcp_within_the_close_timeout_when_the_client_never_answers_its_close(fronts):
     def run(sidecar: SidecarProcess) -> bool:
         ws = RawWS(sidecar, TOKENS["a"])
@@ -1093,18 +1088,13 @@ def handshake(sidecar: SidecarProcess, *headers: str, query: str = "") -> Answer
 UPGRADE = ("Upgrade: websocket", "Connection: Upgrade")
 VERSION = "Sec-WebSocket-Version: 13"
 GOOD_KEY = f"Sec-WebSocket-Key: {KEY}"
-ASGI_HANDSHAKE = pytest.mark.xfail(strict=True, reason="asgi: uvicorn/wsproto refuse a malformed upgrade with no "
-                                   "JSON body (or accept it); diff in the agree branch's report")  # fmt: skip
 HANDSHAKES = [
-    pytest.param((*UPGRADE, GOOD_KEY), "", 426, "unsupported-version", id="no version", marks=ASGI_HANDSHAKE),
-    pytest.param((*UPGRADE, GOOD_KEY, "Sec-WebSocket-Version: 8"), "", 426, "unsupported-version", id="version 8",
-                 marks=ASGI_HANDSHAKE),
-    pytest.param((*UPGRADE, VERSION), "", 400, "bad-handshake", id="no key", marks=ASGI_HANDSHAKE),
-    pytest.param((*UPGRADE, VERSION, "Sec-WebSocket-Key: short"), "", 400, "bad-handshake", id="short key",
-                 marks=ASGI_HANDSHAKE),
+    pytest.param((*UPGRADE, GOOD_KEY), "", 426, "unsupported-version", id="no version"),
+    pytest.param((*UPGRADE, GOOD_KEY, "Sec-WebSocket-Version: 8"), "", 426, "unsupported-version", id="version 8"),
+    pytest.param((*UPGRADE, VERSION), "", 400, "bad-handshake", id="no key"),
+    pytest.param((*UPGRADE, VERSION, "Sec-WebSocket-Key: short"), "", 400, "bad-handshake", id="short key"),
     pytest.param((*UPGRADE, VERSION, GOOD_KEY, "Sec-WebSocket-Extensions: permessage-deflate; "
-                  "client_max_window_bits=abc"), "", 400, "bad-handshake", id="deflate parameter not a number",
-                 marks=ASGI_HANDSHAKE),
+                  "client_max_window_bits=abc"), "", 400, "bad-handshake", id="deflate parameter not a number"),
     pytest.param((VERSION, GOOD_KEY), "", 400, "not-websocket", id="no upgrade"),
     pytest.param((*UPGRADE, VERSION, GOOD_KEY, "Origin: https://evil.example"), "", 403, "forbidden-origin",
                  id="foreign origin"),
