@@ -1,11 +1,14 @@
 """`python -m bench.fronts_profile [sse|ws] [top]`: tracemalloc of 300 idle connections on the ASGI front (uvicorn in
-this process, with `sidecar serve`'s protocols): Python allocations per connection, and the top allocation
-sites, each by its innermost line and by the innermost line outside the standard library (who asked for it).
+this process, with `sidecar serve --front asgi`'s uvicorn config: `sidecar.asgi.uvicorn_config`, its protocols
+included): Python allocations per connection, and the top allocation sites, each by its innermost line and by the
+innermost line outside the standard library (who asked for it). Until 2026-12-01 evening it ran uvicorn's own
+HTTP protocol (no `sidecar.direct` for SSE) and uvicorn's WebSocket ping timer.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import socket
 import sys
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import uvicorn
 
-from sidecar.asgi import WSProtocol, create_app
+from sidecar.asgi import uvicorn_config
 from sidecar.config import Settings
 from sidecar.embedded import EmbeddedRedis, free_port
 
@@ -50,8 +53,8 @@ def main(kind: str, top: int = 24) -> None:
         redis_server = EmbeddedRedis(Path(tmp) / "redis").start()
         port = free_port()
         settings = Settings(redis_url=redis_server.url, dev=True, admit_rate=1e5, admit_burst=100_000)
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, ws=WSProtocol,
-                                log_level="warning", lifespan="on")  # fmt: skip
+        settings = dataclasses.replace(settings, host="127.0.0.1", port=port)
+        config = uvicorn_config(settings, log_level="warning")  # `sidecar serve --front asgi`'s
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

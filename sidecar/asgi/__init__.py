@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 import orjson
 import redis
@@ -274,26 +275,35 @@ def app() -> RelayApp:
     return create_app(Settings.from_env())
 
 
-def serve(settings: Settings) -> None:
-    """`sidecar serve --front asgi`: the app on uvicorn (uvloop and httptools when installed), with the same
-    startup checks and embedded Redis as the gevent front. Production: docs/deployment.md."""
+def uvicorn_config(settings: Settings, app: Any = None, **overrides: Any) -> Any:
+    """The uvicorn.Config of `sidecar serve --front asgi` (bench/fronts_profile.py measures the same one)."""
     import uvicorn
 
     from sidecar.asgi.protocols import HTTPProtocol
-    from sidecar.embedded import prepare_to_serve
 
-    settings, embedded = prepare_to_serve(settings, log)
     # Our protocols offer the transport to the writer's pass (sidecar/asgi/writer.py). Without deflate the
     # session's keepalive pings go direct too: uvicorn's own ping would be a second one.
     ping = settings.keepalive if settings.ws_deflate else None
-    config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, loop="auto", http=HTTPProtocol,
-        ws=ws_protocol(settings),
+    options: dict[str, Any] = dict(
+        host=settings.host, port=settings.port, loop="auto", http=HTTPProtocol, ws=ws_protocol(settings),
         ws_max_size=settings.max_frame_bytes, ws_ping_interval=ping, ws_ping_timeout=None,
         ws_per_message_deflate=settings.ws_deflate,
         timeout_keep_alive=int(settings.idle_timeout), backlog=2048, log_config=None, access_log=False,
         lifespan="on",
     )  # fmt: skip
+    options.update(overrides)
+    return uvicorn.Config(app if app is not None else create_app(settings), **options)
+
+
+def serve(settings: Settings) -> None:
+    """`sidecar serve --front asgi`: the app on uvicorn (uvloop and httptools when installed), with the same
+    startup checks and embedded Redis as the gevent front. Production: docs/deployment.md."""
+    import uvicorn
+
+    from sidecar.embedded import prepare_to_serve
+
+    settings, embedded = prepare_to_serve(settings, log)
+    config = uvicorn_config(settings)
     log.info("sidecar (asgi) listening on http://%s:%d (Redis %s)", settings.host, settings.port, settings.redis_url)
     try:
         uvicorn.Server(config).run()
