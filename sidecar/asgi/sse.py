@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -31,6 +32,8 @@ from sidecar.relay import Relay, drive_async
 
 log = logging.getLogger(__name__)
 
+_NO_LOCK = contextlib.nullcontext()  # stateless: one for every stream
+
 
 class _Nothing:
     """The content EventSourceResponse is given: _EventStream runs the session's loop itself."""
@@ -56,6 +59,7 @@ class _EventStream(EventSourceResponse):
         # Connection is hop-by-hop and the server's to say: sse-starlette's keep-alive went out beside uvicorn's
         # `close` when the client asked for one (and HTTP/1.1 keeps connections alive without it).
         self.raw_headers = [(name, value) for name, value in self.raw_headers if name != b"connection"]
+        self._send_lock = _NO_LOCK  # type: ignore[assignment]  # only the session's task sends: no anyio Lock each
         self.run = run
         self.wake = wake
         self.aborted = False
