@@ -11,12 +11,14 @@ bytes, so the final `more_body: False` still ends the body with its `0\\r\\n\\r\
 
 They also swap uvicorn's two asyncio.Events of every connection (the cycle's `message_event`, the flow control's
 writable event) for LeanEvents (sidecar/asgi/front.py: uvicorn uses their is_set/set/clear/wait only), ~1.5 KB
-less per idle stream.
+less per idle stream, and call back who asked (`Outlet.when_lost`) from connection_lost: an SSE stream learns the
+client left without a task waiting in receive().
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol as _H11Protocol
@@ -28,11 +30,16 @@ from sidecar.asgi.writer import offer
 class _CycleOutlet:
     """One request's transport (sidecar/asgi/writer.py's Outlet), from uvicorn's request-response cycle."""
 
-    __slots__ = ("cycle", "transport")
+    __slots__ = ("cycle", "transport", "protocol")
 
-    def __init__(self, cycle: Any) -> None:
+    def __init__(self, cycle: Any, protocol: Any) -> None:
         self.cycle = cycle
         self.transport: asyncio.WriteTransport = cycle.transport
+        self.protocol = protocol
+
+    def when_lost(self, callback: Callable[[], None] | None) -> None:
+        # On the protocol: one response at a time runs on an HTTP/1.1 connection (a pipelined one waits its turn).
+        self.protocol.lost = callback
 
     def paused(self) -> bool:
         return bool(self.cycle.flow.write_paused)
@@ -73,8 +80,16 @@ def _new_cycle(outlet: _CycleOutlet) -> None:
     offer(cycle.scope, outlet)
 
 
+def _lost(protocol: Any) -> None:
+    callback, protocol.lost = protocol.lost, None
+    if callback is not None:
+        callback()
+
+
 class H11Protocol(_H11Protocol):
     """uvicorn's h11 protocol with the `sidecar.direct` extension in every request's scope."""
+
+    lost: Callable[[], None] | None = None  # the running response's Outlet.when_lost
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -84,7 +99,11 @@ class H11Protocol(_H11Protocol):
         cycle = self.cycle
         super().handle_events()  # makes the request's cycle and schedules its task: the app has not run yet
         if self.cycle is not cycle and self.cycle is not None:
-            _new_cycle(_H11Outlet(self.cycle))
+            _new_cycle(_H11Outlet(self.cycle, self))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        _lost(self)
 
 
 try:
@@ -96,6 +115,8 @@ else:
     class HttpToolsProtocol(_HttpToolsProtocol):
         """uvicorn's httptools protocol with the `sidecar.direct` extension in every request's scope."""
 
+        lost: Callable[[], None] | None = None  # the running response's Outlet.when_lost
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self.flow._is_writable_event = LeanEvent(True)  # type: ignore[assignment]
@@ -104,6 +125,10 @@ else:
             cycle = self.cycle
             super().on_headers_complete()  # makes the cycle (a pipelined one waits its turn): the app has not run
             if self.cycle is not cycle and self.cycle is not None:
-                _new_cycle(_HttpToolsOutlet(self.cycle))
+                _new_cycle(_HttpToolsOutlet(self.cycle, self))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            _lost(self)
 
     HTTPProtocol = HttpToolsProtocol

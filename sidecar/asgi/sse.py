@@ -50,9 +50,10 @@ class _EventStream(EventSourceResponse):
     request's own task. EventSourceResponse's own __call__ runs an anyio task group of four tasks per stream (the
     body, the ping, the exit-signal and the disconnect listeners) with their cancel scopes and Events: most of an
     idle stream's memory (docs/performance.md). Here the body is the session's loop (`run`), the ping is the
-    session's keepalive Write (the same `:` bytes), and one small task awaits receive() for the client leaving,
-    which wakes the loop. A send that times out, or a stuck write aborted by the stuck check (control.py), ends
-    the stream like any disconnect (no traceback)."""
+    session's keepalive Write (the same `:` bytes), and the client leaving wakes the loop: from our protocols'
+    connection_lost (`Outlet.when_lost`), or, on the ASGI send path, from one small task awaiting
+    receive(). A send that times out, or a stuck write aborted by the stuck check (control.py), ends the stream like
+    any disconnect (no traceback)."""
 
     def __init__(self, run: Callable[[_EventStream], Awaitable[None]], wake: Callable[[], None], **kw: Any) -> None:
         super().__init__(_Nothing(), ping=0, sep="\n", **kw)
@@ -86,8 +87,15 @@ class _EventStream(EventSourceResponse):
         self._send = send
         self.outlet = outlet_of(scope)
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        listener = asyncio.ensure_future(self._listen_for_disconnect(receive))
-        listener.add_done_callback(lambda _: self.set())
+        listener: asyncio.Future[None] | None = None
+        outlet = self.outlet
+        if outlet is not None:  # our HTTP protocols call it back from connection_lost
+            outlet.when_lost(self.set)
+            if outlet.gone():
+                self.set()
+        else:  # uvicorn's send() is silent after a disconnect: a task awaits receive() for it
+            listener = asyncio.ensure_future(self._listen_for_disconnect(receive))
+            listener.add_done_callback(lambda _: self.set())
         _ensure_watcher_started_on_this_loop()
         shutdown = _get_shutdown_state().events
         shutdown.add(self)  # type: ignore[arg-type]
@@ -105,7 +113,10 @@ class _EventStream(EventSourceResponse):
                 task.uncancel()
         finally:
             shutdown.discard(self)
-            listener.cancel()
+            if listener is not None:
+                listener.cancel()
+            elif outlet is not None:
+                outlet.when_lost(None)
 
 
 async def sse(request: Request) -> Response:

@@ -46,6 +46,11 @@ class Outlet(Protocol):
         """Nothing may be written any more: the peer left, the response or the WebSocket is closed."""
         ...
 
+    def when_lost(self, callback: Callable[[], None] | None) -> None:
+        """`callback()` once when the connection is lost (None: no more). HTTP only: a WebSocket's app sees the
+        client leave in its receive()."""
+        ...
+
 
 def offer(scope: Any, outlet: Outlet) -> None:
     """Put `outlet` in the scope as the DIRECT extension (an extension's value is a dict: the ASGI spec)."""

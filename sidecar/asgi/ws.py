@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -205,6 +206,9 @@ class _WSOutlet:
 
     def chunked(self) -> bool:
         return False
+
+    def when_lost(self, callback: Callable[[], None] | None) -> None:
+        raise NotImplementedError("a WebSocket's client leaving comes through its receive()")
 
     def paused(self) -> bool:
         return not self.protocol.writable.is_set()

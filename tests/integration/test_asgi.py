@@ -346,6 +346,43 @@ def test_an_sse_body_written_directly_is_valid_http_chunks_ended_by_the_servers_
     assert "Traceback" not in proc.log_text() and "ERROR" not in proc.log_text(), proc.log_tail(40)
 
 
+@pytest.mark.parametrize(
+    "http", ["sidecar.asgi.protocols:H11Protocol", "sidecar.asgi.protocols:HttpToolsProtocol", "h11", "httptools"]
+)
+def test_sse_clients_that_leave_are_disconnected_at_once_not_at_their_next_keepalive(http, redis_server, tmp_path):
+    """Our protocols tell the stream from connection_lost (no task waits in receive()); uvicorn's own (the ASGI
+    send path) through the receive() task. Either way the hub lets go of a client that closed its socket long
+    before its keepalive (60 s) would have found it gone."""
+    env = {"SIDECAR_KEEPALIVE": "60"}
+    proc = uvicorn_relay(redis_server.url, tmp_path, ["--http", http, "--ws", "sidecar.asgi:WSProtocol"], env)
+    base = f"http://127.0.0.1:{proc.port}"  # type: ignore[attr-defined]
+
+    def connections() -> int:
+        return requests.get(f"{base}/healthz", timeout=5).json()["connections"]
+
+    socks = []
+    try:
+        for _ in range(10):
+            sock = socket.create_connection(("127.0.0.1", proc.port), timeout=10)  # type: ignore[attr-defined]
+            sock.sendall(b"GET /sse?channel=leave:1&mode=event HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            head = b""
+            while b"event: ready" not in head:
+                head += sock.recv(65536)
+            socks.append(sock)
+        assert connections() == 10
+        for sock in socks:
+            sock.close()
+        deadline = time.monotonic() + 15
+        while connections() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert connections() == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
 class PingCounter:
     """A WebSocket client on wsproto that counts the pings it gets while idle, and answers them."""
 
