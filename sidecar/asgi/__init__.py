@@ -21,6 +21,7 @@ the same exception handlers; everything else goes through Starlette.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -276,7 +277,11 @@ def app() -> RelayApp:
 
 
 def uvicorn_config(settings: Settings, app: Any = None, **overrides: Any) -> Any:
-    """The uvicorn.Config of `sidecar serve --front asgi` (bench/fronts_profile.py measures the same one)."""
+    """The uvicorn.Config of `sidecar serve --front asgi` (bench/fronts_profile.py measures the same one).
+
+    uvicorn's ProxyHeadersMiddleware (a frame per request, for a stream's whole life) only when uvicorn's own
+    FORWARDED_ALLOW_IPS is set: the relay reads neither the client's address nor the scheme it rewrites from
+    X-Forwarded-*, and the gevent front reads neither header; set it for code of yours mounted beside the relay."""
     import uvicorn
 
     from sidecar.asgi.protocols import HTTPProtocol
@@ -287,7 +292,7 @@ def uvicorn_config(settings: Settings, app: Any = None, **overrides: Any) -> Any
     options: dict[str, Any] = dict(
         host=settings.host, port=settings.port, loop="auto", http=HTTPProtocol, ws=ws_protocol(settings),
         ws_max_size=settings.max_frame_bytes, ws_ping_interval=ping, ws_ping_timeout=None,
-        ws_per_message_deflate=settings.ws_deflate,
+        ws_per_message_deflate=settings.ws_deflate, proxy_headers="FORWARDED_ALLOW_IPS" in os.environ,
         timeout_keep_alive=int(settings.idle_timeout), backlog=2048, log_config=None, access_log=False,
         lifespan="on",
     )  # fmt: skip
