@@ -293,3 +293,16 @@ class LeanQueue:
             finally:
                 self._waiter = None
         return self._items.pop(0)
+
+
+class LeanDeque(list[Any]):
+    """deque's append/appendleft/pop/popleft on a list, for uvicorn's and wsproto's per-connection deques that
+    hold nothing or an event or two: an empty deque is ~0.8 KB, an empty list 56 bytes."""
+
+    __slots__ = ()
+
+    def appendleft(self, item: Any) -> None:
+        self.insert(0, item)
+
+    def popleft(self) -> Any:
+        return self.pop(0)

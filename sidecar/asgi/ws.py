@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -18,7 +18,7 @@ from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as _UvicornWSPr
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
-from sidecar.asgi.front import Front, LeanEvent, LeanQueue, Wake, canceller, error, front_of, woken
+from sidecar.asgi.front import Front, LeanDeque, LeanEvent, LeanQueue, Wake, canceller, error, front_of, woken
 from sidecar.asgi.writer import Sink, offer, outlet_of
 from sidecar.auth import AuthError, Grant
 from sidecar.config import Settings
@@ -222,6 +222,18 @@ class _WSOutlet:
         return bool(p.disconnected or p.close_sent or not open_ or self.transport.is_closing())
 
 
+class _HandshakeDone:
+    """What WSConnection asks of its handshake once the connection is open: its pending events (none)."""
+
+    __slots__ = ()
+
+    def events(self) -> Iterator[Any]:
+        return iter(())
+
+
+_HANDSHAKE_DONE = _HandshakeDone()
+
+
 class WSProtocol(_UvicornWSProtocol):
     """uvicorn's wsproto protocol, answering a frame wsproto cannot parse (invalid UTF-8 in a text frame, say)
     with its close frame (1007) instead of dropping the connection: RFC 6455 section 7.1.7, and what the gevent
@@ -271,6 +283,12 @@ class WSProtocol(_UvicornWSProtocol):
         frames = message.get(FRAMES)
         if frames is None or message["type"] != "websocket.send":
             await super().send(message)
+            if message["type"] == "websocket.accept" and self.conn.connection is not None:
+                # Accepted: wsproto's handshake (its h11 connection, its event deque) has nothing more to do, but
+                # WSConnection keeps it for the socket's life (~2 KB); its events() only asks it for none.
+                self.conn.handshake = _HANDSHAKE_DONE  # type: ignore[assignment]
+                connection = self.conn.connection
+                connection._events = LeanDeque(connection._events)  # type: ignore[assignment]  # append, popleft
             return
         await self.writable.wait()
         if self.disconnected or self.close_sent or self.conn.state != ConnectionState.OPEN:
