@@ -23,6 +23,7 @@ from dashboard.sources import Window
 from dashboard.whatif import compare
 from sidecar.core.throttle import ChannelPolicy
 from sidecar.publish import Publisher
+from tests.clients import close_stream
 from tests.processes import REPO_ROOT, ManagedProcess, child_env, free_port
 
 pytestmark = pytest.mark.browser
@@ -95,7 +96,7 @@ class Subscriber:
             pass
 
     def close(self) -> None:
-        self._response.close()
+        close_stream(self._response)
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
