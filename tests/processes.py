@@ -107,6 +107,7 @@ class SidecarProcess(ManagedProcess):
         front: str = "gevent",
     ) -> None:  # fmt: skip
         self.front = front
+        self.redis_url = redis_url
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"

@@ -13,7 +13,7 @@ from sidecar.config import Settings
 from sidecar.core.protocol import shard_of
 from sidecar.publish import Publisher
 from tests.clients import SSEClient, WSClient
-from tests.processes import FRONTS, EmbeddedRedis, SidecarProcess
+from tests.processes import FRONTS
 
 # The spine on both fronts (sidecar/app.py + ws.py on gevent, sidecar/asgi/ on uvicorn): every test here is
 # about the protocol a client sees, which both must give alike.
@@ -35,44 +35,17 @@ def seqs(frames: list[dict], channel: str) -> list[int]:
     return [f["seq"] for f in frames if f["type"] == "message" and f["channel"] == channel]
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """One Redis and one default sidecar per front, started when the module's first test on that front asks,
-    for the tests that need nothing but a sidecar and channels of their own (`sidecar`); the tests that kill,
-    restart or configure one start their own (`sidecar_process`). The traceback check of `sidecar_process`
-    runs on these at the module's end."""
-    started: dict[str, tuple[EmbeddedRedis, SidecarProcess]] = {}
-
-    def get(front: str) -> tuple[EmbeddedRedis, SidecarProcess]:
-        if front not in started:
-            logs = tmp_path_factory.mktemp(f"shared-{front}")
-            server = EmbeddedRedis(logs / "redis").start()
-            started[front] = server, SidecarProcess(server.url, logs, front=front)
-        return started[front]
-
-    yield get
-    for server, proc in started.values():
-        proc.stop()
-        server.stop()
-    broken = [p for _, p in started.values() if "Traceback" in p.log_text()]
-    if broken:
-        pytest.fail("".join(f"traceback in {p.log_path}:\n{p.log_tail(60)}\n" for p in broken), pytrace=False)
-
-
 @pytest.fixture
-def sidecar(shared, sidecar_process, request):
-    """The module's sidecar on this test's front (`sidecar_process` is taken for its parametrization only)."""
-    return shared(request.node.callspec.params["sidecar_process"])[1]
+def sidecar(shared_sidecar):
+    return shared_sidecar
 
 
 @pytest.fixture
 def pub(request):
     """A publisher to the shared sidecar's Redis when the test takes `sidecar`, else to its own `redis_server`."""
     if "sidecar" in request.fixturenames:
-        url = request.getfixturevalue("shared")(request.node.callspec.params["sidecar_process"])[0].url
-    else:
-        url = request.getfixturevalue("redis_server").url
-    return Publisher.from_url(url)
+        return Publisher.from_url(request.getfixturevalue("sidecar").redis_url)
+    return Publisher.from_url(request.getfixturevalue("redis_server").url)
 
 
 def test_sse_client_receives_messages_in_order_with_a_cursor(sidecar, pub):
