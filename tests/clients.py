@@ -17,6 +17,18 @@ import websocket
 Frame = dict[str, Any]
 
 
+def close_stream(response: requests.Response) -> None:
+    """Close a streaming response that a thread is reading: shut its socket down first, so that the server sees
+    the client leave (as a browser closing the tab would) and the reader's blocked read ends. A bare close() would
+    wait for that read to end by itself (the read timeout, with no event coming)."""
+    try:
+        sock = response.raw._fp.fp.raw._sock  # type: ignore[union-attr]
+        sock.shutdown(socket.SHUT_RDWR)
+    except (AttributeError, OSError):
+        pass
+    response.close()
+
+
 class Recorder:
     """Frames received by a background reader; `wait` polls a predicate with a bound."""
 
@@ -87,13 +99,7 @@ class SSEClient(Recorder):
             self.closed.set()
 
     def close(self) -> None:
-        # Shut the socket down so the server sees the client leave, as a browser closing the tab would.
-        try:
-            sock = self.response.raw._fp.fp.raw._sock  # type: ignore[union-attr]
-            sock.shutdown(socket.SHUT_RDWR)
-        except (AttributeError, OSError):
-            pass
-        self.response.close()
+        close_stream(self.response)
         self.closed.wait(5)
 
 

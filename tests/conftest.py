@@ -108,6 +108,40 @@ def sidecar_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
         pytest.fail("".join(f"traceback in {p.log_path}:\n{p.log_tail(60)}\n" for p in broken), pytrace=False)
 
 
+@pytest.fixture(scope="module")
+def module_sidecars(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], SidecarProcess]]:
+    """``get(front)``: the module's one default sidecar on that front, on a Redis of its own, started when first
+    asked for (see ``shared_sidecar``). Stopped at the module's end, where a traceback in a log fails the module's
+    last test, as ``sidecar_process`` does."""
+    started: dict[str, tuple[EmbeddedRedis, SidecarProcess]] = {}
+
+    def get(front: str) -> SidecarProcess:
+        if front not in started:
+            logs = tmp_path_factory.mktemp(f"shared-{front}")
+            server = EmbeddedRedis(logs / "redis").start()
+            started[front] = server, SidecarProcess(server.url, logs, front=front)
+        return started[front][1]
+
+    yield get
+    for server, proc in started.values():
+        proc.stop()
+        server.stop()
+    broken = [p for _, p in started.values() if not p.allow_tracebacks and "Traceback" in p.log_text()]
+    if broken:
+        pytest.fail("".join(f"traceback in {p.log_path}:\n{p.log_tail(60)}\n" for p in broken), pytrace=False)
+
+
+@pytest.fixture
+def shared_sidecar(
+    module_sidecars: Callable[[str], SidecarProcess], sidecar_process: Any, request: pytest.FixtureRequest
+) -> SidecarProcess:
+    """A default sidecar shared by the module's tests on this test's front (``sidecar_process`` is taken for its
+    parametrization by front only), for a test that needs nothing but a sidecar and channels of its own: it must
+    not kill, pause or configure it, nor restart its Redis (``.redis_url``). Those take ``sidecar_process``."""
+    callspec = getattr(request.node, "callspec", None)
+    return module_sidecars(callspec.params.get("sidecar_process", "gevent") if callspec else "gevent")
+
+
 @pytest.fixture
 def celery_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Factory: ``start(redis_url, pool="threads", concurrency=4, **env)`` runs a Celery worker on that pool

@@ -23,6 +23,7 @@ from dashboard.sources import Window
 from dashboard.whatif import compare
 from sidecar.core.throttle import ChannelPolicy
 from sidecar.publish import Publisher
+from tests.clients import close_stream
 from tests.processes import REPO_ROOT, ManagedProcess, child_env, free_port
 
 pytestmark = pytest.mark.browser
@@ -49,11 +50,13 @@ class DashboardProcess(ManagedProcess):
         self.url = f"http://127.0.0.1:{self.port}/app"
         argv = [sys.executable, "-m", "sidecar", "dashboard", "--host", "127.0.0.1", "--port", str(self.port)]
         super().__init__("dashboard", argv, child_env(redis_url, env), log_dir / "dashboard.log", cwd=REPO_ROOT)
-        self.wait_until("GET /app 200", self._up, 30.0)
+        self.wait_until("GET /app 200", self._up, 60.0)
 
     def _up(self) -> bool:
+        # Each GET /app builds a whole Panel session: on a loaded machine a short timeout gave up on one still
+        # being built and asked for another, piling sessions onto the server it waited for (CI: none in 30 s).
         try:
-            return requests.get(self.url, timeout=2).status_code == 200
+            return requests.get(self.url, timeout=15).status_code == 200
         except requests.RequestException:
             return False
 
@@ -95,7 +98,7 @@ class Subscriber:
             pass
 
     def close(self) -> None:
-        self._response.close()
+        close_stream(self._response)
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:

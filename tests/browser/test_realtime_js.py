@@ -115,8 +115,11 @@ def assert_applied_once_in_order(r: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-def pub(redis_server):
-    return Publisher.from_url(redis_server.url)
+def pub(request):
+    """A publisher to the Redis of `shared_sidecar` when the test takes it, else to its own `redis_server`."""
+    if "shared_sidecar" in request.fixturenames:
+        return Publisher.from_url(request.getfixturevalue("shared_sidecar").redis_url)
+    return Publisher.from_url(request.getfixturevalue("redis_server").url)
 
 
 @pytest.fixture
@@ -169,10 +172,8 @@ def test_merge_patch_follows_rfc_7386_and_ignores_proto_keys(browser):
 # These two run on both fronts (sidecar/asgi/ too): the page's whole state, and a resume across a killed
 # replica, are what realtime.js must get alike from either; the rest test the client itself.
 @pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
-def test_page_state_equals_the_server_snapshot_after_random_diffs_in_every_mode(
-    browser, redis_server, sidecar_process, front, pub
-):
-    sidecar = sidecar_process(redis_server.url)
+def test_page_state_equals_the_server_snapshot_after_random_diffs_in_every_mode(browser, shared_sidecar, front, pub):
+    sidecar = shared_sidecar
     rng = random.Random(5)
     pub.state("rand:1", "created", {"title": "start"})
     for _ in range(20):  # before anyone subscribes: clients start from a snapshot
@@ -265,8 +266,8 @@ def test_page_resumes_exactly_when_its_sidecar_is_killed_mid_stream(browser, red
     assert not page.errors
 
 
-def test_client_falls_back_to_sse_when_websocket_is_refused(browser, redis_server, sidecar_process, front, pub):
-    sidecar = sidecar_process(redis_server.url)
+def test_client_falls_back_to_sse_when_websocket_is_refused(browser, shared_sidecar, front, pub):
+    sidecar = shared_sidecar
     balancer = front([sidecar.port], refuse_websocket=True)  # a proxy that does not pass upgrades
     page = open_harness(browser, balancer.url)
     page.evaluate("() => { client('c', {}); track('c', 'fb:1', 'diff'); }")
@@ -282,8 +283,8 @@ def test_client_falls_back_to_sse_when_websocket_is_refused(browser, redis_serve
     assert not page.errors
 
 
-def test_a_503_retry_after_is_honoured_before_reconnecting(browser, redis_server, sidecar_process, front, pub):
-    sidecar = sidecar_process(redis_server.url)
+def test_a_503_retry_after_is_honoured_before_reconnecting(browser, shared_sidecar, front, pub):
+    sidecar = shared_sidecar
     page = open_harness(browser, front([sidecar.port], refuse_websocket=True).url)
     requests: list[float] = []
 
@@ -307,8 +308,8 @@ def test_a_503_retry_after_is_honoured_before_reconnecting(browser, redis_server
     assert not page.errors
 
 
-def test_a_websocket_close_1013_with_a_retry_hint_is_honoured(browser, redis_server, sidecar_process, front, pub):
-    sidecar = sidecar_process(redis_server.url)
+def test_a_websocket_close_1013_with_a_retry_hint_is_honoured(browser, shared_sidecar, front, pub):
+    sidecar = shared_sidecar
     balancer = front([sidecar.port])
     balancer.close_websockets.append((1013, "overloaded, retry in 2 s"))  # RFC 6455: "try again later"
     page = open_harness(browser, balancer.url)
@@ -321,8 +322,8 @@ def test_a_websocket_close_1013_with_a_retry_hint_is_honoured(browser, redis_ser
     assert not page.errors
 
 
-def test_a_hole_in_seq_makes_the_channel_resync_from_the_snapshot(browser, redis_server, sidecar_process, front, pub):
-    sidecar = sidecar_process(redis_server.url)
+def test_a_hole_in_seq_makes_the_channel_resync_from_the_snapshot(browser, shared_sidecar, front, pub):
+    sidecar = shared_sidecar
     pub.state("hole:1", "created", {"n": 0, "tags": {"a": 1}})
     page = open_harness(browser, front([sidecar.port]).url)
     page.evaluate("() => { client('c', {}); track('c', 'hole:1', 'diff'); }")
@@ -390,13 +391,13 @@ def test_token_hook_authenticates_every_connection_and_renews_before_expiry(
 
 
 @pytest.mark.parametrize("mode", ["state", "event", "poke"])
-def test_a_hole_in_seq_resyncs_in_every_mode(browser, redis_server, sidecar_process, front, pub, mode):
-    sidecar = sidecar_process(redis_server.url)
-    pub.state("hole:m", "created", {"n": 0})
+def test_a_hole_in_seq_resyncs_in_every_mode(browser, shared_sidecar, front, pub, mode):
+    sidecar, channel = shared_sidecar, f"hole:{mode}"  # a channel per mode: the sidecar is the module's
+    pub.state(channel, "created", {"n": 0})
     page = open_harness(browser, front([sidecar.port]).url)
-    page.evaluate("(mode) => { client('c', {}); track('c', 'hole:m', mode); }", mode)
+    page.evaluate("([channel, mode]) => { client('c', {}); track('c', channel, mode); }", [channel, mode])
     known = (lambda r: r["position"] is not None) if mode == "event" else (lambda r: r["state"] == {"n": 0})
-    until(page, lambda: known(report(page, "c hole:m")), what="subscribed")
+    until(page, lambda: known(report(page, f"c {channel}")), what="subscribed")
     held: list[Any] = []  # the re-sync's read of the state, held until the publish below has happened
 
     def hold_first(route: Any) -> None:
@@ -405,23 +406,24 @@ def test_a_hole_in_seq_resyncs_in_every_mode(browser, redis_server, sidecar_proc
         else:
             held.append(route)
 
-    page.route(lambda url: "/channels/hole%3Am/state" in url, hold_first)
+    page.route(lambda url: f"/channels/hole%3A{mode}/state" in url, hold_first)
     page.evaluate(
-        """() => {
-          const c = clients.c, sub = c.channels.get("hole:m");
+        """(channel) => {
+          const c = clients.c, sub = c.channels.get(channel);
           const [ms, n] = sub.id.split("-").map(Number);
-          c._frame({ type: "message", channel: "hole:m", id: `${ms}-${n + 1}`, seq: sub.seq + 2, epoch: sub.epoch,
+          c._frame({ type: "message", channel, id: `${ms}-${n + 1}`, seq: sub.seq + 2, epoch: sub.epoch,
                      event: "changed", data: "lost", state: { corrupt: true } }, c.transport);
-        }"""
+        }""",
+        channel,
     )
     until(page, lambda: bool(held), what="the re-sync reading the state")
-    pub.diff("hole:m", "changed", {"n": 1})
+    pub.diff(channel, "changed", {"n": 1})
     held[0].continue_()
-    until(page, lambda: report(page, "c hole:m")["resets"] != [], what="the hole reported")
-    pub.diff("hole:m", "changed", {"n": 2}, data="after")
+    until(page, lambda: report(page, f"c {channel}")["resets"] != [], what="the hole reported")
+    pub.diff(channel, "changed", {"n": 2}, data="after")
     want = (lambda r: r["events"][-1:] == ["after"]) if mode == "event" else (lambda r: r["state"] == {"n": 2})
-    until(page, lambda: want(report(page, "c hole:m")), what="live again after the re-sync")
-    r = report(page, "c hole:m")
+    until(page, lambda: want(report(page, f"c {channel}")), what="live again after the re-sync")
+    r = report(page, f"c {channel}")
     assert [x["reason"] for x in r["resets"]] == ["hole"]
     assert "lost" not in r["events"] and r["state"] != {"corrupt": True}
     assert_applied_once_in_order({**r, "seqs": r["seqs"][1:]})  # after the re-sync, no hole nor repeat

@@ -80,9 +80,24 @@ def make_stack(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerP
         client.close()
 
 
-@pytest.fixture
-def stack(redis_server: EmbeddedRedis, celery_worker: Callable[..., WorkerProcess]) -> Iterator[Stack]:
-    yield from make_stack(redis_server, celery_worker, "threads")
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One Redis and one worker (threads) for the module's tests that only run tasks and read their channels:
+    each follows tasks of its own (their ids, channels no other test here uses), so none needs a fresh worker."""
+    logs = tmp_path_factory.mktemp("celery-hooks")
+    server = EmbeddedRedis(logs / "redis").start()
+    worker: list[WorkerProcess] = []
+
+    def start(url: str, pool: str, concurrency: int) -> WorkerProcess:
+        worker.append(WorkerProcess(url, logs, pool=pool, concurrency=concurrency))
+        return worker[-1]
+
+    try:
+        yield from make_stack(server, start, "threads")
+    finally:
+        for proc in worker:
+            proc.stop()
+        server.stop()
 
 
 @pytest.fixture

@@ -46,6 +46,34 @@ def slot_of_shard(shard: int) -> int:
     return key_slot(f"rt:{{{balanced_tags(SETTINGS.shards)[shard]}}}:live")
 
 
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    nodes = RedisClusterNodes(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield nodes.start()
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture
+def intact_cluster(shared_cluster: RedisClusterNodes) -> RedisClusterNodes:
+    """The module's one cluster, emptied, for a test that leaves its nodes and slots as it found them (kills,
+    pauses and migrates nothing): one cluster start for all of those. A test that changes the topology takes
+    its own `redis_cluster`."""
+    shared_cluster.wait_ok(10)  # as the previous test left it: every node up, every replica linked
+    for master in shared_cluster.masters():
+        master.command("FLUSHALL")
+    return shared_cluster
+
+
+@pytest.fixture
+def cluster_url(request: pytest.FixtureRequest) -> str:
+    """The masters of `intact_cluster` when the test takes it, else of its own `redis_cluster`."""
+    name = "intact_cluster" if "intact_cluster" in request.fixturenames else "redis_cluster"
+    cluster: RedisClusterNodes = request.getfixturevalue(name)
+    return "redis+cluster://" + ",".join(n.addr for n in cluster.masters())
+
+
 @pytest.fixture
 def store(cluster_url: str) -> Iterator[Store]:
     client = connect(cluster_url, SETTINGS)
@@ -66,12 +94,12 @@ def evalsha_calls(node: ClusterNode) -> int:
 
 
 def test_a_cluster_url_and_a_plain_url_of_a_cluster_node_both_give_a_cluster_client(
-    redis_cluster: RedisClusterNodes, cluster_url: str, redis_server: EmbeddedRedis
+    intact_cluster: RedisClusterNodes, cluster_url: str, redis_server: EmbeddedRedis
 ) -> None:
-    for url in (cluster_url, redis_cluster.url):
+    for url in (cluster_url, intact_cluster.url):
         client = connect(url, SETTINGS)
         assert isinstance(client, redis.RedisCluster)
-        assert {n.name for n in client.get_primaries()} == {m.addr for m in redis_cluster.masters()}
+        assert {n.name for n in client.get_primaries()} == {m.addr for m in intact_cluster.masters()}
         client.close()
     single = connect(redis_server.url, SETTINGS)
     assert type(single) is redis.Redis
@@ -82,8 +110,9 @@ def test_a_cluster_url_and_a_plain_url_of_a_cluster_node_both_give_a_cluster_cli
 
 
 def test_publishes_on_every_shard_read_back_as_on_one_node(
-    redis_cluster: RedisClusterNodes, store: Store, publisher: Publisher
+    intact_cluster: RedisClusterNodes, store: Store, publisher: Publisher
 ) -> None:
+    redis_cluster = intact_cluster
     masters_used = set()
     for shard in range(SETTINGS.shards):
         channel = channel_in_shard(shard)
@@ -113,7 +142,9 @@ def test_publishes_on_every_shard_read_back_as_on_one_node(
     assert masters_used == {m.addr for m in redis_cluster.masters()}
 
 
-def test_compaction_state_channels_and_policy_work_on_a_cluster(store: Store, publisher: Publisher) -> None:
+def test_compaction_state_channels_and_policy_work_on_a_cluster(
+    intact_cluster: RedisClusterNodes, store: Store, publisher: Publisher
+) -> None:
     channel = channel_in_shard(3, "doc")
     for i in range(SETTINGS.compact_after + 5):
         publisher.diff(channel, "set", {f"k{i}": i})
@@ -129,7 +160,9 @@ def test_compaction_state_channels_and_policy_work_on_a_cluster(store: Store, pu
     assert store.read_policy() == (2, None, 13.0)
 
 
-def test_the_dashboard_reads_the_stats_stream_from_the_cluster(cluster_url: str, store: Store) -> None:
+def test_the_dashboard_reads_the_stats_stream_from_the_cluster(
+    intact_cluster: RedisClusterNodes, cluster_url: str, store: Store
+) -> None:
     now = time.time()
     record = {"v": 1, "replica": "r1", "ts": now, "dt": 1.0}
     store.redis.xadd(store.stats_key, {RECORD_FIELD: orjson.dumps(record)})
@@ -142,8 +175,9 @@ def test_the_dashboard_reads_the_stats_stream_from_the_cluster(cluster_url: str,
 
 
 def test_a_batch_across_shards_reaches_all_three_masters_in_one_pipeline_each(
-    redis_cluster: RedisClusterNodes, store: Store, publisher: Publisher
+    intact_cluster: RedisClusterNodes, store: Store, publisher: Publisher
 ) -> None:
+    redis_cluster = intact_cluster
     channels = [channel_in_shard(shard, "batch") for shard in range(SETTINGS.shards)]
     publisher.event("warm-up", "warm-up")  # loads the script on its master; the others load theirs below
     masters = redis_cluster.masters()
@@ -168,6 +202,7 @@ def test_a_batch_across_shards_reaches_all_three_masters_in_one_pipeline_each(
 
 
 def test_a_celery_task_lifecycle_publishes_to_the_cluster(
+    intact_cluster: RedisClusterNodes,
     cluster_url: str,
     store: Store,
     redis_server: EmbeddedRedis,
@@ -186,7 +221,11 @@ def test_a_celery_task_lifecycle_publishes_to_the_cluster(
     history = store.history(channel)
     assert [m.event for m in history] == ["task-started", "task-progress", "task-progress", "task-succeeded"]
     assert [m.seq for m in history] == [1, 2, 3, 4]
-    assert [m.event for m in store.history("user:7")] == ["job-finished"]  # the task's realtime_channels
+    # The task's realtime_channels: published after the task channel's last (it may land a moment later).
+    while not store.history("user:7"):
+        assert time.monotonic() < deadline, "no job-finished on user:7"
+        time.sleep(0.05)
+    assert [m.event for m in store.history("user:7")] == ["job-finished"]
 
 
 def wait_forgotten(cluster: RedisClusterNodes, old: ClusterNode, timeout: float = 15.0) -> None:

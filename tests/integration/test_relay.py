@@ -36,13 +36,16 @@ def seqs(frames: list[dict], channel: str) -> list[int]:
 
 
 @pytest.fixture
-def sidecar(redis_server, sidecar_process):
-    return sidecar_process(redis_server.url)
+def sidecar(shared_sidecar):
+    return shared_sidecar
 
 
 @pytest.fixture
-def pub(redis_server):
-    return Publisher.from_url(redis_server.url)
+def pub(request):
+    """A publisher to the shared sidecar's Redis when the test takes `sidecar`, else to its own `redis_server`."""
+    if "sidecar" in request.fixturenames:
+        return Publisher.from_url(request.getfixturevalue("sidecar").redis_url)
+    return Publisher.from_url(request.getfixturevalue("redis_server").url)
 
 
 def test_sse_client_receives_messages_in_order_with_a_cursor(sidecar, pub):

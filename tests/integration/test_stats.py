@@ -15,6 +15,7 @@ from dashboard.feed import read_records
 from dashboard.sources import Record, Window
 from sidecar.publish import Publisher
 from sidecar.stats import LATENCY_BOUNDS_MS
+from tests.clients import close_stream
 from tests.processes import FRONTS
 
 STATS_KEY = "rt:stats"
@@ -42,7 +43,7 @@ class Subscriber:
             pass  # closed by the test
 
     def close(self) -> None:
-        self._response.close()
+        close_stream(self._response)
 
 
 @pytest.fixture
@@ -145,8 +146,13 @@ def test_records_count_channels_by_configured_pattern_and_by_name_only_when_aske
     assert plain_records and not any(b"alice" in r for r in plain_records)  # not even in the subscriber gauge
     # Ops name the pattern in the throttle policy: every replica counts by it from then on.
     policy = {"channels": {"user:*": {}}}
-    assert requests.put(f"{plain.url}/admin/throttle", json=policy, timeout=5).status_code == 200
-    time.sleep(1.0)  # both replicas poll the policy every 0.5 s
+    put = requests.put(f"{plain.url}/admin/throttle", json=policy, timeout=5)
+    assert put.status_code == 200
+
+    def applied(replica) -> bool:
+        return requests.get(f"{replica.url}/admin/throttle", timeout=5).json()["version"] == put.json()["version"]
+
+    wait_for(lambda: applied(plain) and applied(named))  # each replica polls the policy every 0.5 s
     assert sorted(map(sorted, labels_after(4).values())) == [["user:*"], ["user:*"]]
     window = Window(stale_after=5)
     window.add(records(redis_client))

@@ -5,20 +5,59 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from celery import chain
+from celery import Celery, chain
 
 from tests.clients import SSEClient, WSClient
-from tests.processes import FRONTS
+from tests.processes import FRONTS, EmbeddedRedis, SidecarProcess, WorkerProcess
 
-# Each test starts a Celery worker. The live task over SSE and WS runs on both fronts (the front's part); the
+# One Celery worker for the module (`shared`). The live task over SSE and WS runs on both fronts (the front's part); the
 # others exercise the Celery hooks, which no front changes, so they run on the default front only.
 BOTH_FRONTS = pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One Redis and one Celery worker for the module, and one sidecar per front, started when first asked for:
+    each test follows tasks of its own (their ids, its own user channel), so none needs a fresh stack. The
+    traceback check of `sidecar_process` runs on these sidecars at the module's end."""
+    logs = tmp_path_factory.mktemp("task-events")
+    server = EmbeddedRedis(logs / "redis").start()
+    worker: list[WorkerProcess] = []
+    sidecars: dict[str, SidecarProcess] = {}
+
+    def get(front: str) -> SidecarProcess:
+        if not worker:
+            worker.append(WorkerProcess(server.url, logs))
+        if front not in sidecars:
+            sidecars[front] = SidecarProcess(server.url, logs, front=front)
+        return sidecars[front]
+
+    get.redis = server  # type: ignore[attr-defined]
+    yield get
+    for proc in [*sidecars.values(), *worker]:
+        proc.stop()
+    server.stop()
+    broken = [p for p in sidecars.values() if "Traceback" in p.log_text()]
+    if broken:
+        pytest.fail("".join(f"traceback in {p.log_path}:\n{p.log_tail(60)}\n" for p in broken), pytrace=False)
+
+
 @pytest.fixture
-def stack(redis_server, sidecar_process, celery_worker):
-    celery_worker(redis_server.url)
-    return sidecar_process(redis_server.url)
+def stack(shared, sidecar_process, request):
+    """The module's sidecar on this test's front (`sidecar_process` is taken for its parametrization only)."""
+    callspec = getattr(request.node, "callspec", None)
+    return shared(callspec.params["sidecar_process"] if callspec else "gevent")
+
+
+@pytest.fixture
+def celery_client(shared):
+    """A Celery app that sends tasks to (and reads results from) the module's Redis."""
+    client = Celery("tests-client", broker=shared.redis.url, backend=shared.redis.url, set_as_current=False)
+    client.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def events(frames: list[dict]) -> list[str]:
