@@ -359,6 +359,10 @@ class ChannelReader:
         # behind a position delivered before it was read can only be Redis having lost it.
         delivered = {channel: self.last.get(channel) for channel in channels}
         heads = self._run_per_node(channels, lambda pipe, c: pipe.hmget(self.store.keys(c).meta, "id", "epoch"))
+        if log.isEnabledFor(logging.DEBUG):  # "unread": its node did not answer
+            log.debug("live check (channel: head id, delivered id): %s",
+                      {c: (heads[c][0] if c in heads else "unread", d[1] if (d := delivered[c]) else None)
+                       for c in channels})  # fmt: skip
         behind: list[tuple[str, str | None]] = []  # (channel, the id to read history after; None: the tail)
         for channel in channels:
             if channel not in heads or channel not in self.wanted:

@@ -313,6 +313,10 @@ class Reader:
         positions = dict(self.last_ids)  # before the heads are read: the loops may read on meanwhile
         heads = self._heads(list(self.shards))
         now, stall = self.clock(), self.settings.reader_stall
+        if log.isEnabledFor(logging.DEBUG):  # "unread": left out by _heads (why: its debug lines above)
+            log.debug("watchdog round (shard: head id, position): %s",
+                      {shard: ((h[0] if (h := heads[key]) else "empty") if key in heads else "unread", positions[key])
+                       for key, shard in self.shards.items()})  # fmt: skip
         for key, shard in self.shards.items():
             loop, position = self.loop_of[key], positions[key]
             failing = loop.failing_since is not None and now - loop.failing_since >= stall
@@ -323,6 +327,9 @@ class Reader:
                 if stream_key(head) < stream_key(position):
                     if self.last_ids[key] == position:  # else the loop read on, and its counter check saw it
                         self._lost_tail(key, position, newest)
+                    else:
+                        log.debug("watchdog: shard %d head %s behind %s, but its loop read on to %s", shard, head,
+                                  position, self.last_ids[key])  # fmt: skip
                     continue
                 if stream_key(head) == stream_key(position):
                     self.behind.pop(key, None)
@@ -377,6 +384,7 @@ class Reader:
         """The newest entry (id, counter) of each shard, None for an empty one; a shard whose node did not
         answer is left out (`strict`: raises)."""
         found: dict[str, tuple[str, int | None] | None] = {}
+        failed = False
         if not self.cluster:
             groups: list[tuple[redis.Redis, list[str]]] = [(cast(redis.Redis, self.watch_redis), keys)]
         else:
@@ -385,13 +393,14 @@ class Reader:
             for key in keys:
                 try:
                     node = cluster.nodes_manager.get_node_from_slot(key_slot(key))
-                except RedisClusterException:
+                except RedisClusterException as exc:
                     if strict:
                         raise
+                    log.debug("watchdog: shard %d left out: no node for its slot (%s)", self.shards[key], exc)
+                    failed = True
                     continue
                 by_node.setdefault(node.name, (cluster.get_redis_connection(node), []))[1].append(key)
             groups = list(by_node.values())
-        failed = False
         for client, group in groups:
             pipe = client.pipeline(transaction=False)
             for key in group:
@@ -401,13 +410,15 @@ class Reader:
             except redis.RedisError as exc:
                 if strict:
                     raise
-                log.debug("watchdog: cannot read heads (%s)", exc)
+                log.debug("watchdog: shards %s left out: their node did not answer (%s)",
+                          [self.shards[key] for key in group], exc)  # fmt: skip
                 failed = True
                 continue
             for key, reply in zip(group, replies, strict=True):
                 if isinstance(reply, Exception):
                     if strict:
                         raise reply
+                    log.debug("watchdog: shard %d left out: %s", self.shards[key], reply)
                     failed = True  # MOVED: the slot map is stale
                     continue
                 found[key] = (reply[0][0].decode(), _counter(reply[0][1])) if reply else None
