@@ -27,6 +27,7 @@ from sidecar.core.http_api import (
     UNAVAILABLE,
     UNKNOWN_CHANNEL,
     Refusal,
+    cors_headers,
     publish_items,
     refusal,
 )
@@ -126,13 +127,8 @@ def _cors(response: Response) -> Response:
     if request.method == "OPTIONS":
         del response.headers["Content-Type"]  # no body: Flask's default answer says text/html
     allow = current_app.extensions["auth"].cors_origin(request.headers.get("Origin"))
-    if allow:
-        response.headers["Access-Control-Allow-Origin"] = allow
-        response.headers["Access-Control-Expose-Headers"] = "ETag"
-        if request.method == "OPTIONS":
-            response.headers["Access-Control-Allow-Methods"] = "GET"
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Last-Event-ID, If-None-Match"
-            response.headers["Access-Control-Max-Age"] = "600"
+    for name, value in cors_headers(allow, preflight=request.method == "OPTIONS"):
+        response.headers[name] = value
     return response
 
 

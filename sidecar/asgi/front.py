@@ -15,7 +15,7 @@ from starlette.responses import Response
 from sidecar.asgi.writer import Writer
 from sidecar.auth import Auth, Grant, presented_token
 from sidecar.config import Settings
-from sidecar.core.http_api import Refusal, too_large
+from sidecar.core.http_api import Refusal, cors_headers, too_large
 from sidecar.core.protocol import error_body
 from sidecar.publish import Publisher
 from sidecar.relay import Relay
@@ -137,13 +137,8 @@ def cors(request: Request, response: Response) -> Response:
     """CORS for the browser-facing reads, as the Flask front (allowlist: SIDECAR_CORS_ORIGINS)."""
     response.headers.append("Vary", "Origin")
     allow = front_of(request).auth.cors_origin(request.headers.get("origin"))
-    if allow:
-        response.headers["Access-Control-Allow-Origin"] = allow
-        response.headers["Access-Control-Expose-Headers"] = "ETag"
-        if request.method == "OPTIONS":
-            response.headers["Access-Control-Allow-Methods"] = "GET"
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Last-Event-ID, If-None-Match"
-            response.headers["Access-Control-Max-Age"] = "600"
+    for name, value in cors_headers(allow, preflight=request.method == "OPTIONS"):
+        response.headers[name] = value
     return response
 
 

@@ -1,10 +1,12 @@
 """The HTTP API's pure parts, shared by both fronts (app.py on Flask, asgi.py on Starlette): the checks of a
-POST /publish body, and the error answers (docs/protocol.md, "Errors" and "Publishing over HTTP").
+POST /publish body and the error answers (docs/protocol.md, "Errors" and "Publishing over HTTP"), and the CORS
+headers of the browser-facing reads.
 
 Example::
 
     encoded = publish_items(loads_exact(body), publisher.item)   # ProtocolError: a 400 naming the message
     refused = too_large(limit)                                    # .status, .body, .headers for the front
+    response.headers.update(cors_headers(auth.cors_origin(origin), preflight=method == "OPTIONS"))
 """
 
 from __future__ import annotations
@@ -89,6 +91,22 @@ def head_fields(head: bytes) -> dict[str, str]:
             name = name.strip().lower()
             fields[name] = f"{fields[name]}, {value.strip()}" if name in fields else value.strip()
     return fields
+
+
+def cors_headers(allowed: str | None, preflight: bool) -> list[tuple[str, str]]:
+    """The CORS headers of an answer of a browser-facing read (/sse, the state reads; docs/security.md):
+    `allowed` is the origin the allowlist grants (Auth.cors_origin; None: none, so no header), `preflight` an
+    OPTIONS. Beside them every answer of those endpoints, granted or not, carries Vary: Origin."""
+    if not allowed:
+        return []
+    headers = [("Access-Control-Allow-Origin", allowed), ("Access-Control-Expose-Headers", "ETag")]
+    if preflight:
+        headers += [
+            ("Access-Control-Allow-Methods", "GET"),
+            ("Access-Control-Allow-Headers", "Authorization, Last-Event-ID, If-None-Match"),
+            ("Access-Control-Max-Age", "600"),
+        ]
+    return headers
 
 
 def too_large(limit: int) -> Refusal:

@@ -1,4 +1,5 @@
-"""The HTTP API's pure parts (sidecar/core/http_api.py): a POST /publish body's checks and the error answers."""
+"""The HTTP API's pure parts (sidecar/core/http_api.py): a POST /publish body's checks, the error answers and the
+CORS headers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sidecar.core.http_api import (
     NOT_WEBSOCKET,
     UNAVAILABLE,
     UNSUPPORTED_VERSION,
+    cors_headers,
     publish_fields,
     publish_items,
     publish_messages,
@@ -100,3 +102,16 @@ def test_refusals_carry_status_json_body_and_headers() -> None:
     assert (UNAVAILABLE.status, dict(UNAVAILABLE.headers)) == (503, {"Retry-After": "1"})
     assert (UNSUPPORTED_VERSION.status, dict(UNSUPPORTED_VERSION.headers)) == (426, {"Sec-WebSocket-Version": "13"})
     assert (NOT_WEBSOCKET.status, NOT_WEBSOCKET.code) == (400, "not-websocket")
+
+
+def test_cors_grants_only_an_allowed_origin_and_a_preflight_gets_what_a_browser_may_send() -> None:
+    assert cors_headers(None, preflight=False) == cors_headers(None, preflight=True) == []
+    origin = "https://app.example"
+    read = dict(cors_headers(origin, preflight=False))
+    assert read == {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": "ETag"}
+    preflight = dict(cors_headers(origin, preflight=True))
+    assert preflight.items() >= read.items()
+    assert preflight["Access-Control-Allow-Methods"] == "GET"
+    allowed = {h.strip() for h in preflight["Access-Control-Allow-Headers"].split(",")}
+    assert allowed == {"Authorization", "Last-Event-ID", "If-None-Match"}  # the token, the SSE cursor, the ETag
+    assert int(preflight["Access-Control-Max-Age"]) > 0
