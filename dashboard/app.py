@@ -13,6 +13,7 @@ histogram with ``patch``: nothing is redrawn whole, except once when a click cha
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import sys
@@ -250,6 +251,22 @@ def _legend(fig: Any) -> None:
     fig.add_layout(legend, "right")
 
 
+def _held(callback: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A widget's callback with its changes made in a Panel hold. Panel runs a callback that comes while another
+    change of the session is pending (Apply clicked while the edited text is still on its way) in a task of its
+    own, outside the Bokeh document lock: a Bokeh model of ours changed there (a ColumnDataSource, a Span, a
+    title) raised "_pending_writes should be non-None" and never reached the page. In a hold Panel sends those
+    changes itself, as it does its widgets', in one message when the callback ends; outside a server it is a
+    no-op. The periodic refresh needs none: Panel runs it under the lock."""
+
+    @functools.wraps(callback)
+    def run(event: Any) -> None:
+        with pn.io.hold():
+            callback(event)
+
+    return run
+
+
 def _csv(name: str, frame: Callable[[], pd.DataFrame]) -> pn.widgets.FileDownload:
     """A button that downloads what a table or plot shows, as CSV (made when clicked)."""
 
@@ -389,16 +406,16 @@ class Dashboard:
         self.status = pn.pane.Alert("reading the stats stream\u2026", alert_type="info", sizing_mode="stretch_width")
         self.filter_label = pn.pane.Markdown("**Channels:** all", margin=(5, 10))
         self.clear_filter = pn.widgets.Button(name="Show all channels", button_type="light", disabled=True)
-        self.clear_filter.on_click(lambda _: self.set_pattern(None))
+        self.clear_filter.on_click(_held(lambda _: self.set_pattern(None)))
         default = next(k for k, v in WINDOWS.items() if v == self.range)
         self.window_choice = pn.widgets.RadioButtonGroup(name="window", options=list(WINDOWS), value=default)
-        self.window_choice.param.watch(self._on_window, "value")
+        self.window_choice.param.watch(_held(self._on_window), "value")
         self.pause = pn.widgets.Toggle(name="Pause", button_type="default", width=90)
-        self.pause.param.watch(self._on_pause, "value")
+        self.pause.param.watch(_held(self._on_pause), "value")
 
         sorters = [{"field": "published/s", "dir": "desc"}]
         self.channels_table = _table(CHANNEL_COLUMNS, 320, sortable=True, sorters=sorters, name="channels")
-        self.channels_table.on_click(self._on_channel_click)
+        self.channels_table.on_click(_held(self._on_channel_click))
         self.replicas_table = _table(REPLICA_COLUMNS, 240, name="replicas")
         self.replicas_table.style.apply(_mark_stale, axis=1)
         self.transport_numbers = pn.pane.Markdown("", margin=(5, 10))
@@ -411,7 +428,7 @@ class Dashboard:
         )
 
         self.policy_table = _table(["pattern"], 200)
-        self.policy_table.on_click(self._on_rule_click)
+        self.policy_table.on_click(_held(self._on_rule_click))
         self.limits_table = _table(["limit", "value"], 240)
         self.policy_state = pn.pane.Markdown("", margin=(0, 10))
         self.policy_note = pn.pane.Alert("", alert_type="info", sizing_mode="stretch_width")
@@ -420,9 +437,9 @@ class Dashboard:
             name="its policy (JSON)", placeholder='{"window": 0.25, "poke_rate": 200, "poke_floor": 1}', height=90
         )
         self.policy_apply = pn.widgets.Button(name="Apply", button_type="primary")
-        self.policy_apply.on_click(self._on_apply)
+        self.policy_apply.on_click(_held(self._on_apply))
         for widget in (self.policy_pattern, self.policy_body):
-            widget.param.watch(lambda _: self._update_whatif(), "value")
+            widget.param.watch(_held(lambda _: self._update_whatif()), "value")
         self.whatif_source = ColumnDataSource({c: [] for c in ("what", "now", "new")}, name="whatif")
         self.whatif_table = DataTable(
             source=self.whatif_source,
