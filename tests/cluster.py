@@ -89,6 +89,8 @@ class ClusterNode:
         return self.info("replication").get("role", "")
 
     def kill(self) -> None:
+        """SIGKILL. A paused node is resumed first (EmbeddedRedis.kill), so it runs for an instant: a replica
+        that must not resync from this master (a lossy failover) stays paused until the master is dead."""
         self.server.kill()
 
     def pause(self) -> None:
@@ -106,11 +108,11 @@ class RedisClusterNodes:
 
     def __init__(self, data_dir: Path, masters: int = 3) -> None:
         self.data_dir = Path(data_dir)
-        self.nodes = [
-            ClusterNode(EmbeddedRedis(self.data_dir / f"node{i}", free_cluster_port(), extra_conf=CLUSTER_CONF))
-            for i in range(2 * masters)
-        ]
+        self.nodes = [self._node(f"node{i}") for i in range(2 * masters)]
         self.masters_count = masters
+
+    def _node(self, name: str) -> ClusterNode:
+        return ClusterNode(EmbeddedRedis(self.data_dir / name, free_cluster_port(), extra_conf=CLUSTER_CONF))
 
     @property
     def url(self) -> str:
@@ -122,8 +124,8 @@ class RedisClusterNodes:
         return [n.addr for n in self.nodes]
 
     def start(self, timeout: float = 30.0) -> RedisClusterNodes:
-        for node in self.nodes:
-            node.server.start()
+        for i in range(len(self.nodes)):
+            self._start_node(i)
         first = self.nodes[0]
         for node in self.nodes[1:]:
             first.command("CLUSTER", "MEET", "127.0.0.1", node.port)
@@ -135,6 +137,18 @@ class RedisClusterNodes:
             replica.command("CLUSTER", "REPLICATE", master.node_id)
         self.wait_ok(timeout)
         return self
+
+    def _start_node(self, i: int, attempts: int = 5) -> None:
+        """Start node `i`; on new ports (and a new data dir) when another process took its ports since they were
+        found free (this machine runs other tests' servers too)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self.nodes[i].server.start()
+                return
+            except RuntimeError as exc:
+                if attempt == attempts or "Address already in use" not in str(exc):
+                    raise
+                self.nodes[i] = self._node(f"node{i}-{attempt}")
 
     def stop(self) -> None:
         for node in self.nodes:
