@@ -256,8 +256,8 @@ def _held(callback: Callable[[Any], None]) -> Callable[[Any], None]:
     change of the session is pending (Apply clicked while the edited text is still on its way) in a task of its
     own, outside the Bokeh document lock: a Bokeh model of ours changed there (a ColumnDataSource, a Span, a
     title) raised "_pending_writes should be non-None" and never reached the page. In a hold Panel sends those
-    changes itself, as it does its widgets', in one message when the callback ends; outside a server it is a
-    no-op. The periodic refresh needs none: Panel runs it under the lock."""
+    changes itself, as it does its widgets', together when the callback ends (with no document, as in a plain
+    script, it does nothing). The periodic refresh needs none: Panel runs it under the lock."""
 
     @functools.wraps(callback)
     def run(event: Any) -> None:
