@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 ENV_PREFIX = "SIDECAR_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Settings:
     data_dir: str = ".sidecar"  # embedded redis-server's data dir (AOF on)
     workers: int = 1  # gunicorn worker processes (sidecar/gunicorn.conf.py), each a gevent worker with its own relay
     worker_connections: int = 10_000  # connections per gunicorn gevent worker (gunicorn's own default, 1000, is few)
+    log_level: str = "INFO"  # the least severe line logged: DEBUG, INFO, WARNING or ERROR (any case)
 
     # Redis layout
     key_prefix: str = "rt"
@@ -103,6 +105,13 @@ class Settings:
     # Dashboard (docs/dashboard.md)
     url: str | None = None  # a sidecar (or the proxy) whose admin API the throttle controls call; None: host:port
     dashboard_window: float = 600.0  # seconds the dashboard shows at first (60-3600)
+
+    def __post_init__(self) -> None:
+        level = self.log_level.upper()
+        if level not in LOG_LEVELS:
+            allowed = ", ".join(LOG_LEVELS)
+            raise ValueError(f"{ENV_PREFIX}LOG_LEVEL: {self.log_level!r} is not one of {allowed} (any case)")
+        object.__setattr__(self, "log_level", level)  # frozen: the one normalisation, so every user sees DEBUG
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:

@@ -181,7 +181,7 @@ class Child:
 
 def run_demo(settings: Settings, dashboard_port: int, with_dashboard: bool, *, with_traffic: bool = True) -> int:
     """Run the demo until Ctrl-C or SIGTERM. gevent must have patched the standard library already."""
-    configure()  # redacting, as sidecar serve (sidecar/logs.py)
+    configure(settings.log_level)  # redacting, as sidecar serve (sidecar/logs.py)
     if not (REPO_ROOT / "tasks" / "celery_app.py").exists():
         print("sidecar demo runs from a checkout of the repository: it needs the reference app in tasks/")
         return 2

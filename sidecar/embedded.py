@@ -226,7 +226,7 @@ def prepare_to_serve(settings: Settings, log: logging.Logger) -> tuple[Settings,
     from sidecar.auth import InsecureConfig, check_startup
     from sidecar.logs import configure
 
-    configure()
+    configure(settings.log_level)
     try:
         check_startup(settings)
     except InsecureConfig as exc:

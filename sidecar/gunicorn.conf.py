@@ -71,3 +71,6 @@ graceful_timeout = 5
 keepalive = max(1, round(settings.idle_timeout))  # whole seconds; also bounds a kept-alive request head
 control_socket_disable = True
 accesslog = None
+# gunicorn's own lines follow SIDECAR_LOG_LEVEL down to INFO only: at debug the master logs its whole configuration
+# (`-e` values, secrets among them) before any redacting filter is on; `--log-level debug` still gets it.
+loglevel = "info" if settings.log_level == "DEBUG" else settings.log_level.lower()

@@ -6,7 +6,7 @@ and stack before any handler formats it, whoever logged it: our code, Flask, gev
 
 Example::
 
-    configure()                                  # sidecar serve and the gunicorn app (sidecar/wsgi.py)
+    configure(settings.log_level)                # sidecar serve, demo and the gunicorn app (sidecar/wsgi.py)
     install(gunicorn_logger.error_log)           # gunicorn's own loggers (sidecar/gunicorn.conf.py)
 """
 
@@ -58,7 +58,13 @@ def install(*loggers: logging.Logger) -> None:
                 handler.addFilter(REDACT)
 
 
-def configure(level: int = logging.INFO) -> None:
-    """The process's logging: one stderr handler on the root logger, redacting."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure(level: str = "INFO") -> None:
+    """The process's logging: one stderr handler on the root logger, redacting, at `level` (`Settings.log_level`:
+    DEBUG, INFO, WARNING or ERROR). DEBUG is the sidecar's own debug lines (the `sidecar.*` loggers); the
+    libraries' stay off (redis-py logs one per connection). The filter is on the handler: it rewrites records of
+    every level and logger, debug lines included."""
+    number = logging.getLevelNamesMapping()[level]
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(max(number, logging.INFO))  # also when basicConfig found a handler and did nothing
+    logging.getLogger("sidecar").setLevel(number)
     install()
