@@ -15,7 +15,7 @@ import requests
 from tests.processes import FRONTS, REPO_ROOT, ManagedProcess, SidecarProcess, child_env, free_port
 from tests.tokens import mint
 
-WATCHDOG_DEBUG = "DEBUG sidecar.reader: watchdog: cannot read heads"
+WATCHDOG_DEBUG = "DEBUG sidecar.reader: watchdog: shards"  # "... left out: their node did not answer"
 REFUSED = "SIDECAR_LOG_LEVEL: 'loud' is not one of DEBUG, INFO, WARNING, ERROR (any case)"
 SECRET = "log-level-test-secret-0123456789abcdef"
 
