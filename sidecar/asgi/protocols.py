@@ -31,12 +31,13 @@ from sidecar.asgi.writer import offer
 class _CycleOutlet:
     """One request's transport (sidecar/asgi/writer.py's Outlet), from uvicorn's request-response cycle."""
 
-    __slots__ = ("cycle", "transport", "protocol")
+    __slots__ = ("cycle", "transport", "protocol", "detached")
 
     def __init__(self, cycle: Any, protocol: Any) -> None:
         self.cycle = cycle
         self.transport: asyncio.WriteTransport = cycle.transport
         self.protocol = protocol
+        self.detached = False
 
     def when_lost(self, callback: Callable[[], None] | None) -> None:
         # On the protocol: one response at a time runs on an HTTP/1.1 connection (a pipelined one waits its turn).
@@ -50,7 +51,28 @@ class _CycleOutlet:
 
     def gone(self) -> bool:
         cycle = self.cycle
+        if self.detached:  # the cycle says `disconnected` while detached: the connection's own word
+            return bool(self.protocol.dropped or self.transport.is_closing())
         return bool(cycle.disconnected or cycle.response_complete or self.transport.is_closing())
+
+    def detach(self) -> None:
+        """The app is about to return with the response under way: uvicorn's cycle is told the client left (its
+        send() and receive() do nothing, run_asgi ends without finishing the response or closing), so the
+        request's task ends while the connection stays open; :meth:`end` finishes the response later."""
+        self.detached = True
+        self.cycle.disconnected = True
+
+    async def end(self) -> None:
+        """Finish a detached response as uvicorn would have at the app's last `more_body: False`: the body's end
+        (its last chunk), then uvicorn's own keep-alive or close (a server shutting down, an HTTP/1.0 client) and
+        the connection's next request. Nothing if the connection is gone."""
+        cycle, protocol = self.cycle, self.protocol
+        self.detached = False
+        if protocol.dropped or self.transport.is_closing() or cycle.response_complete:
+            return
+        cycle.disconnected = False  # connection_lost sets it again, and send() is then silent
+        cycle.on_response = protocol.on_response_complete  # run_asgi's end let go of it
+        await cycle.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def chunked(self) -> bool:
         raise NotImplementedError
@@ -82,6 +104,7 @@ def _new_cycle(outlet: _CycleOutlet) -> None:
 
 
 def _lost(protocol: Any) -> None:
+    protocol.dropped = True
     callback, protocol.lost = protocol.lost, None
     if callback is not None:
         callback()
@@ -91,6 +114,7 @@ class H11Protocol(_H11Protocol):
     """uvicorn's h11 protocol with the `sidecar.direct` extension in every request's scope."""
 
     lost: Callable[[], None] | None = None  # the running response's Outlet.when_lost
+    dropped = False  # connection_lost ran
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -117,6 +141,7 @@ else:
         """uvicorn's httptools protocol with the `sidecar.direct` extension in every request's scope."""
 
         lost: Callable[[], None] | None = None  # the running response's Outlet.when_lost
+        dropped = False  # connection_lost ran
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)

@@ -501,3 +501,75 @@ def test_a_stalled_asgi_websocket_is_bounded_and_closed_by_the_stuck_check_while
         pub.close()
         proc.stop()
     assert "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
+# -- detached SSE streams (sidecar/asgi/sse.py _Detached): no task per stream on our protocols -------------------
+OURS = ["sidecar.asgi.protocols:H11Protocol", "sidecar.asgi.protocols:HttpToolsProtocol"]
+
+
+class StrictStream:
+    """An SSE stream read by h11 as a client: it fails on any byte that is not valid HTTP/1.1 framing."""
+
+    def __init__(self, port: int, target: str) -> None:
+        import h11
+
+        self.h11 = h11
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.client = h11.Connection(h11.CLIENT)
+        self.get(target)
+        self.body, self.ended, self.times = b"", False, []
+
+    def get(self, target: str) -> None:
+        self.sock.sendall(self.client.send(self.h11.Request(method="GET", target=target,
+                                                            headers=[("Host", "127.0.0.1")])))  # fmt: skip
+        self.sock.sendall(self.client.send(self.h11.EndOfMessage()))
+
+    def read(self, until, seconds: float = 15) -> None:  # noqa: ANN001
+        h11, deadline = self.h11, time.monotonic() + seconds
+        while not until():
+            assert time.monotonic() < deadline, self.body[-300:]
+            event = self.client.next_event()
+            if event is h11.NEED_DATA:
+                self.client.receive_data(self.sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                self.status = event.status_code
+            elif isinstance(event, h11.Data):
+                self.body += event.data
+                self.times.append((time.monotonic(), bytes(event.data)))
+            elif isinstance(event, h11.EndOfMessage):
+                self.ended = True
+
+
+@pytest.mark.parametrize("http", OURS)
+def test_a_detached_sse_stream_keeps_alive_delivers_ends_on_its_tokens_expiry_and_its_connection_serves_on(
+    http, redis_server, tmp_path
+):
+    """With no task of its own the stream still writes its keepalive comments on its own timer, gets what is
+    published, ends on its token's expiry with the `token-expired` error then the body's last chunk (h11 reads
+    it strictly), and uvicorn's keep-alive then serves the next request on the same connection, as it did when
+    the request's task ended the response."""
+    env = {"SIDECAR_KEEPALIVE": "0.5", "SIDECAR_JWT_SECRET": SECRET, "SIDECAR_JWT_LEEWAY": "0"}
+    proc = uvicorn_relay(redis_server.url, tmp_path, ["--http", http, "--ws", "sidecar.asgi:WSProtocol"], env)
+    pub = Publisher.from_url(redis_server.url)
+    token = mint(SECRET, ["detached:*"], ttl=4)
+    stream = StrictStream(proc.port, f"/sse?channel=detached:1&mode=event&token={token}")  # type: ignore[attr-defined]
+    try:
+        stream.read(lambda: b"event: ready" in stream.body)
+        stream.read(lambda: stream.body.count(b"\n:") >= 2)  # idle: the keepalive, on the stream's timer
+        pub.event("detached:1", "tick", {"n": 1})
+        stream.read(lambda: b'"n":1' in stream.body)
+        stream.read(lambda: stream.ended, 10)
+        assert stream.status == 200
+        assert stream.body.rstrip().endswith(b'"code":"token-expired","message":"reconnect with a fresh token"}')
+        keepalives = [at for at, data in stream.times if data.startswith(b":")]
+        assert len(keepalives) >= 3 and all(b - a < 2 for a, b in zip(keepalives, keepalives[1:], strict=False))
+        stream.client.start_next_cycle()  # the same connection, kept alive by uvicorn
+        stream.get("/healthz")
+        stream.body, stream.ended = b"", False
+        stream.read(lambda: stream.ended)
+        assert stream.status == 200 and orjson.loads(stream.body)["connections"] == 0
+    finally:
+        stream.sock.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text() and "ERROR" not in proc.log_text(), proc.log_tail(40)
