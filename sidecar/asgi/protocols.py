@@ -77,6 +77,9 @@ class _CycleOutlet:
     def chunked(self) -> bool:
         raise NotImplementedError
 
+    def streaming(self) -> None:
+        """The app's next head starts a body of unknown length (no Content-Length): h11 frames it by itself."""
+
 
 class _H11Outlet(_CycleOutlet):
     __slots__ = ()
@@ -94,6 +97,13 @@ class _HttpToolsOutlet(_CycleOutlet):
 
     def chunked(self) -> bool:
         return bool(self.cycle.chunked_encoding)
+
+    def streaming(self) -> None:
+        """uvicorn's httptools cycle would frame it as chunks even for an HTTP/1.0 client, which cannot read them
+        (RFC 9112 section 7.1: chunked only for HTTP/1.1). As h11 does: the bytes as they are, ended by the close
+        (uvicorn keeps no HTTP/1.0 connection alive)."""
+        if self.cycle.scope["http_version"] == "1.0":
+            self.cycle.chunked_encoding = False
 
 
 def _new_cycle(outlet: _CycleOutlet) -> None:

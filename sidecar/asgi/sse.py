@@ -90,6 +90,8 @@ class _EventStream(EventSourceResponse):
             return
         self._send = send
         self.outlet = outlet_of(scope)
+        if isinstance(self.outlet, Detachable):
+            self.outlet.streaming()
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         if self.outlet is not None and self.detach is not None and self.detach(self.outlet):
             return  # the request's task ends here; the stream goes on without it
@@ -175,6 +177,10 @@ async def sse(request: Request) -> Response:
 @runtime_checkable
 class Detachable(Outlet, Protocol):
     """An Outlet whose response can outlive the request's task (our uvicorn protocols: sidecar/asgi/protocols.py)."""
+
+    def streaming(self) -> None:
+        """Called before the head of a body of unknown length: the server frames it as the HTTP version allows."""
+        ...
 
     def detach(self) -> None:
         """The app returns with the response under way: the server neither finishes nor closes it."""

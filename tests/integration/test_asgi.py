@@ -573,3 +573,34 @@ def test_a_detached_sse_stream_keeps_alive_delivers_ends_on_its_tokens_expiry_an
         pub.close()
         proc.stop()
     assert "Traceback" not in proc.log_text() and "ERROR" not in proc.log_text(), proc.log_tail(40)
+
+
+@pytest.mark.parametrize("http", OURS)
+def test_an_http_1_0_sse_client_gets_the_body_unchunked_ended_by_the_close(http, redis_server, tmp_path):
+    """HTTP/1.0 has no chunked coding (RFC 9112 section 7.1): the stream's bytes go as they are and the server's
+    close ends the body, on h11 (which does so itself) and on httptools (whose uvicorn cycle would chunk it), as
+    the gevent front answers. What is published arrives; the server shutting down closes the connection."""
+    proc = uvicorn_relay(redis_server.url, tmp_path, ["--http", http, "--ws", "sidecar.asgi:WSProtocol"])
+    pub = Publisher.from_url(redis_server.url)
+    sock = socket.create_connection(("127.0.0.1", proc.port), timeout=10)  # type: ignore[attr-defined]
+    try:
+        sock.sendall(b"GET /sse?channel=old:1&mode=event HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        data = b""
+        while b"event: ready" not in data:
+            data += sock.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head.lower(), head
+        assert body.startswith(b"retry: "), body
+        pub.event("old:1", "tick", {"n": 1})
+        while b'"n":1' not in body:
+            body += sock.recv(65536)
+        proc.stop()
+        while chunk := sock.recv(65536):  # the close ends the body
+            body += chunk
+        assert b"\r\n" not in body, body  # no chunk framing anywhere: SSE lines end with \n
+        assert body.count(b"event: message") == 1 and body.endswith(b"\n\n"), body
+    finally:
+        sock.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text() and "ERROR" not in proc.log_text(), proc.log_tail(40)
