@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from starlette.requests import HTTPConnection, Request
@@ -306,3 +306,95 @@ class LeanDeque(list[Any]):
 
     def popleft(self) -> Any:
         return self.pop(0)
+
+
+class _HandshakeDone:
+    """What wsproto's WSConnection asks of its handshake once the connection is open: its pending events (none)."""
+
+    __slots__ = ()
+
+    def events(self) -> Iterator[Any]:
+        return iter(())
+
+
+HANDSHAKE_DONE = _HandshakeDone()
+
+
+# -- the stand-ins' fit to the uvicorn and wsproto installed ------------------------------------------------------
+_fits: bool | None = None  # the startup check's verdict, once per process
+_misfits: set[str] = set()  # the attributes already warned about
+
+
+def stand_in_problems() -> list[str]:
+    """What of uvicorn's and wsproto's internals the lean stand-ins replace is missing or not as expected (empty:
+    all fit), checked on objects built here, no I/O. The instances' own attributes are checked again where they
+    are replaced (:func:`stand_in`)."""
+    import inspect
+
+    problems = []
+    from uvicorn.protocols.http import h11_impl
+    from uvicorn.protocols.http.flow_control import FlowControl
+
+    if type(getattr(FlowControl(None), "_is_writable_event", None)) is not asyncio.Event:  # type: ignore[arg-type]
+        problems.append("uvicorn FlowControl._is_writable_event is not an asyncio.Event")
+    cycles: list[type] = [h11_impl.RequestResponseCycle]
+    with contextlib.suppress(ImportError):
+        from uvicorn.protocols.http import httptools_impl
+
+        cycles.append(httptools_impl.RequestResponseCycle)
+    for cycle in cycles:
+        if "message_event" not in inspect.signature(cycle).parameters:
+            problems.append(f"{cycle.__module__}.RequestResponseCycle takes no message_event")
+    try:
+        _wsproto_after_handshake()
+    except Exception as exc:  # any shape of failure: the stand-ins do not fit this wsproto
+        problems.append(f"wsproto without its handshake: {type(exc).__name__}: {exc}")
+    return problems
+
+
+def _wsproto_after_handshake() -> None:
+    """A server WSConnection, its handshake replaced once open and its event deque a LeanDeque (sidecar/asgi/ws.py),
+    still reads a client's text frame and ping."""
+    from collections import deque
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Ping, Request, TextMessage
+
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="localhost", target="/ws")))
+    request = next(server.events())
+    assert isinstance(request, Request), request
+    client.receive_data(server.send(AcceptConnection()))
+    assert isinstance(next(client.events()), AcceptConnection)
+    assert server.connection is not None and hasattr(server, "handshake")
+    assert type(server.connection._events) is deque, type(server.connection._events)
+    server.handshake = HANDSHAKE_DONE  # type: ignore[assignment]
+    server.connection._events = LeanDeque(server.connection._events)  # type: ignore[assignment]
+    server.receive_data(client.send(TextMessage("fit")) + client.send(Ping(b"p")))
+    events = list(server.events())
+    assert [type(e) for e in events] == [TextMessage, Ping], events
+    assert isinstance(events[0], TextMessage) and events[0].data == "fit", events
+
+
+def stand_ins_fit() -> bool:
+    """The startup check's verdict (made at the first call: a server's first connection); a misfit is logged once."""
+    global _fits
+    if _fits is None:
+        problems = stand_in_problems()
+        _fits = not problems
+        if problems:
+            log.warning("uvicorn/wsproto internals are not as sidecar's lean stand-ins expect (%s): running with "
+                        "their own objects, more memory per connection", "; ".join(problems))  # fmt: skip
+    return _fits
+
+
+def stand_in(owner: Any, name: str, expected: type, lean: Callable[[Any], Any]) -> None:
+    """`owner.name`, one of uvicorn's or wsproto's per-connection objects, replaced by `lean(it)` if it is an
+    `expected` and the startup check passed; else left as it is (logged once per attribute)."""
+    old = getattr(owner, name, None)
+    if type(old) is expected and stand_ins_fit():
+        setattr(owner, name, lean(old))
+    elif _fits and name not in _misfits:
+        _misfits.add(name)
+        log.warning("%s.%s is a %s, not the %s sidecar's stand-in replaces: left as it is", type(owner).__name__,
+                    name, type(old).__name__, expected.__name__)  # fmt: skip

@@ -19,12 +19,13 @@ receive().
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol as _H11Protocol
 
-from sidecar.asgi.front import LeanDeque, LeanEvent
+from sidecar.asgi.front import LeanDeque, LeanEvent, stand_in
 from sidecar.asgi.writer import offer
 
 
@@ -109,8 +110,12 @@ class _HttpToolsOutlet(_CycleOutlet):
 def _new_cycle(outlet: _CycleOutlet) -> None:
     """A cycle was just made (its task has not run: nothing waits on its event yet, which may be set already)."""
     cycle = outlet.cycle
-    cycle.message_event = LeanEvent(cycle.message_event.is_set())
+    stand_in(cycle, "message_event", asyncio.Event, lambda event: LeanEvent(event.is_set()))
     offer(cycle.scope, outlet)
+
+
+def _lean_flow(flow: Any) -> None:
+    stand_in(flow, "_is_writable_event", asyncio.Event, lambda event: LeanEvent(event.is_set()))
 
 
 def _lost(protocol: Any) -> None:
@@ -128,7 +133,7 @@ class H11Protocol(_H11Protocol):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self.flow._is_writable_event = LeanEvent(True)  # type: ignore[assignment]
+        _lean_flow(self.flow)
 
     def handle_events(self) -> None:
         cycle = self.cycle
@@ -155,8 +160,8 @@ else:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self.flow._is_writable_event = LeanEvent(True)  # type: ignore[assignment]
-            self.pipeline = LeanDeque()  # type: ignore[assignment]  # appendleft, pop, truth: empty but pipelined
+            _lean_flow(self.flow)
+            stand_in(self, "pipeline", deque, LeanDeque)  # appendleft, pop, truth: empty but when pipelined
 
         def on_headers_complete(self) -> None:
             cycle = self.cycle
