@@ -42,6 +42,7 @@ class Front:
         self.runtime: AsyncioRuntime | None = None
         self.publisher: Publisher | None = None
         self.writer: Writer | None = None  # the direct writes' pass, on the hub's loop (sidecar/asgi/writer.py)
+        self.ticks: Ticks | None = None  # the detached SSE streams' timers (sidecar/asgi/sse.py)
         self._starting: asyncio.Lock | None = None
         self._flights: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
 
@@ -57,6 +58,7 @@ class Front:
                 relay = Relay(self.settings, runtime=runtime)
                 await loop.run_in_executor(None, relay.start)  # blocking reads; its hub steps come to the loop
                 self.writer = Writer(loop)
+                self.ticks = Ticks(loop)
                 self.runtime, self.publisher, self.relay = runtime, Publisher(relay.store), relay
         return self.relay
 
@@ -221,6 +223,40 @@ async def woken(wake: Wake, timeout: float) -> bool:
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+class Ticks:
+    """Many connections' deadlines on a few of the loop's timers: each deadline goes in the set of its tick (the
+    next multiple of TICK seconds: never early, at most TICK late) and a tick in use is one `loop.call_at`. An idle
+    stream's timer handle of its own (uvloop's, with its libuv timer and context) is ~0.65 KB; an entry here is a
+    set's slot. `tick.expired()` is called at its tick unless :meth:`remove` came first."""
+
+    TICK = 0.05
+
+    __slots__ = ("loop", "due")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.due: dict[int, set[Any]] = {}
+
+    def add(self, delay: float, sleeper: Any) -> int:
+        """`sleeper.expired()` in `delay` seconds (rounded up to the tick): the tick, for :meth:`remove`."""
+        tick = -int(-(self.loop.time() + max(0.0, delay)) // self.TICK)
+        sleepers = self.due.get(tick)
+        if sleepers is None:
+            sleepers = self.due[tick] = set()
+            self.loop.call_at(tick * self.TICK, self._fire, tick)
+        sleepers.add(sleeper)
+        return tick
+
+    def remove(self, tick: int, sleeper: Any) -> None:
+        sleepers = self.due.get(tick)
+        if sleepers is not None:
+            sleepers.discard(sleeper)
+
+    def _fire(self, tick: int) -> None:
+        for sleeper in self.due.pop(tick, ()):
+            sleeper.expired()
 
 
 class LeanEvent:

@@ -62,6 +62,8 @@ class _CycleOutlet:
         request's task ends while the connection stays open; :meth:`end` finishes the response later."""
         self.detached = True
         self.cycle.disconnected = True
+        # run_asgi's end gives the cycle a lambda of its own (~150 bytes a stream); a shared one once it is done
+        asyncio.get_running_loop().call_soon(setattr, self.cycle, "on_response", _nothing)
 
     async def end(self) -> None:
         """Finish a detached response as uvicorn would have at the app's last `more_body: False`: the body's end
@@ -105,6 +107,10 @@ class _HttpToolsOutlet(_CycleOutlet):
         (uvicorn keeps no HTTP/1.0 connection alive)."""
         if self.cycle.scope["http_version"] == "1.0":
             self.cycle.chunked_encoding = False
+
+
+def _nothing() -> None:
+    pass
 
 
 def _new_cycle(outlet: _CycleOutlet) -> None:

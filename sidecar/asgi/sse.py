@@ -162,7 +162,7 @@ async def sse(request: Request) -> Response:
     send_timeout = relay.throttle.policy.stuck_timeout + 3 * HOUSEKEEPING
 
     def detach(outlet: Outlet) -> bool:
-        if not isinstance(outlet, Detachable) or front.writer is None:
+        if not isinstance(outlet, Detachable) or front.writer is None or front.ticks is None:
             return False
         _Detached(front, relay, conn, session, outlet, send_timeout).start()
         return True
@@ -196,12 +196,13 @@ class _Detached:
     the coroutine frames of uvicorn's run_asgi, the dispatch, the response and a session loop) ends, and what
     _sse_loop does is driven by callbacks. The hub's wake marks the connection for the writer's pass, which writes
     the queued frames and calls `wake` when the stream has to look (sidecar/asgi/writer.py); the session's Wait is
-    a `loop.call_later` timer (keepalive, token expiry); the client leaving is `Outlet.when_lost` from
-    connection_lost; a server shutdown is sse-starlette's watcher calling `set`. What awaits gets a task for as
-    long as it lasts: the drain of a paused transport (inside `conn.writing()`, for the stuck check), a resync's
-    Redis reads, and the end of the response (uvicorn's last chunk, its keep-alive or close)."""
+    a tick of the front's shared timers (`Front.ticks`: keepalive, token expiry); the client leaving is
+    `Outlet.when_lost` from connection_lost; a server shutdown is sse-starlette's watcher calling `set`. What
+    awaits gets a task for as long as it lasts: the drain of a paused transport (inside `conn.writing()`, for
+    the stuck check), a resync's Redis reads, and the end of the response (uvicorn's last chunk, its keep-alive
+    or close)."""
 
-    __slots__ = ("front", "relay", "conn", "session", "outlet", "sink", "send_timeout", "timer", "task", "active",
+    __slots__ = ("front", "relay", "conn", "session", "outlet", "sink", "send_timeout", "tick", "task", "active",
                  "running", "again", "done")  # fmt: skip
 
     def __init__(
@@ -211,7 +212,7 @@ class _Detached:
         self.front, self.relay, self.conn, self.session, self.outlet = front, relay, conn, session, outlet
         self.send_timeout = send_timeout
         self.sink = front.writer.sink(conn, outlet, self.wake, relay.stats.observe_write)
-        self.timer: asyncio.TimerHandle | None = None
+        self.tick: int | None = None  # the Wait's tick on front.ticks
         self.task: asyncio.Future[None] | None = None  # the drain, resync or end under way
         self.active = True  # False: the client left, the server shuts down, the token expired
         self.running = False  # in step()
@@ -219,8 +220,7 @@ class _Detached:
         self.done = False
 
     def start(self) -> None:
-        conn, outlet = self.conn, self.outlet
-        conn.abort = outlet.transport.abort  # a stuck write (control.py): the drain ends, as a disconnect
+        outlet = self.outlet
         outlet.when_lost(self.set)
         _ensure_watcher_started_on_this_loop()
         _get_shutdown_state().events.add(self)  # type: ignore[arg-type]
@@ -238,15 +238,20 @@ class _Detached:
         if self.running:
             self.again = True
         elif self.task is None and not self.done:  # a task under way steps when it is done
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            self._cancel()
             self.step()
 
-    def _fired(self) -> None:
-        self.timer = None
+    def expired(self) -> None:
+        """The Wait's deadline (front.ticks)."""
+        self.tick = None
         self.session.timer_fired()
         self.step()
+
+    def _cancel(self) -> None:
+        if self.tick is not None:
+            assert self.front.ticks is not None
+            self.front.ticks.remove(self.tick, self)
+            self.tick = None
 
     def step(self) -> None:
         """_sse_loop's turn: the session's actions until it waits, or something has to be awaited."""
@@ -268,8 +273,8 @@ class _Detached:
                     if self.again:  # woken meanwhile: look again
                         self.again = False
                         continue
-                    loop = asyncio.get_running_loop()
-                    self.timer = loop.call_later(max(0.0, action.deadline - time.time()), self._fired)
+                    assert self.front.ticks is not None
+                    self.tick = self.front.ticks.add(action.deadline - time.time(), self)
                     return
                 elif isinstance(action, Close):
                     sink.write(action.data)  # never outlive the token
@@ -287,8 +292,14 @@ class _Detached:
         self._finish()
 
     async def _drain(self) -> None:
-        with self.conn.writing(time.monotonic()):  # a drain that lasts is a stuck peer (control.py)
-            await self.sink.drained()
+        conn = self.conn
+        # Only here can the stream be stuck (its writes are not awaited): the stuck check's abort ends the drain.
+        conn.abort = self.outlet.transport.abort
+        try:
+            with conn.writing(time.monotonic()):  # a drain that lasts is a stuck peer (control.py)
+                await self.sink.drained()
+        finally:
+            conn.abort = None
 
     def _await(self, work: Awaitable[None]) -> None:
         self.task = asyncio.ensure_future(work)
@@ -307,9 +318,7 @@ class _Detached:
     def _finish(self) -> None:
         """_sse_loop's and _EventStream's ends: the hub lets go, then the response ends as uvicorn ends it."""
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._cancel()
         self.sink.close()  # before the end of the body: the pass writes nothing after it
         self.conn.abort = None
         self.relay.hub.disconnect(self.conn)

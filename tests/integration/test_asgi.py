@@ -604,3 +604,58 @@ def test_an_http_1_0_sse_client_gets_the_body_unchunked_ended_by_the_close(http,
         pub.close()
         proc.stop()
     assert "Traceback" not in proc.log_text() and "ERROR" not in proc.log_text(), proc.log_tail(40)
+
+
+@pytest.mark.parametrize("http", OURS)
+def test_a_stalled_detached_sse_stream_is_bounded_and_closed_by_the_stuck_check_while_another_keeps_receiving(
+    http, redis_server, tmp_path
+):
+    """Flow control with no task per stream: the stalled stream's transport pauses, its frames wait in the queue
+    under its bounds (dropped for a resync), the drain is awaited inside conn.writing() and the stuck check
+    closes the stream, on both of uvicorn's HTTP implementations; the reading stream gets every message, or a
+    snapshot where it fell behind itself, never a hole."""
+    env = {"SIDECAR_STUCK_TIMEOUT": "3", "SIDECAR_QUEUE_BYTES": str(2 * 2**20), "SIDECAR_QUEUE_FRAMES": "20000"}
+    proc = uvicorn_relay(redis_server.url, tmp_path, ["--http", http, "--ws", "sidecar.asgi:WSProtocol"], env)
+    base = f"http://127.0.0.1:{proc.port}"  # type: ignore[attr-defined]
+    pub = Publisher.from_url(redis_server.url)
+    pub.state("sstall:1", "created", {"n": 0})
+    stalled = socket.create_connection(("127.0.0.1", proc.port), timeout=10)  # type: ignore[attr-defined]
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(b"GET /sse?channel=sstall:1&mode=diff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = b""
+    while b"event: ready" not in head:
+        head += stalled.recv(65536)
+    reader = SSEClient(base, ["sstall:1"])
+
+    def connections() -> int:
+        return requests.get(f"{base}/healthz", timeout=5).json()["connections"]
+
+    try:
+        reader.wait(lambda f: any(x["type"] == "ready" for x in f))
+        rss = psutil.Process(proc.pid).memory_info().rss
+        filler = "x" * 4000
+        for start in range(1, 3001, 100):  # 12 MB, all of it to the stalled stream too
+            with pub.batch() as batch:
+                for n in range(start, start + 100):
+                    batch.diff("sstall:1", "changed", {"n": n, "pad": filler})
+        reader.wait(lambda f: any(x.get("seq") == 3001 for x in f), timeout=60)
+        state, expected = None, None
+        for frame in reader.frames:
+            if frame["type"] in ("subscribed", "snapshot"):
+                state, expected = frame["state"], frame["seq"] + 1
+            elif frame["type"] == "message":
+                assert frame["seq"] == expected, (frame["seq"], expected)
+                state, expected = {**state, **frame["diff"]}, expected + 1
+        assert state == {"n": 3000, "pad": filler} and expected == 3002
+        deadline = time.monotonic() + 20
+        while connections() > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert connections() == 1  # the stalled one never closes its socket: the stuck check did
+        grown = psutil.Process(proc.pid).memory_info().rss - rss
+        assert grown < 6 * 2**20, f"the sidecar grew by {grown / 2**20:.1f} MB for 12 MB to a stalled peer"
+    finally:
+        stalled.close()
+        reader.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(40)
