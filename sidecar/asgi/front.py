@@ -193,6 +193,12 @@ class Wake:
     def is_set(self) -> bool:
         return self.flag
 
+    def expired(self) -> None:
+        """Its deadline on the front's Ticks: the wait ends, not woken (the flag stays as it is)."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def wait(self) -> None:
         if self.flag:
             return
@@ -203,14 +209,22 @@ class Wake:
             self.waiter = None
 
 
-async def woken(wake: Wake, timeout: float) -> bool:
-    """Wait for `wake` up to `timeout` seconds: True if woken. In the connection's own task, with one timer
-    handle (wait_for makes one more task per wait, asyncio.timeout a context manager and its handle: memory for
-    every idle connection)."""
+async def woken(wake: Wake, timeout: float, ticks: Ticks | None = None) -> bool:
+    """Wait for `wake` up to `timeout` seconds: True if woken. In the connection's own task, with its deadline on
+    the front's shared `ticks` (else one timer handle: wait_for makes one more task per wait, asyncio.timeout a
+    context manager and its handle, memory for every idle connection)."""
     if wake.flag:
         return True
     loop = asyncio.get_running_loop()
     waiter = wake.waiter = loop.create_future()
+    if ticks is not None:
+        tick = ticks.add(timeout, wake)
+        try:
+            await waiter
+        finally:
+            ticks.remove(tick, wake)
+            wake.waiter = None
+        return wake.flag
     timer = loop.call_later(max(0.0, timeout), _expire, waiter)
     try:
         await waiter

@@ -121,7 +121,7 @@ async def websocket(ws: WebSocket) -> None:
                 if action.frames:
                     relay.stats.observe_write(conn)
             elif isinstance(action, Wait):
-                if not await woken(wake, action.deadline - time.time()):
+                if not await woken(wake, action.deadline - time.time(), front.ticks):
                     session.timer_fired()  # its keepalive is a ping frame (dropped on the ASGI send path)
                 wake.clear()
                 while inbox and close is None:
