@@ -659,3 +659,58 @@ def test_a_stalled_detached_sse_stream_is_bounded_and_closed_by_the_stuck_check_
         pub.close()
         proc.stop()
     assert "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_idle_sse_streams_on_our_protocols_hold_no_task_and_one_on_the_send_path_does(http, redis_server):
+    """What the 12 KB per idle stream rests on: on our protocols an idle stream leaves no asyncio task behind
+    (not uvicorn's run_asgi, nor one of ours), so if a uvicorn or sse-starlette change stopped the detach, this
+    fails. uvicorn's own protocol (the send path) keeps the request's task, as the reference."""
+    import asyncio
+    import dataclasses
+    import threading
+
+    import uvicorn
+
+    from sidecar.asgi import create_app, uvicorn_config
+    from sidecar.asgi.protocols import H11Protocol, HttpToolsProtocol
+    from sidecar.config import Settings
+
+    ours = {"h11": H11Protocol, "httptools": HttpToolsProtocol}[http]
+    counts = {}
+    for protocol in (ours, http):
+        port = free_port()
+        settings = dataclasses.replace(Settings(redis_url=redis_server.url, dev=True), host="127.0.0.1", port=port)
+        app = create_app(settings)
+        server = uvicorn.Server(uvicorn_config(settings, app, http=protocol, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        loop = app.state.front.writer.loop  # the server's loop (the relay started in the lifespan)
+        socks = []
+        try:
+            for _ in range(20):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(b"GET /sse?channel=tasks:1&mode=event HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while b"event: ready" not in data:
+                    data += sock.recv(65536)
+                socks.append(sock)
+            time.sleep(0.5)
+            counts[protocol] = asyncio.run_coroutine_threadsafe(_tasks(), loop).result(10)
+        finally:
+            for sock in socks:
+                sock.close()
+            server.should_exit = True
+            thread.join(20)
+    assert counts[ours] < 5, counts  # the server's own (its main loop, the watchers): none per stream
+    assert counts[http] >= 20, counts
+
+
+async def _tasks() -> int:
+    import asyncio
+
+    return len(asyncio.all_tasks()) - 1  # not this one
