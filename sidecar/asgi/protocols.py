@@ -56,14 +56,24 @@ class _CycleOutlet:
             return bool(self.protocol.dropped or self.transport.is_closing())
         return bool(cycle.disconnected or cycle.response_complete or self.transport.is_closing())
 
-    def detach(self) -> None:
+    def started(self) -> bool:
+        """uvicorn has written the response's head (a middleware wrapping send() may hold it: the body must not
+        go to the transport before it)."""
+        return bool(self.cycle.response_started)
+
+    def detach(self) -> bool:
         """The app is about to return with the response under way: uvicorn's cycle is told the client left (its
         send() and receive() do nothing, run_asgi ends without finishing the response or closing), so the
-        request's task ends while the connection stays open; :meth:`end` finishes the response later."""
+        request's task ends while the connection stays open; :meth:`end` finishes the response later. Only once
+        uvicorn has written the head: False if a middleware wrapping send() holds it (the app then keeps its task)."""
+        cycle = self.cycle
+        if not cycle.response_started or cycle.response_complete or self.gone():
+            return False
         self.detached = True
         self.cycle.disconnected = True
         # run_asgi's end gives the cycle a lambda of its own (~150 bytes a stream); a shared one once it is done
         asyncio.get_running_loop().call_soon(setattr, self.cycle, "on_response", _nothing)
+        return True
 
     async def end(self) -> None:
         """Finish a detached response as uvicorn would have at the app's last `more_body: False`: the body's end

@@ -93,6 +93,8 @@ class _EventStream(EventSourceResponse):
         if isinstance(self.outlet, Detachable):
             self.outlet.streaming()
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if isinstance(self.outlet, Detachable) and not self.outlet.started():
+            self.outlet = None  # a middleware holds the head: the body goes through it too (the ASGI send path)
         if self.outlet is not None and self.detach is not None and self.detach(self.outlet):
             return  # the request's task ends here; the stream goes on without it
         listener: asyncio.Future[None] | None = None
@@ -162,7 +164,7 @@ async def sse(request: Request) -> Response:
     send_timeout = relay.throttle.policy.stuck_timeout + 3 * HOUSEKEEPING
 
     def detach(outlet: Outlet) -> bool:
-        if not isinstance(outlet, Detachable) or front.writer is None or front.ticks is None:
+        if not isinstance(outlet, Detachable) or front.writer is None or front.ticks is None or not outlet.detach():
             return False
         _Detached(front, relay, conn, session, outlet, send_timeout).start()
         return True
@@ -182,8 +184,13 @@ class Detachable(Outlet, Protocol):
         """Called before the head of a body of unknown length: the server frames it as the HTTP version allows."""
         ...
 
-    def detach(self) -> None:
-        """The app returns with the response under way: the server neither finishes nor closes it."""
+    def started(self) -> bool:
+        """The server has written the response's head (not held by a middleware wrapping send())."""
+        ...
+
+    def detach(self) -> bool:
+        """The app returns with the response under way: the server neither finishes nor closes it (False: the
+        head is not out, the response stays the app's)."""
         ...
 
     async def end(self) -> None:
@@ -224,7 +231,6 @@ class _Detached:
         outlet.when_lost(self.set)
         _ensure_watcher_started_on_this_loop()
         _get_shutdown_state().events.add(self)  # type: ignore[arg-type]
-        outlet.detach()
         if outlet.gone():
             self.active = False
         self.step()

@@ -68,6 +68,20 @@ def fastapi_app_without_lifespan():  # noqa: ANN201
     return fastapi_app(lifespan=False)
 
 
+def fastapi_app_with_middleware():  # noqa: ANN201
+    """The app with an `@app.middleware("http")` (Starlette's BaseHTTPMiddleware: it holds each response's head
+    until its own response sends it), in the path of the mounted relay's streams."""
+    app = fastapi_app()
+
+    @app.middleware("http")
+    async def tag(request, call_next):  # noqa: ANN001, ANN202
+        response = await call_next(request)
+        response.headers["X-App"] = "tagged"
+        return response
+
+    return app
+
+
 # Our protocols (docs/deployment.md's command): the `sidecar.direct` extension reaches the mounted relay through
 # the mount, and its streams are written by the writer's pass. uvicorn's own: no extension, the ASGI send path.
 OUR_PROTOCOLS = ["--http", "sidecar.asgi.protocols:HTTPProtocol", "--ws", "sidecar.asgi:WSProtocol"]
@@ -532,7 +546,7 @@ class StrictStream:
             if event is h11.NEED_DATA:
                 self.client.receive_data(self.sock.recv(65536))
             elif isinstance(event, h11.Response):
-                self.status = event.status_code
+                self.status, self.headers = event.status_code, dict(event.headers)
             elif isinstance(event, h11.Data):
                 self.body += event.data
                 self.times.append((time.monotonic(), bytes(event.data)))
@@ -714,3 +728,41 @@ async def _tasks() -> int:
     import asyncio
 
     return len(asyncio.all_tasks()) - 1  # not this one
+
+
+def test_a_mounted_relay_behind_an_http_middleware_streams_sse_whole_on_our_protocols(redis_server, tmp_path):
+    """A middleware that holds the response's head (BaseHTTPMiddleware) is in the stream's path: the stream must
+    neither write its body before the head is out nor detach from a response uvicorn has not started. h11 reads
+    the whole stream strictly, the middleware's header included, then the shutdown's last chunk."""
+    port = free_port()
+    env = child_env(redis_server.url, {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_DEV": "1"})
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "tests.integration.test_asgi:fastapi_app_with_middleware",
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log", *OUR_PROTOCOLS]  # fmt: skip
+    proc = ManagedProcess(f"fastapi-{port}", argv, {**env, "PYTHONPATH": str(REPO_ROOT)}, tmp_path / "fastapi.log")
+    pub = Publisher.from_url(redis_server.url)
+    stream = None
+    try:
+        proc.wait_until("GET /realtime/healthz 200", lambda: _ok(f"http://127.0.0.1:{port}/realtime/healthz"), 20)
+        token = mint(SECRET, ["mw:*"])
+        stream = StrictStream(port, f"/realtime/sse?channel=mw:1&mode=event&token={token}")
+        stream.read(lambda: b"event: ready" in stream.body)
+        assert stream.headers.get(b"x-app") == b"tagged"
+        for n in range(50):
+            pub.event("mw:1", "tick", {"n": n})
+        stream.read(lambda: b'"n":49' in stream.body)
+        proc.stop()
+        stream.read(lambda: stream.ended)
+        events = [orjson.loads(line[6:]) for line in stream.body.split(b"\n") if line.startswith(b"data: ")]
+        assert [e["data"]["n"] for e in events if e["type"] == "message"] == list(range(50))
+    finally:
+        if stream is not None:
+            stream.sock.close()
+        pub.close()
+        proc.stop()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
