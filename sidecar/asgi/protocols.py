@@ -71,9 +71,26 @@ class _CycleOutlet:
             return False
         self.detached = True
         self.cycle.disconnected = True
-        # run_asgi's end gives the cycle a lambda of its own (~150 bytes a stream); a shared one once it is done
-        asyncio.get_running_loop().call_soon(setattr, self.cycle, "on_response", _nothing)
+        asyncio.get_running_loop().call_soon(self._slim)  # once run_asgi is done
         return True
+
+    def _slim(self) -> None:
+        """What uvicorn keeps of the request that a detached response never reads again, let go (~1 KB a stream):
+        the scope (its headers, state, path) for one with what uvicorn's send() reads of it for a body, the
+        protocol's parse state of the request, and the lambda run_asgi's end leaves on the cycle."""
+        if not self.detached:  # ended already
+            return
+        cycle, protocol = self.cycle, self.protocol
+        cycle.on_response = _nothing
+        scope = cycle.scope
+        slim = {"type": "http", "method": scope["method"], "http_version": scope["http_version"], "headers": []}
+        cycle.scope = slim
+        if getattr(protocol, "scope", None) is scope:  # httptools: replaced at the next request's first byte
+            protocol.scope = slim
+        if getattr(protocol, "headers", None) is scope["headers"]:
+            protocol.headers = slim["headers"]
+        if hasattr(protocol, "url"):
+            protocol.url = b""
 
     async def end(self) -> None:
         """Finish a detached response as uvicorn would have at the app's last `more_body: False`: the body's end
