@@ -284,7 +284,10 @@ def uvicorn_config(settings: Settings, app: Any = None, **overrides: Any) -> Any
     X-Forwarded-*, and the gevent front reads neither header; set it for code of yours mounted beside the relay."""
     import uvicorn
 
+    from sidecar.asgi.front import stand_ins_fit
     from sidecar.asgi.protocols import HTTPProtocol
+
+    stand_ins_fit()  # the lean stand-ins' check against the installed uvicorn and wsproto, logged if they misfit
 
     # Our protocols offer the transport to the writer's pass (sidecar/asgi/writer.py). Without deflate the
     # session's keepalive pings go direct too: uvicorn's own ping would be a second one.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from starlette.requests import HTTPConnection, Request
@@ -42,6 +42,7 @@ class Front:
         self.runtime: AsyncioRuntime | None = None
         self.publisher: Publisher | None = None
         self.writer: Writer | None = None  # the direct writes' pass, on the hub's loop (sidecar/asgi/writer.py)
+        self.ticks: Ticks | None = None  # the detached SSE streams' timers (sidecar/asgi/sse.py)
         self._starting: asyncio.Lock | None = None
         self._flights: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
 
@@ -57,6 +58,7 @@ class Front:
                 relay = Relay(self.settings, runtime=runtime)
                 await loop.run_in_executor(None, relay.start)  # blocking reads; its hub steps come to the loop
                 self.writer = Writer(loop)
+                self.ticks = Ticks(loop)
                 self.runtime, self.publisher, self.relay = runtime, Publisher(relay.store), relay
         return self.relay
 
@@ -186,6 +188,12 @@ class Wake:
     def is_set(self) -> bool:
         return self.flag
 
+    def expired(self) -> None:
+        """Its deadline on the front's Ticks: the wait ends, not woken (the flag stays as it is)."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def wait(self) -> None:
         if self.flag:
             return
@@ -196,14 +204,22 @@ class Wake:
             self.waiter = None
 
 
-async def woken(wake: Wake, timeout: float) -> bool:
-    """Wait for `wake` up to `timeout` seconds: True if woken. In the connection's own task, with one timer
-    handle (wait_for makes one more task per wait, asyncio.timeout a context manager and its handle: memory for
-    every idle connection)."""
+async def woken(wake: Wake, timeout: float, ticks: Ticks | None = None) -> bool:
+    """Wait for `wake` up to `timeout` seconds: True if woken. In the connection's own task, with its deadline on
+    the front's shared `ticks` (else one timer handle: wait_for makes one more task per wait, asyncio.timeout a
+    context manager and its handle, memory for every idle connection)."""
     if wake.flag:
         return True
     loop = asyncio.get_running_loop()
     waiter = wake.waiter = loop.create_future()
+    if ticks is not None:
+        tick = ticks.add(timeout, wake)
+        try:
+            await waiter
+        finally:
+            ticks.remove(tick, wake)
+            wake.waiter = None
+        return wake.flag
     timer = loop.call_later(max(0.0, timeout), _expire, waiter)
     try:
         await waiter
@@ -216,6 +232,40 @@ async def woken(wake: Wake, timeout: float) -> bool:
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+class Ticks:
+    """Many connections' deadlines on a few of the loop's timers: each deadline goes in the set of its tick (the
+    next multiple of TICK seconds: never early, at most TICK late) and a tick in use is one `loop.call_at`. An idle
+    stream's timer handle of its own (uvloop's, with its libuv timer and context) is ~0.65 KB; an entry here is a
+    set's slot. `tick.expired()` is called at its tick unless :meth:`remove` came first."""
+
+    TICK = 0.05
+
+    __slots__ = ("loop", "due")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.due: dict[int, set[Any]] = {}
+
+    def add(self, delay: float, sleeper: Any) -> int:
+        """`sleeper.expired()` in `delay` seconds (rounded up to the tick): the tick, for :meth:`remove`."""
+        tick = -int(-(self.loop.time() + max(0.0, delay)) // self.TICK)
+        sleepers = self.due.get(tick)
+        if sleepers is None:
+            sleepers = self.due[tick] = set()
+            self.loop.call_at(tick * self.TICK, self._fire, tick)
+        sleepers.add(sleeper)
+        return tick
+
+    def remove(self, tick: int, sleeper: Any) -> None:
+        sleepers = self.due.get(tick)
+        if sleepers is not None:
+            sleepers.discard(sleeper)
+
+    def _fire(self, tick: int) -> None:
+        for sleeper in self.due.pop(tick, ()):
+            sleeper.expired()
 
 
 class LeanEvent:
@@ -301,3 +351,95 @@ class LeanDeque(list[Any]):
 
     def popleft(self) -> Any:
         return self.pop(0)
+
+
+class _HandshakeDone:
+    """What wsproto's WSConnection asks of its handshake once the connection is open: its pending events (none)."""
+
+    __slots__ = ()
+
+    def events(self) -> Iterator[Any]:
+        return iter(())
+
+
+HANDSHAKE_DONE = _HandshakeDone()
+
+
+# -- the stand-ins' fit to the uvicorn and wsproto installed ------------------------------------------------------
+_fits: bool | None = None  # the startup check's verdict, once per process
+_misfits: set[str] = set()  # the attributes already warned about
+
+
+def stand_in_problems() -> list[str]:
+    """What of uvicorn's and wsproto's internals the lean stand-ins replace is missing or not as expected (empty:
+    all fit), checked on objects built here, no I/O. The instances' own attributes are checked again where they
+    are replaced (:func:`stand_in`)."""
+    import inspect
+
+    problems = []
+    from uvicorn.protocols.http import h11_impl
+    from uvicorn.protocols.http.flow_control import FlowControl
+
+    if type(getattr(FlowControl(None), "_is_writable_event", None)) is not asyncio.Event:  # type: ignore[arg-type]
+        problems.append("uvicorn FlowControl._is_writable_event is not an asyncio.Event")
+    cycles: list[type] = [h11_impl.RequestResponseCycle]
+    with contextlib.suppress(ImportError):
+        from uvicorn.protocols.http import httptools_impl
+
+        cycles.append(httptools_impl.RequestResponseCycle)
+    for cycle in cycles:
+        if "message_event" not in inspect.signature(cycle).parameters:
+            problems.append(f"{cycle.__module__}.RequestResponseCycle takes no message_event")
+    try:
+        _wsproto_after_handshake()
+    except Exception as exc:  # any shape of failure: the stand-ins do not fit this wsproto
+        problems.append(f"wsproto without its handshake: {type(exc).__name__}: {exc}")
+    return problems
+
+
+def _wsproto_after_handshake() -> None:
+    """A server WSConnection, its handshake replaced once open and its event deque a LeanDeque (sidecar/asgi/ws.py),
+    still reads a client's text frame and ping."""
+    from collections import deque
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Ping, Request, TextMessage
+
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="localhost", target="/ws")))
+    request = next(server.events())
+    assert isinstance(request, Request), request
+    client.receive_data(server.send(AcceptConnection()))
+    assert isinstance(next(client.events()), AcceptConnection)
+    assert server.connection is not None and hasattr(server, "handshake")
+    assert type(server.connection._events) is deque, type(server.connection._events)
+    server.handshake = HANDSHAKE_DONE  # type: ignore[assignment]
+    server.connection._events = LeanDeque(server.connection._events)  # type: ignore[assignment]
+    server.receive_data(client.send(TextMessage("fit")) + client.send(Ping(b"p")))
+    events = list(server.events())
+    assert [type(e) for e in events] == [TextMessage, Ping], events
+    assert isinstance(events[0], TextMessage) and events[0].data == "fit", events
+
+
+def stand_ins_fit() -> bool:
+    """The startup check's verdict (made at the first call: a server's first connection); a misfit is logged once."""
+    global _fits
+    if _fits is None:
+        problems = stand_in_problems()
+        _fits = not problems
+        if problems:
+            log.warning("uvicorn/wsproto internals are not as sidecar's lean stand-ins expect (%s): running with "
+                        "their own objects, more memory per connection", "; ".join(problems))  # fmt: skip
+    return _fits
+
+
+def stand_in(owner: Any, name: str, expected: type, lean: Callable[[Any], Any]) -> None:
+    """`owner.name`, one of uvicorn's or wsproto's per-connection objects, replaced by `lean(it)` if it is an
+    `expected` and the startup check passed; else left as it is (logged once per attribute)."""
+    old = getattr(owner, name, None)
+    if type(old) is expected and stand_ins_fit():
+        setattr(owner, name, lean(old))
+    elif _fits and name not in _misfits:
+        _misfits.add(name)
+        log.warning("%s.%s is a %s, not the %s sidecar's stand-in replaces: left as it is", type(owner).__name__,
+                    name, type(old).__name__, expected.__name__)  # fmt: skip

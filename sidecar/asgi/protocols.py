@@ -19,24 +19,26 @@ receive().
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol as _H11Protocol
 
-from sidecar.asgi.front import LeanDeque, LeanEvent
+from sidecar.asgi.front import LeanDeque, LeanEvent, stand_in
 from sidecar.asgi.writer import offer
 
 
 class _CycleOutlet:
     """One request's transport (sidecar/asgi/writer.py's Outlet), from uvicorn's request-response cycle."""
 
-    __slots__ = ("cycle", "transport", "protocol")
+    __slots__ = ("cycle", "transport", "protocol", "detached")
 
     def __init__(self, cycle: Any, protocol: Any) -> None:
         self.cycle = cycle
         self.transport: asyncio.WriteTransport = cycle.transport
         self.protocol = protocol
+        self.detached = False
 
     def when_lost(self, callback: Callable[[], None] | None) -> None:
         # On the protocol: one response at a time runs on an HTTP/1.1 connection (a pipelined one waits its turn).
@@ -50,10 +52,63 @@ class _CycleOutlet:
 
     def gone(self) -> bool:
         cycle = self.cycle
+        if self.detached:  # the cycle says `disconnected` while detached: the connection's own word
+            return bool(self.protocol.dropped or self.transport.is_closing())
         return bool(cycle.disconnected or cycle.response_complete or self.transport.is_closing())
+
+    def started(self) -> bool:
+        """uvicorn has written the response's head (a middleware wrapping send() may hold it: the body must not
+        go to the transport before it)."""
+        return bool(self.cycle.response_started)
+
+    def detach(self) -> bool:
+        """The app is about to return with the response under way: uvicorn's cycle is told the client left (its
+        send() and receive() do nothing, run_asgi ends without finishing the response or closing), so the
+        request's task ends while the connection stays open; :meth:`end` finishes the response later. Only once
+        uvicorn has written the head: False if a middleware wrapping send() holds it (the app then keeps its task)."""
+        cycle = self.cycle
+        if not cycle.response_started or cycle.response_complete or self.gone():
+            return False
+        self.detached = True
+        self.cycle.disconnected = True
+        asyncio.get_running_loop().call_soon(self._slim)  # once run_asgi is done
+        return True
+
+    def _slim(self) -> None:
+        """What uvicorn keeps of the request that a detached response never reads again, let go (~1 KB a stream):
+        the scope (its headers, state, path) for one with what uvicorn's send() reads of it for a body, the
+        protocol's parse state of the request, and the lambda run_asgi's end leaves on the cycle."""
+        if not self.detached:  # ended already
+            return
+        cycle, protocol = self.cycle, self.protocol
+        cycle.on_response = _nothing
+        scope = cycle.scope
+        slim = {"type": "http", "method": scope["method"], "http_version": scope["http_version"], "headers": []}
+        cycle.scope = slim
+        if getattr(protocol, "scope", None) is scope:  # httptools: replaced at the next request's first byte
+            protocol.scope = slim
+        if getattr(protocol, "headers", None) is scope["headers"]:
+            protocol.headers = slim["headers"]
+        if hasattr(protocol, "url"):
+            protocol.url = b""
+
+    async def end(self) -> None:
+        """Finish a detached response as uvicorn would have at the app's last `more_body: False`: the body's end
+        (its last chunk), then uvicorn's own keep-alive or close (a server shutting down, an HTTP/1.0 client) and
+        the connection's next request. Nothing if the connection is gone."""
+        cycle, protocol = self.cycle, self.protocol
+        self.detached = False
+        if protocol.dropped or self.transport.is_closing() or cycle.response_complete:
+            return
+        cycle.disconnected = False  # connection_lost sets it again, and send() is then silent
+        cycle.on_response = protocol.on_response_complete  # run_asgi's end let go of it
+        await cycle.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def chunked(self) -> bool:
         raise NotImplementedError
+
+    def streaming(self) -> None:
+        """The app's next head starts a body of unknown length (no Content-Length): h11 frames it by itself."""
 
 
 class _H11Outlet(_CycleOutlet):
@@ -73,15 +128,31 @@ class _HttpToolsOutlet(_CycleOutlet):
     def chunked(self) -> bool:
         return bool(self.cycle.chunked_encoding)
 
+    def streaming(self) -> None:
+        """uvicorn's httptools cycle would frame it as chunks even for an HTTP/1.0 client, which cannot read them
+        (RFC 9112 section 7.1: chunked only for HTTP/1.1). As h11 does: the bytes as they are, ended by the close
+        (uvicorn keeps no HTTP/1.0 connection alive)."""
+        if self.cycle.scope["http_version"] == "1.0":
+            self.cycle.chunked_encoding = False
+
+
+def _nothing() -> None:
+    pass
+
 
 def _new_cycle(outlet: _CycleOutlet) -> None:
     """A cycle was just made (its task has not run: nothing waits on its event yet, which may be set already)."""
     cycle = outlet.cycle
-    cycle.message_event = LeanEvent(cycle.message_event.is_set())
+    stand_in(cycle, "message_event", asyncio.Event, lambda event: LeanEvent(event.is_set()))
     offer(cycle.scope, outlet)
 
 
+def _lean_flow(flow: Any) -> None:
+    stand_in(flow, "_is_writable_event", asyncio.Event, lambda event: LeanEvent(event.is_set()))
+
+
 def _lost(protocol: Any) -> None:
+    protocol.dropped = True
     callback, protocol.lost = protocol.lost, None
     if callback is not None:
         callback()
@@ -91,10 +162,11 @@ class H11Protocol(_H11Protocol):
     """uvicorn's h11 protocol with the `sidecar.direct` extension in every request's scope."""
 
     lost: Callable[[], None] | None = None  # the running response's Outlet.when_lost
+    dropped = False  # connection_lost ran
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self.flow._is_writable_event = LeanEvent(True)  # type: ignore[assignment]
+        _lean_flow(self.flow)
 
     def handle_events(self) -> None:
         cycle = self.cycle
@@ -117,11 +189,12 @@ else:
         """uvicorn's httptools protocol with the `sidecar.direct` extension in every request's scope."""
 
         lost: Callable[[], None] | None = None  # the running response's Outlet.when_lost
+        dropped = False  # connection_lost ran
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self.flow._is_writable_event = LeanEvent(True)  # type: ignore[assignment]
-            self.pipeline = LeanDeque()  # type: ignore[assignment]  # appendleft, pop, truth: empty but pipelined
+            _lean_flow(self.flow)
+            stand_in(self, "pipeline", deque, LeanDeque)  # appendleft, pop, truth: empty but when pipelined
 
         def on_headers_complete(self) -> None:
             cycle = self.cycle

@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError, _ensure_watcher_started_on_this_loop, _get_shutdown_state
@@ -55,7 +55,10 @@ class _EventStream(EventSourceResponse):
     receive(). A send that times out, or a stuck write aborted by the stuck check (control.py), ends the stream like
     any disconnect (no traceback)."""
 
-    def __init__(self, run: Callable[[_EventStream], Awaitable[None]], wake: Callable[[], None], **kw: Any) -> None:
+    def __init__(
+        self, run: Callable[[_EventStream], Awaitable[None]], wake: Callable[[], None],
+        detach: Callable[[Outlet], bool] | None = None, **kw: Any,
+    ) -> None:  # fmt: skip
         super().__init__(_Nothing(), ping=0, sep="\n", **kw)
         # Connection is hop-by-hop and the server's to say: sse-starlette's keep-alive went out beside uvicorn's
         # `close` when the client asked for one (and HTTP/1.1 keeps connections alive without it).
@@ -63,6 +66,7 @@ class _EventStream(EventSourceResponse):
         self._send_lock = _NO_LOCK  # type: ignore[assignment]  # only the session's task sends: no anyio Lock each
         self.run = run
         self.wake = wake
+        self.detach = detach  # hands the stream to a _Detached once the head is out: True if it took it
         self.aborted = False
         self._send: Any = None
         self.outlet: Outlet | None = None  # the transport, from our uvicorn protocols (sidecar/asgi/writer.py)
@@ -86,7 +90,13 @@ class _EventStream(EventSourceResponse):
             return
         self._send = send
         self.outlet = outlet_of(scope)
+        if isinstance(self.outlet, Detachable):
+            self.outlet.streaming()
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if isinstance(self.outlet, Detachable) and not self.outlet.started():
+            self.outlet = None  # a middleware holds the head: the body goes through it too (the ASGI send path)
+        if self.outlet is not None and self.detach is not None and self.detach(self.outlet):
+            return  # the request's task ends here; the stream goes on without it
         listener: asyncio.Future[None] | None = None
         outlet = self.outlet
         if outlet is not None:  # our HTTP protocols call it back from connection_lost
@@ -151,11 +161,186 @@ async def sse(request: Request) -> Response:
     session.stream(channels, mode, random.random())  # queues `ready`; its first Write is the `retry:` line
     # The stuck check (control.py) closes a stream stuck in a write after stuck_timeout; the send timeout is
     # only a backstop, for a loop too busy to run it.
+    send_timeout = relay.throttle.policy.stuck_timeout + 3 * HOUSEKEEPING
+
+    def detach(outlet: Outlet) -> bool:
+        if not isinstance(outlet, Detachable) or front.writer is None or front.ticks is None or not outlet.detach():
+            return False
+        _Detached(front, relay, conn, session, outlet, send_timeout).start()
+        return True
+
     response = _EventStream(
-        lambda stream: _sse_loop(front, relay, conn, session, wake, stream), wake.set, headers=headers,
-        send_timeout=relay.throttle.policy.stuck_timeout + 3 * HOUSEKEEPING,
+        lambda stream: _sse_loop(front, relay, conn, session, wake, stream), wake.set, detach, headers=headers,
+        send_timeout=send_timeout,
     )  # fmt: skip
     return cors(request, response)
+
+
+@runtime_checkable
+class Detachable(Outlet, Protocol):
+    """An Outlet whose response can outlive the request's task (our uvicorn protocols: sidecar/asgi/protocols.py)."""
+
+    def streaming(self) -> None:
+        """Called before the head of a body of unknown length: the server frames it as the HTTP version allows."""
+        ...
+
+    def started(self) -> bool:
+        """The server has written the response's head (not held by a middleware wrapping send())."""
+        ...
+
+    def detach(self) -> bool:
+        """The app returns with the response under way: the server neither finishes nor closes it (False: the
+        head is not out, the response stays the app's)."""
+        ...
+
+    async def end(self) -> None:
+        """Finish the detached response as the server would at `more_body: False` (nothing if it is gone)."""
+        ...
+
+
+class _Detached:
+    """An SSE stream on the direct path once its head is out, with no task of its own: the request's task (and
+    the coroutine frames of uvicorn's run_asgi, the dispatch, the response and a session loop) ends, and what
+    _sse_loop does is driven by callbacks. The hub's wake marks the connection for the writer's pass, which writes
+    the queued frames and calls `wake` when the stream has to look (sidecar/asgi/writer.py); the session's Wait is
+    a tick of the front's shared timers (`Front.ticks`: keepalive, token expiry); the client leaving is
+    `Outlet.when_lost` from connection_lost; a server shutdown is sse-starlette's watcher calling `set`. What
+    awaits gets a task for as long as it lasts: the drain of a paused transport (inside `conn.writing()`, for
+    the stuck check), a resync's Redis reads, and the end of the response (uvicorn's last chunk, its keep-alive
+    or close)."""
+
+    __slots__ = ("front", "relay", "conn", "session", "outlet", "sink", "send_timeout", "tick", "task", "active",
+                 "running", "again", "done")  # fmt: skip
+
+    def __init__(
+        self, front: Front, relay: Relay, conn: Connection, session: Session, outlet: Detachable, send_timeout: float
+    ) -> None:
+        assert front.writer is not None
+        self.front, self.relay, self.conn, self.session, self.outlet = front, relay, conn, session, outlet
+        self.send_timeout = send_timeout
+        self.sink = front.writer.sink(conn, outlet, self.wake, relay.stats.observe_write)
+        self.tick: int | None = None  # the Wait's tick on front.ticks
+        self.task: asyncio.Future[None] | None = None  # the drain, resync or end under way
+        self.active = True  # False: the client left, the server shuts down, the token expired
+        self.running = False  # in step()
+        self.again = False  # woken while in step()
+        self.done = False
+
+    def start(self) -> None:
+        outlet = self.outlet
+        outlet.when_lost(self.set)
+        _ensure_watcher_started_on_this_loop()
+        _get_shutdown_state().events.add(self)  # type: ignore[arg-type]
+        if outlet.gone():
+            self.active = False
+        self.step()
+
+    def set(self) -> None:
+        """The client left, or the server shuts down (sse-starlette's watcher sets its registered events)."""
+        self.active = False
+        self.wake()
+
+    def wake(self) -> None:
+        if self.running:
+            self.again = True
+        elif self.task is None and not self.done:  # a task under way steps when it is done
+            self._cancel()
+            self.step()
+
+    def expired(self) -> None:
+        """The Wait's deadline (front.ticks)."""
+        self.tick = None
+        self.session.timer_fired()
+        self.step()
+
+    def _cancel(self) -> None:
+        if self.tick is not None:
+            assert self.front.ticks is not None
+            self.front.ticks.remove(self.tick, self)
+            self.tick = None
+
+    def step(self) -> None:
+        """_sse_loop's turn: the session's actions until it waits, or something has to be awaited."""
+        if self.done:
+            return
+        session, sink, conn = self.session, self.sink, self.conn
+        self.running = True
+        try:
+            while self.active:
+                if sink.paused:  # flow control: the frames wait in the queue, under its bounds
+                    self._await(self._drain())
+                    return
+                action = session.next(time.time())
+                if isinstance(action, Write):
+                    sink.write(action.data)
+                    if action.frames:
+                        self.relay.stats.observe_write(conn)
+                elif isinstance(action, Wait):
+                    if self.again:  # woken meanwhile: look again
+                        self.again = False
+                        continue
+                    assert self.front.ticks is not None
+                    self.tick = self.front.ticks.add(action.deadline - time.time(), self)
+                    return
+                elif isinstance(action, Close):
+                    sink.write(action.data)  # never outlive the token
+                    self.active = False
+                else:
+                    self._await(drive_async(self.relay.resyncing(conn), self.front.runtime))  # type: ignore[arg-type]
+                    return
+        except Exception:
+            log.exception("SSE stream failed")
+            self.outlet.transport.close()
+            self.active = False
+        finally:
+            self.running = False
+            self.again = False
+        self._finish()
+
+    async def _drain(self) -> None:
+        conn = self.conn
+        # Only here can the stream be stuck (its writes are not awaited): the stuck check's abort ends the drain.
+        conn.abort = self.outlet.transport.abort
+        try:
+            with conn.writing(time.monotonic()):  # a drain that lasts is a stuck peer (control.py)
+                await self.sink.drained()
+        finally:
+            conn.abort = None
+
+    def _await(self, work: Awaitable[None]) -> None:
+        self.task = asyncio.ensure_future(work)
+        self.task.add_done_callback(self._awaited)
+
+    def _awaited(self, task: asyncio.Future[None]) -> None:
+        self.task = None
+        if task.cancelled():
+            self.active = False
+        elif task.exception() is not None:
+            log.error("SSE stream failed", exc_info=task.exception())
+            self.outlet.transport.close()
+            self.active = False
+        self.step()
+
+    def _finish(self) -> None:
+        """_sse_loop's and _EventStream's ends: the hub lets go, then the response ends as uvicorn ends it."""
+        self.done = True
+        self._cancel()
+        self.sink.close()  # before the end of the body: the pass writes nothing after it
+        self.conn.abort = None
+        self.relay.hub.disconnect(self.conn)
+        _get_shutdown_state().events.discard(self)
+        self.outlet.when_lost(None)
+        if not self.outlet.gone():
+            self.task = asyncio.ensure_future(self._end())
+
+    async def _end(self) -> None:
+        try:
+            async with asyncio.timeout(self.send_timeout):  # a backstop, as the send path's send timeout
+                await self.outlet.end()
+        except (TimeoutError, OSError):
+            self.outlet.transport.close()
+        finally:
+            self.task = None
 
 
 async def _sse_loop(

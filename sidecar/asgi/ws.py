@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -17,8 +18,21 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as _UvicornWSProtocol
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
+from wsproto.handshake import H11Handshake
 
-from sidecar.asgi.front import Front, LeanDeque, LeanEvent, LeanQueue, Wake, canceller, error, front_of, woken
+from sidecar.asgi.front import (
+    HANDSHAKE_DONE,
+    Front,
+    LeanDeque,
+    LeanEvent,
+    LeanQueue,
+    Wake,
+    canceller,
+    error,
+    front_of,
+    stand_in,
+    woken,
+)
 from sidecar.asgi.writer import Sink, offer, outlet_of
 from sidecar.auth import AuthError, Grant
 from sidecar.config import Settings
@@ -107,7 +121,7 @@ async def websocket(ws: WebSocket) -> None:
                 if action.frames:
                     relay.stats.observe_write(conn)
             elif isinstance(action, Wait):
-                if not await woken(wake, action.deadline - time.time()):
+                if not await woken(wake, action.deadline - time.time(), front.ticks):
                     session.timer_fired()  # its keepalive is a ping frame (dropped on the ASGI send path)
                 wake.clear()
                 while inbox and close is None:
@@ -222,18 +236,6 @@ class _WSOutlet:
         return bool(p.disconnected or p.close_sent or not open_ or self.transport.is_closing())
 
 
-class _HandshakeDone:
-    """What WSConnection asks of its handshake once the connection is open: its pending events (none)."""
-
-    __slots__ = ()
-
-    def events(self) -> Iterator[Any]:
-        return iter(())
-
-
-_HANDSHAKE_DONE = _HandshakeDone()
-
-
 class WSProtocol(_UvicornWSProtocol):
     """uvicorn's wsproto protocol, answering a frame wsproto cannot parse (invalid UTF-8 in a text frame, say)
     with its close frame (1007) instead of dropping the connection: RFC 6455 section 7.1.7, and what the gevent
@@ -260,8 +262,8 @@ class WSProtocol(_UvicornWSProtocol):
         self.close_timeout = self.close_after
         # uvicorn uses its queue's put_nowait/get/empty and its event's is_set/set/clear/wait: lean stand-ins,
         # ~4 KB less per socket (sidecar/asgi/front.py).
-        self.queue = LeanQueue()  # type: ignore[assignment]
-        self.writable = LeanEvent(True)  # type: ignore[assignment]
+        stand_in(self, "queue", asyncio.Queue, lambda _: LeanQueue())  # empty: nothing came yet
+        stand_in(self, "writable", asyncio.Event, lambda event: LeanEvent(event.is_set()))
 
     def data_received(self, data: bytes) -> None:
         if not self._head_checked:  # uvicorn hands over the whole request head in the first call
@@ -286,9 +288,8 @@ class WSProtocol(_UvicornWSProtocol):
             if message["type"] == "websocket.accept" and self.conn.connection is not None:
                 # Accepted: wsproto's handshake (its h11 connection, its event deque) has nothing more to do, but
                 # WSConnection keeps it for the socket's life (~2 KB); its events() only asks it for none.
-                self.conn.handshake = _HANDSHAKE_DONE  # type: ignore[assignment]
-                connection = self.conn.connection
-                connection._events = LeanDeque(connection._events)  # type: ignore[assignment]  # append, popleft
+                stand_in(self.conn, "handshake", H11Handshake, lambda _: HANDSHAKE_DONE)
+                stand_in(self.conn.connection, "_events", deque, LeanDeque)  # append, popleft
             return
         await self.writable.wait()
         if self.disconnected or self.close_sent or self.conn.state != ConnectionState.OPEN:

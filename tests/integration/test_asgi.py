@@ -68,6 +68,20 @@ def fastapi_app_without_lifespan():  # noqa: ANN201
     return fastapi_app(lifespan=False)
 
 
+def fastapi_app_with_middleware():  # noqa: ANN201
+    """The app with an `@app.middleware("http")` (Starlette's BaseHTTPMiddleware: it holds each response's head
+    until its own response sends it), in the path of the mounted relay's streams."""
+    app = fastapi_app()
+
+    @app.middleware("http")
+    async def tag(request, call_next):  # noqa: ANN001, ANN202
+        response = await call_next(request)
+        response.headers["X-App"] = "tagged"
+        return response
+
+    return app
+
+
 # Our protocols (docs/deployment.md's command): the `sidecar.direct` extension reaches the mounted relay through
 # the mount, and its streams are written by the writer's pass. uvicorn's own: no extension, the ASGI send path.
 OUR_PROTOCOLS = ["--http", "sidecar.asgi.protocols:HTTPProtocol", "--ws", "sidecar.asgi:WSProtocol"]
@@ -501,3 +515,254 @@ def test_a_stalled_asgi_websocket_is_bounded_and_closed_by_the_stuck_check_while
         pub.close()
         proc.stop()
     assert "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
+# -- detached SSE streams (sidecar/asgi/sse.py _Detached): no task per stream on our protocols -------------------
+OURS = ["sidecar.asgi.protocols:H11Protocol", "sidecar.asgi.protocols:HttpToolsProtocol"]
+
+
+class StrictStream:
+    """An SSE stream read by h11 as a client: it fails on any byte that is not valid HTTP/1.1 framing."""
+
+    def __init__(self, port: int, target: str) -> None:
+        import h11
+
+        self.h11 = h11
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.client = h11.Connection(h11.CLIENT)
+        self.get(target)
+        self.body, self.ended, self.times = b"", False, []
+
+    def get(self, target: str) -> None:
+        self.sock.sendall(self.client.send(self.h11.Request(method="GET", target=target,
+                                                            headers=[("Host", "127.0.0.1")])))  # fmt: skip
+        self.sock.sendall(self.client.send(self.h11.EndOfMessage()))
+
+    def read(self, until, seconds: float = 15) -> None:  # noqa: ANN001
+        h11, deadline = self.h11, time.monotonic() + seconds
+        while not until():
+            assert time.monotonic() < deadline, self.body[-300:]
+            event = self.client.next_event()
+            if event is h11.NEED_DATA:
+                self.client.receive_data(self.sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                self.status, self.headers = event.status_code, dict(event.headers)
+            elif isinstance(event, h11.Data):
+                self.body += event.data
+                self.times.append((time.monotonic(), bytes(event.data)))
+            elif isinstance(event, h11.EndOfMessage):
+                self.ended = True
+
+
+@pytest.mark.parametrize("http", OURS)
+def test_a_detached_sse_stream_keeps_alive_delivers_ends_on_its_tokens_expiry_and_its_connection_serves_on(
+    http, redis_server, tmp_path
+):
+    """With no task of its own the stream still writes its keepalive comments on its own timer, gets what is
+    published, ends on its token's expiry with the `token-expired` error then the body's last chunk (h11 reads
+    it strictly), and uvicorn's keep-alive then serves the next request on the same connection, as it did when
+    the request's task ended the response."""
+    env = {"SIDECAR_KEEPALIVE": "0.5", "SIDECAR_JWT_SECRET": SECRET, "SIDECAR_JWT_LEEWAY": "0"}
+    proc = uvicorn_relay(redis_server.url, tmp_path, ["--http", http, "--ws", "sidecar.asgi:WSProtocol"], env)
+    pub = Publisher.from_url(redis_server.url)
+    token = mint(SECRET, ["detached:*"], ttl=4)
+    stream = StrictStream(proc.port, f"/sse?channel=detached:1&mode=event&token={token}")  # type: ignore[attr-defined]
+    try:
+        stream.read(lambda: b"event: ready" in stream.body)
+        stream.read(lambda: stream.body.count(b"\n:") >= 2)  # idle: the keepalive, on the stream's timer
+        pub.event("detached:1", "tick", {"n": 1})
+        stream.read(lambda: b'"n":1' in stream.body)
+        stream.read(lambda: stream.ended, 10)
+        assert stream.status == 200
+        assert stream.body.rstrip().endswith(b'"code":"token-expired","message":"reconnect with a fresh token"}')
+        keepalives = [at for at, data in stream.times if data.startswith(b":")]
+        assert len(keepalives) >= 3 and all(b - a < 2 for a, b in zip(keepalives, keepalives[1:], strict=False))
+        stream.client.start_next_cycle()  # the same connection, kept alive by uvicorn
+        stream.get("/healthz")
+        stream.body, stream.ended = b"", False
+        stream.read(lambda: stream.ended)
+        assert stream.status == 200 and orjson.loads(stream.body)["connections"] == 0
+    finally:
+        stream.sock.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text() and "ERROR" not in proc.log_text(), proc.log_tail(40)
+
+
+@pytest.mark.parametrize("http", OURS)
+def test_an_http_1_0_sse_client_gets_the_body_unchunked_ended_by_the_close(http, redis_server, tmp_path):
+    """HTTP/1.0 has no chunked coding (RFC 9112 section 7.1): the stream's bytes go as they are and the server's
+    close ends the body, on h11 (which does so itself) and on httptools (whose uvicorn cycle would chunk it), as
+    the gevent front answers. What is published arrives; the server shutting down closes the connection."""
+    proc = uvicorn_relay(redis_server.url, tmp_path, ["--http", http, "--ws", "sidecar.asgi:WSProtocol"])
+    pub = Publisher.from_url(redis_server.url)
+    sock = socket.create_connection(("127.0.0.1", proc.port), timeout=10)  # type: ignore[attr-defined]
+    try:
+        sock.sendall(b"GET /sse?channel=old:1&mode=event HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        data = b""
+        while b"event: ready" not in data:
+            data += sock.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head.lower(), head
+        assert body.startswith(b"retry: "), body
+        pub.event("old:1", "tick", {"n": 1})
+        while b'"n":1' not in body:
+            body += sock.recv(65536)
+        proc.stop()
+        while chunk := sock.recv(65536):  # the close ends the body
+            body += chunk
+        assert b"\r\n" not in body, body  # no chunk framing anywhere: SSE lines end with \n
+        assert body.count(b"event: message") == 1 and body.endswith(b"\n\n"), body
+    finally:
+        sock.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text() and "ERROR" not in proc.log_text(), proc.log_tail(40)
+
+
+@pytest.mark.parametrize("http", OURS)
+def test_a_stalled_detached_sse_stream_is_bounded_and_closed_by_the_stuck_check_while_another_keeps_receiving(
+    http, redis_server, tmp_path
+):
+    """Flow control with no task per stream: the stalled stream's transport pauses, its frames wait in the queue
+    under its bounds (dropped for a resync), the drain is awaited inside conn.writing() and the stuck check
+    closes the stream, on both of uvicorn's HTTP implementations; the reading stream gets every message, or a
+    snapshot where it fell behind itself, never a hole."""
+    env = {"SIDECAR_STUCK_TIMEOUT": "3", "SIDECAR_QUEUE_BYTES": str(2 * 2**20), "SIDECAR_QUEUE_FRAMES": "20000"}
+    proc = uvicorn_relay(redis_server.url, tmp_path, ["--http", http, "--ws", "sidecar.asgi:WSProtocol"], env)
+    base = f"http://127.0.0.1:{proc.port}"  # type: ignore[attr-defined]
+    pub = Publisher.from_url(redis_server.url)
+    pub.state("sstall:1", "created", {"n": 0})
+    stalled = socket.create_connection(("127.0.0.1", proc.port), timeout=10)  # type: ignore[attr-defined]
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(b"GET /sse?channel=sstall:1&mode=diff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = b""
+    while b"event: ready" not in head:
+        head += stalled.recv(65536)
+    reader = SSEClient(base, ["sstall:1"])
+
+    def connections() -> int:
+        return requests.get(f"{base}/healthz", timeout=5).json()["connections"]
+
+    try:
+        reader.wait(lambda f: any(x["type"] == "ready" for x in f))
+        rss = psutil.Process(proc.pid).memory_info().rss
+        filler = "x" * 4000
+        for start in range(1, 3001, 100):  # 12 MB, all of it to the stalled stream too
+            with pub.batch() as batch:
+                for n in range(start, start + 100):
+                    batch.diff("sstall:1", "changed", {"n": n, "pad": filler})
+        reader.wait(lambda f: any(x.get("seq") == 3001 for x in f), timeout=60)
+        state, expected = None, None
+        for frame in reader.frames:
+            if frame["type"] in ("subscribed", "snapshot"):
+                state, expected = frame["state"], frame["seq"] + 1
+            elif frame["type"] == "message":
+                assert frame["seq"] == expected, (frame["seq"], expected)
+                state, expected = {**state, **frame["diff"]}, expected + 1
+        assert state == {"n": 3000, "pad": filler} and expected == 3002
+        deadline = time.monotonic() + 20
+        while connections() > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert connections() == 1  # the stalled one never closes its socket: the stuck check did
+        grown = psutil.Process(proc.pid).memory_info().rss - rss
+        assert grown < 6 * 2**20, f"the sidecar grew by {grown / 2**20:.1f} MB for 12 MB to a stalled peer"
+    finally:
+        stalled.close()
+        reader.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_idle_sse_streams_on_our_protocols_hold_no_task_and_one_on_the_send_path_does(http, redis_server):
+    """What the 12 KB per idle stream rests on: on our protocols an idle stream leaves no asyncio task behind
+    (not uvicorn's run_asgi, nor one of ours), so if a uvicorn or sse-starlette change stopped the detach, this
+    fails. uvicorn's own protocol (the send path) keeps the request's task, as the reference."""
+    import asyncio
+    import dataclasses
+    import threading
+
+    import uvicorn
+
+    from sidecar.asgi import create_app, uvicorn_config
+    from sidecar.asgi.protocols import H11Protocol, HttpToolsProtocol
+    from sidecar.config import Settings
+
+    ours = {"h11": H11Protocol, "httptools": HttpToolsProtocol}[http]
+    counts = {}
+    for protocol in (ours, http):
+        port = free_port()
+        settings = dataclasses.replace(Settings(redis_url=redis_server.url, dev=True), host="127.0.0.1", port=port)
+        app = create_app(settings)
+        server = uvicorn.Server(uvicorn_config(settings, app, http=protocol, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        loop = app.state.front.writer.loop  # the server's loop (the relay started in the lifespan)
+        socks = []
+        try:
+            for _ in range(20):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(b"GET /sse?channel=tasks:1&mode=event HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while b"event: ready" not in data:
+                    data += sock.recv(65536)
+                socks.append(sock)
+            time.sleep(0.5)
+            counts[protocol] = asyncio.run_coroutine_threadsafe(_tasks(), loop).result(10)
+        finally:
+            for sock in socks:
+                sock.close()
+            server.should_exit = True
+            thread.join(20)
+    assert counts[ours] < 5, counts  # the server's own (its main loop, the watchers): none per stream
+    assert counts[http] >= 20, counts
+
+
+async def _tasks() -> int:
+    import asyncio
+
+    return len(asyncio.all_tasks()) - 1  # not this one
+
+
+def test_a_mounted_relay_behind_an_http_middleware_streams_sse_whole_on_our_protocols(redis_server, tmp_path):
+    """A middleware that holds the response's head (BaseHTTPMiddleware) is in the stream's path: the stream must
+    neither write its body before the head is out nor detach from a response uvicorn has not started. h11 reads
+    the whole stream strictly, the middleware's header included, then the shutdown's last chunk."""
+    port = free_port()
+    env = child_env(redis_server.url, {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_DEV": "1"})
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "tests.integration.test_asgi:fastapi_app_with_middleware",
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log", *OUR_PROTOCOLS]  # fmt: skip
+    proc = ManagedProcess(f"fastapi-{port}", argv, {**env, "PYTHONPATH": str(REPO_ROOT)}, tmp_path / "fastapi.log")
+    pub = Publisher.from_url(redis_server.url)
+    stream = None
+    try:
+        proc.wait_until("GET /realtime/healthz 200", lambda: _ok(f"http://127.0.0.1:{port}/realtime/healthz"), 20)
+        token = mint(SECRET, ["mw:*"])
+        stream = StrictStream(port, f"/realtime/sse?channel=mw:1&mode=event&token={token}")
+        stream.read(lambda: b"event: ready" in stream.body)
+        assert stream.headers.get(b"x-app") == b"tagged"
+        for n in range(50):
+            pub.event("mw:1", "tick", {"n": n})
+        stream.read(lambda: b'"n":49' in stream.body)
+        proc.stop()
+        stream.read(lambda: stream.ended)
+        events = [orjson.loads(line[6:]) for line in stream.body.split(b"\n") if line.startswith(b"data: ")]
+        assert [e["data"]["n"] for e in events if e["type"] == "message"] == list(range(50))
+    finally:
+        if stream is not None:
+            stream.sock.close()
+        pub.close()
+        proc.stop()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
