@@ -73,7 +73,7 @@ class Sink:
 
     def __init__(
         self, writer: Writer, conn: Connection, outlet: Outlet, wake_owner: Callable[[], None],
-        on_write: Callable[[Connection], None],
+        on_write: Callable[[list[Connection]], None],
     ) -> None:  # fmt: skip
         self.writer = writer
         self.conn = conn
@@ -130,9 +130,11 @@ class Writer:
         return self._chunk_out
 
     def sink(
-        self, conn: Connection, outlet: Outlet, wake_owner: Callable[[], None], on_write: Callable[[Connection], None]
-    ) -> Sink:
-        """The one :class:`Sink` of `conn`: from now on the pass writes its queued frames."""
+        self, conn: Connection, outlet: Outlet, wake_owner: Callable[[], None],
+        on_write: Callable[[list[Connection]], None],
+    ) -> Sink:  # fmt: skip
+        """The one :class:`Sink` of `conn`: from now on the pass writes its queued frames, and tells `on_write`
+        (the stats: sidecar/stats.py) what it wrote, once per pass, every connection it wrote in a list."""
         return Sink(self, conn, outlet, wake_owner, on_write)
 
     def mark(self, sink: Sink) -> None:
@@ -144,6 +146,9 @@ class Writer:
     def flush(self) -> None:
         self.scheduled = False
         marked, self.marked = self.marked, []
+        chunk = self.chunk
+        observe: Callable[[list[Connection]], None] | None = None  # the written connections' stats, once per pass
+        written: list[Connection] = []
         for sink in marked:
             if sink.closed:
                 continue
@@ -156,5 +161,11 @@ class Writer:
                 sink.wake_owner()  # woken for something else than frames: let the task look
                 continue
             data: Any = frames[0] if len(frames) == 1 else b"".join(frames)
-            sink.transport.write(sink.frame(data))
-            sink.on_write(conn)
+            sink.transport.write(chunk(data) if sink.chunked else data)
+            if sink.on_write != observe:  # one stats per relay; a process may hold several (tests)
+                if observe is not None:
+                    observe(written)
+                observe, written = sink.on_write, []
+            written.append(conn)
+        if observe is not None:
+            observe(written)
