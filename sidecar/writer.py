@@ -65,8 +65,12 @@ class Sink:
 
     def wake(self) -> None:
         """The connection's `wake` when direct (the hub calls it when frames are queued or it needs a resync)."""
-        if not self.closed:
-            self.writer.mark(self)
+        if not self.closed:  # marked for the next pass (the Writer's own work, inline: once per delivery)
+            writer = self.writer
+            writer.marked.append(self)
+            if not writer.scheduled:
+                writer.scheduled = True
+                gevent.get_hub().loop.run_callback(writer.flush)
 
     def frame(self, data: bytes) -> bytes:
         return self.writer.chunk(data) if self.chunked and data else data
@@ -138,12 +142,6 @@ class Writer:
         assert sock is not None
         return PeerWatch(sock, on_gone)
 
-    def mark(self, direct: Sink) -> None:
-        self.marked.append(direct)
-        if not self.scheduled:
-            self.scheduled = True
-            gevent.get_hub().loop.run_callback(self.flush)
-
     def flush(self) -> None:
         self.scheduled = False
         marked, self.marked = self.marked, []
@@ -162,7 +160,7 @@ class Writer:
                 continue
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             if direct.chunked and data:
-                data = self.chunk(data)
+                data = self._chunk_out if data is self._chunk_in else self.chunk(data)
             try:
                 n = os.write(direct.sock.fileno(), data)  # fileno() is -1 once the socket is closed: EBADF
             except BlockingIOError:

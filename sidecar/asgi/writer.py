@@ -86,8 +86,12 @@ class Sink:
         conn.wake = self.wake  # from now on the hub's wake marks the connection for the pass
 
     def wake(self) -> None:
-        if not self.closed:
-            self.writer.mark(self)
+        if not self.closed:  # marked for the next pass (the Writer's own work, inline: once per delivery)
+            writer = self.writer
+            writer.marked.append(self)
+            if not writer.scheduled:
+                writer.scheduled = True
+                writer.loop.call_soon(writer.flush)
 
     @property
     def paused(self) -> bool:
@@ -137,12 +141,6 @@ class Writer:
         (the stats: sidecar/stats.py) what it wrote, once per pass, every connection it wrote in a list."""
         return Sink(self, conn, outlet, wake_owner, on_write)
 
-    def mark(self, sink: Sink) -> None:
-        self.marked.append(sink)
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self.flush)
-
     def flush(self) -> None:
         self.scheduled = False
         marked, self.marked = self.marked, []
@@ -161,7 +159,9 @@ class Writer:
                 sink.wake_owner()  # woken for something else than frames: let the task look
                 continue
             data: Any = frames[0] if len(frames) == 1 else b"".join(frames)
-            sink.transport.write(chunk(data) if sink.chunked else data)
+            if sink.chunked:
+                data = self._chunk_out if data is self._chunk_in else chunk(data)
+            sink.transport.write(data)
             if sink.on_write != observe:  # one stats per relay; a process may hold several (tests)
                 if observe is not None:
                     observe(written)
