@@ -178,8 +178,9 @@ def run_group(
                 s.run(100_000, seconds)  # the target is stated at 100k/s
         for _ in range(bisect):  # in lock-step too: each server's next bisecting step, one server after the other
             for s in series:
-                if s.best_rate and s.fail_at:
-                    rate = math.sqrt(s.best_rate * s.fail_at)
+                below = [x["rate"] * s.n for x in s.steps if x["held"] and x["rate"] * s.n < (s.fail_at or 0) * 0.99]
+                if below and s.fail_at:  # between the highest rate held below the failure and the failure
+                    rate = math.sqrt(max(below) * s.fail_at)
                     if not s.run(rate, seconds, "bisect"):
                         s.fail_at = rate
     finally:
