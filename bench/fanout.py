@@ -4,8 +4,9 @@ Every server runs at once, each with its own N clients: the sidecar (SSE and Web
 ceiling (batched, and one write per frame). The ladder of delivery rates is walked in lock-step, each rate tried
 on each server still standing, one after the other, so that all of them meet the same noise of a shared machine.
 A failed step is tried once more (for every server alike); after the first rate a server cannot hold, one
-bisecting step narrows its highest rate down. With 5,000 clients every server is tried at each of the first
-rates whether it held the one before or not: there the figure is the latency at each rate.
+bisecting step (`--bisect N`: N, also in lock-step) narrows its highest rate down. With 5,000 clients every
+server is tried at each of the first rates whether it held the one before or not: there the figure is the
+latency at each rate.
 
 Per step: deliveries/s (messages/s x clients, as read by the clients), latency p50/p95/p99/max (publish call ->
 frame read), messages lost, server CPU% and the server's CPU time per delivery, the figure least disturbed by
@@ -14,6 +15,7 @@ other load on the machine.
 On its own, both fronts side by side with the peer and the raw ceilings, 1,000 clients each, in one run::
 
     python -m bench.fanout --front gevent --front asgi [--transport sse|ws] [--clients N] [--single] [--ladder ...]
+        [--compare DIR [--compare-front asgi]]   # the sidecar of checkout DIR beside this one's (before/after)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -152,7 +155,7 @@ def make(ctx: Context, kind: str, n: int, redis_url: str) -> Target:
 
 def run_group(
     ctx: Context, group: list[tuple[str, int]], redis_url: str, only: list[str] | None,
-    ladder: tuple[int, ...] = LADDER,
+    ladder: tuple[int, ...] = LADDER, bisect: int = 1,
 ) -> list[dict]:  # fmt: skip
     seconds = ctx.seconds(2.5, 2.0)
     series: list[Series] = []
@@ -173,8 +176,13 @@ def run_group(
         for s in series:
             if s.n == 1000 and not any(abs(x["rate"] * s.n - 100_000) < 1 for x in s.steps):
                 s.run(100_000, seconds)  # the target is stated at 100k/s
-            if s.best_rate and s.fail_at:
-                s.run(math.sqrt(s.best_rate * s.fail_at), seconds, "bisect")
+        for _ in range(bisect):  # in lock-step too: each server's next bisecting step, one server after the other
+            for s in series:
+                below = [x["rate"] * s.n for x in s.steps if x["held"] and x["rate"] * s.n < (s.fail_at or 0) * 0.99]
+                if below and s.fail_at:  # between the highest rate held below the failure and the failure
+                    rate = math.sqrt(max(below) * s.fail_at)
+                    if not s.run(rate, seconds, "bisect"):
+                        s.fail_at = rate
     finally:
         records = [s.finish() for s in series]
     for record in records:
@@ -193,18 +201,24 @@ def print_row(record: dict) -> None:
 
 def run(
     ctx: Context, only: list[str] | None = None, groups: list[list[tuple[str, int]]] | None = None,
-    ladder: tuple[int, ...] = LADDER,
+    ladder: tuple[int, ...] = LADDER, bisect: int = 1,
 ) -> list[dict]:  # fmt: skip
     records: list[dict] = []
     with ctx.redis("fanout") as redis:
         for group in groups or plan(ctx):
-            records += run_group(ctx, group, redis.url, only, ladder)
+            records += run_group(ctx, group, redis.url, only, ladder, bisect)
     return records
 
 
-def fronts_group(fronts: list[str], transports: list[str], n: int, single: bool) -> list[tuple[str, int]]:
-    """Both fronts side by side with the peer and the raw ceilings, one group of `n` clients each."""
-    kinds = [f"{'sidecar' if front == 'gevent' else front}-{t}" for front in fronts for t in transports]
+def fronts_group(
+    fronts: list[str], transports: list[str], n: int, single: bool, compare: Sequence[str] = ()
+) -> list[tuple[str, int]]:
+    """Both fronts side by side with the peer and the raw ceilings, one group of `n` clients each; the fronts in
+    `compare` also from the `--compare` checkout (`<kind>@`), next to this checkout's."""
+    kinds = [
+        f"{'sidecar' if front == 'gevent' else front}-{t}{at}"
+        for front in fronts for at in ("", "@") if not at or front in compare for t in transports
+    ]  # fmt: skip
     kinds += ["peer"] + [f"raw-{t}-batched" for t in transports]
     kinds += [f"raw-{t}-single" for t in transports] if single else []
     return [(kind, n) for kind in kinds]
@@ -219,14 +233,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 s steps instead of 2.5 s")
     parser.add_argument("--ladder", default=",".join(map(str, LADDER)),
                         help="deliveries/s tried, in order, comma-separated (lower for a slow front)")  # fmt: skip
+    parser.add_argument("--bisect", type=int, default=1,
+                        help="bisecting steps between a server's best rate and its first failure")  # fmt: skip
+    parser.add_argument("--compare", type=Path, metavar="DIR",
+                        help="also run the sidecar of checkout DIR (a before/after in one run)")  # fmt: skip
+    parser.add_argument("--compare-front", action="append", choices=FRONTS,
+                        help="the fronts run from DIR too (default: every --front)")  # fmt: skip
     args = parser.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="sidecar-bench-fanout-"))
-    ctx = Context(quick=args.quick, log_dir=log_dir)
+    compare = args.compare.resolve() if args.compare else None
+    ctx = Context(quick=args.quick, log_dir=log_dir, compare=compare)
     command = "python -m bench.fanout " + " ".join(sys.argv[1:] if argv is None else argv)
     print(json.dumps({"scenario": "machine", "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "logs": str(log_dir)}), flush=True)  # fmt: skip
-    group = fronts_group(args.front or list(FRONTS), args.transport or ["sse", "ws"], args.clients, args.single)
-    records = run(ctx, groups=[group], ladder=tuple(int(x) for x in args.ladder.split(",")))
+    fronts = args.front or list(FRONTS)
+    compared = (args.compare_front or fronts) if compare else []
+    group = fronts_group(fronts, args.transport or ["sse", "ws"], args.clients, args.single, compared)
+    records = run(ctx, groups=[group], ladder=tuple(int(x) for x in args.ladder.split(",")), bisect=args.bisect)
     for record in records:
         print(json.dumps(record), flush=True)
     print(report.row(report.ratios(records, args.clients)), flush=True)

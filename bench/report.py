@@ -5,19 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def best(records: list[dict], server: str, transport: str, clients: int = 1000) -> float | None:
+def record_of(records: list[dict], server: str, transport: str, clients: int = 1000) -> dict | None:
     for r in records:
         if (r.get("scenario"), r.get("server"), r.get("transport"), r.get("clients")) == (
             "fanout", server, transport, clients,
         ):  # fmt: skip
-            return r["best_deliveries_per_s"]
+            return r
     return None
 
 
+def best(records: list[dict], server: str, transport: str, clients: int = 1000) -> float | None:
+    r = record_of(records, server, transport, clients)
+    return None if r is None else r["best_deliveries_per_s"]
+
+
+def cpu_at_100k(records: list[dict], server: str, transport: str, clients: int = 1000) -> float | None:
+    """Server CPU us per delivery at 100k deliveries/s (per delivery made: a server behind made fewer)."""
+    r = record_of(records, server, transport, clients)
+    return (r.get("at_100k") or {}).get("cpu_us_per_delivery") if r is not None else None
+
+
 def ratios(records: list[dict], clients: int = 1000) -> dict:
-    """The fanout figures as ratios of baselines measured in the same run (N=1,000), for each front that ran."""
+    """The fanout figures as ratios of baselines measured in the same run (N=1,000), for each front that ran:
+    the highest rate held, and the deliveries per CPU-second at 100k/s (`_cpu_vs_peer_at_100k`)."""
     out: dict = {"scenario": "ratios"}
     peer = best(records, "peer", "ws", clients)
+    peer_cpu = cpu_at_100k(records, "peer", "ws", clients)
     for server, label in (("sidecar", "sidecar"), ("sidecar-asgi", "asgi")):
         for transport in ("sse", "ws"):
             mine = best(records, server, transport, clients)
@@ -31,6 +44,9 @@ def ratios(records: list[dict], clients: int = 1000) -> dict:
                 out[f"{label}_{transport}_vs_raw_batched"] = round(mine / batched, 2)
             if single:
                 out[f"{label}_{transport}_vs_raw_single"] = round(mine / single, 2)
+            mine_cpu = cpu_at_100k(records, server, transport, clients)
+            if peer_cpu and mine_cpu:
+                out[f"{label}_{transport}_cpu_vs_peer_at_100k"] = round(peer_cpu / mine_cpu, 2)
     return out
 
 

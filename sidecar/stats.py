@@ -37,7 +37,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
@@ -158,10 +158,11 @@ class Histogram:
         self.counts = [0] * len(bounds)
         self.sum_ms = 0.0
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: float, n: int = 1) -> None:
+        """`n` observations of `value`."""
         value = max(value, 0.0)  # publisher and relay clocks may disagree by a little
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum_ms += value
+        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.sum_ms += value * n
 
 
 @dataclass(slots=True)
@@ -225,23 +226,42 @@ class Stats:
             relay.reader.on_messages = on_messages
 
     # -- what the relay and the throttle call ---------------------------------------------------------------
-    def observe_write(self, conn: Connection) -> None:
-        """After a socket write: the age of the oldest frame written (one observation per write), in all, for its
-        channel's pattern, and since it was queued (the queue stage)."""
-        ts = conn.batch_ts
-        if not ts:
-            return
-        ms = self.clock() * 1000 - ts
-        self.latency.observe(ms)
-        if conn.batch_channel is not None:
-            key = self._key(conn.batch_channel)
+    def observe_write(self, written: Connection | Sequence[Connection]) -> None:
+        """After socket writes, one connection's or a write pass's (sidecar/writer.py): the age of the oldest frame
+        of each write (one observation per write), in all, for its channel's pattern, and since it was queued
+        (the queue stage). A pass is timed once, at its end, and the writes of one message to many sockets are
+        counted as one observation times their number."""
+        conns = (written,) if isinstance(written, Connection) else written
+        now = 0.0
+        ts = at = 0.0
+        channel: str | None = None
+        n = 0
+        for conn in conns:
+            if not conn.batch_ts:
+                continue
+            if n and conn.batch_ts == ts and conn.batch_at == at and conn.batch_channel == channel:
+                n += 1
+                continue
+            if n:
+                self._observe_writes(now, ts, at, channel, n)
+            else:
+                now = self.clock() * 1000
+            ts, at, channel, n = conn.batch_ts, conn.batch_at, conn.batch_channel, 1
+        if n:
+            self._observe_writes(now, ts, at, channel, n)
+
+    def _observe_writes(self, now: float, ts: float, at: float, channel: str | None, n: int) -> None:
+        ms = now - ts
+        self.latency.observe(ms, n)
+        if channel is not None:
+            key = self._key(channel)
             hist = self.pattern_latency.get(key)
             if hist is None:
                 hist = self.pattern_latency[key] = Histogram()
-            hist.observe(ms)
+            hist.observe(ms, n)
         hub_clock = self.relay.hub.clock
-        if conn.batch_at and hub_clock is not None:
-            self.stages["queue"].observe((hub_clock() - conn.batch_at) * 1000)
+        if at and hub_clock is not None:
+            self.stages["queue"].observe((hub_clock() - at) * 1000, n)
 
     def observe_read(self, messages: Iterable[Message], now_ms: float | None = None) -> None:
         """Messages the reader decoded at ``now_ms`` (default: now): publish -> there is the read stage."""

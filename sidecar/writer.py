@@ -38,7 +38,8 @@ class Sink:
 
     def __init__(
         self, writer: Writer, conn: Connection, sock: socket.socket | None, direct: bool, chunked: bool,
-        wake_owner: Callable[[], None], on_write: Callable[[Connection], None], send: Callable[[bytes], Any] | None,
+        wake_owner: Callable[[], None], on_write: Callable[[list[Connection]], None],
+        send: Callable[[bytes], Any] | None,
     ) -> None:  # fmt: skip
         self.writer = writer
         self.conn = conn
@@ -64,8 +65,12 @@ class Sink:
 
     def wake(self) -> None:
         """The connection's `wake` when direct (the hub calls it when frames are queued or it needs a resync)."""
-        if not self.closed:
-            self.writer.mark(self)
+        if not self.closed:  # marked for the next pass (the Writer's own work, inline: once per delivery)
+            writer = self.writer
+            writer.marked.append(self)
+            if not writer.scheduled:
+                writer.scheduled = True
+                gevent.get_hub().loop.run_callback(writer.flush)
 
     def frame(self, data: bytes) -> bytes:
         return self.writer.chunk(data) if self.chunked and data else data
@@ -120,12 +125,13 @@ class Writer:
 
     def sink(
         self, conn: Connection, sock: socket.socket | None, wake_owner: Callable[[], None],
-        on_write: Callable[[Connection], None], *, chunked: bool = False, send: Callable[[bytes], Any] | None = None,
-        direct: bool = True,
+        on_write: Callable[[list[Connection]], None], *, chunked: bool = False,
+        send: Callable[[bytes], Any] | None = None, direct: bool = True,
     ) -> Sink:  # fmt: skip
         """The one :class:`Sink` of `conn`, from now on what writes its socket: the pass, if `direct` and `sock`
         is a gevent socket (its descriptor non-blocking); else its greenlet, through `send` (None: the WSGI
-        server, see :meth:`Sink.take`). `chunked`: frame direct writes as HTTP/1.1 chunks."""
+        server, see :meth:`Sink.take`). `chunked`: frame direct writes as HTTP/1.1 chunks. The pass tells `on_write`
+        (the stats: sidecar/stats.py) what it wrote, once per pass, every connection it wrote in a list."""
         direct = direct and _nonblocking(sock)
         return Sink(self, conn, sock, direct, chunked, wake_owner, on_write, send)
 
@@ -136,15 +142,11 @@ class Writer:
         assert sock is not None
         return PeerWatch(sock, on_gone)
 
-    def mark(self, direct: Sink) -> None:
-        self.marked.append(direct)
-        if not self.scheduled:
-            self.scheduled = True
-            gevent.get_hub().loop.run_callback(self.flush)
-
     def flush(self) -> None:
         self.scheduled = False
         marked, self.marked = self.marked, []
+        observe: Callable[[list[Connection]], None] | None = None  # the written connections' stats, once per pass
+        written: list[Connection] = []
         for direct in marked:
             if direct.closed:
                 continue
@@ -156,7 +158,9 @@ class Writer:
             if not frames:
                 direct.wake_owner()  # woken for something else than frames: let the greenlet look
                 continue
-            data = direct.frame(frames[0] if len(frames) == 1 else b"".join(frames))
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            if direct.chunked and data:
+                data = self._chunk_out if data is self._chunk_in else self.chunk(data)
             try:
                 n = os.write(direct.sock.fileno(), data)  # fileno() is -1 once the socket is closed: EBADF
             except BlockingIOError:
@@ -165,10 +169,16 @@ class Writer:
                 direct.broken = True
                 direct.wake_owner()
                 continue
-            direct.on_write(conn)
+            if direct.on_write != observe:  # one stats per relay; a process may hold several (tests)
+                if observe is not None:
+                    observe(written)
+                observe, written = direct.on_write, []
+            written.append(conn)
             if n < len(data):
                 direct.pending = data[n:]
                 direct.wake_owner()
+        if observe is not None:
+            observe(written)
 
 
 writer = Writer()  # one per process: the gevent hub's loop runs its pass

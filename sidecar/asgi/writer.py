@@ -73,7 +73,7 @@ class Sink:
 
     def __init__(
         self, writer: Writer, conn: Connection, outlet: Outlet, wake_owner: Callable[[], None],
-        on_write: Callable[[Connection], None],
+        on_write: Callable[[list[Connection]], None],
     ) -> None:  # fmt: skip
         self.writer = writer
         self.conn = conn
@@ -86,8 +86,12 @@ class Sink:
         conn.wake = self.wake  # from now on the hub's wake marks the connection for the pass
 
     def wake(self) -> None:
-        if not self.closed:
-            self.writer.mark(self)
+        if not self.closed:  # marked for the next pass (the Writer's own work, inline: once per delivery)
+            writer = self.writer
+            writer.marked.append(self)
+            if not writer.scheduled:
+                writer.scheduled = True
+                writer.loop.call_soon(writer.flush)
 
     @property
     def paused(self) -> bool:
@@ -130,20 +134,19 @@ class Writer:
         return self._chunk_out
 
     def sink(
-        self, conn: Connection, outlet: Outlet, wake_owner: Callable[[], None], on_write: Callable[[Connection], None]
-    ) -> Sink:
-        """The one :class:`Sink` of `conn`: from now on the pass writes its queued frames."""
+        self, conn: Connection, outlet: Outlet, wake_owner: Callable[[], None],
+        on_write: Callable[[list[Connection]], None],
+    ) -> Sink:  # fmt: skip
+        """The one :class:`Sink` of `conn`: from now on the pass writes its queued frames, and tells `on_write`
+        (the stats: sidecar/stats.py) what it wrote, once per pass, every connection it wrote in a list."""
         return Sink(self, conn, outlet, wake_owner, on_write)
-
-    def mark(self, sink: Sink) -> None:
-        self.marked.append(sink)
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.scheduled = False
         marked, self.marked = self.marked, []
+        chunk = self.chunk
+        observe: Callable[[list[Connection]], None] | None = None  # the written connections' stats, once per pass
+        written: list[Connection] = []
         for sink in marked:
             if sink.closed:
                 continue
@@ -156,5 +159,13 @@ class Writer:
                 sink.wake_owner()  # woken for something else than frames: let the task look
                 continue
             data: Any = frames[0] if len(frames) == 1 else b"".join(frames)
-            sink.transport.write(sink.frame(data))
-            sink.on_write(conn)
+            if sink.chunked:
+                data = self._chunk_out if data is self._chunk_in else chunk(data)
+            sink.transport.write(data)
+            if sink.on_write != observe:  # one stats per relay; a process may hold several (tests)
+                if observe is not None:
+                    observe(written)
+                observe, written = sink.on_write, []
+            written.append(conn)
+        if observe is not None:
+            observe(written)

@@ -1,5 +1,6 @@
-"""The writer's pass (sidecar/writer.py): frames reach each socket whole and in order, even when a socket takes
-only part of a write and the connection's greenlet has to finish it."""
+"""The writer's pass (sidecar/writer.py, and sidecar/asgi/writer.py on the asyncio front): frames reach each
+socket whole and in order, even when a socket takes only part of a write (or its transport is paused) and the
+connection's own greenlet or task has to finish it; and the stats count each socket write of a pass."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import time
 
 import pytest
 
+from dashboard.feed import read_records
 from sidecar.publish import Publisher
+from tests.processes import FRONTS
+
+pytestmark = pytest.mark.parametrize("sidecar_process", FRONTS, indirect=True)
 
 FRAMES = 160
 PAD = "x" * 50_000  # 8 MB in all: more than the kernel buffers for a reader that stopped (4 MB at most here)
@@ -66,7 +71,7 @@ def unchunk(body: bytes) -> bytes:
 
 def sse_events(raw: bytes) -> list[dict]:
     head, _, body = raw.partition(b"\r\n\r\n")
-    assert b"Transfer-Encoding: chunked" in head
+    assert b"transfer-encoding: chunked" in head.lower()
     events = [e for e in unchunk(body).split(b"\n\n") if b"event: message" in e and e.endswith(b"}")]
     return [json.loads(e.split(b"data: ", 1)[1]) for e in events]
 
@@ -119,3 +124,30 @@ def test_a_stalled_websocket_reader_gets_every_frame_whole_and_in_order_when_it_
     sock.close()
     messages = [json.loads(f) for f in ws_frames(raw) if b'"type":"message"' in f]
     assert [m["data"]["i"] for m in messages] == list(range(FRAMES))
+
+
+def test_each_socket_write_of_a_pass_is_one_latency_observation(redis_server, redis_client, sidecar_process):
+    """The pass hands the stats every connection it wrote at once: the record's `lat` still counts one
+    observation per socket write, not one per pass (docs/dashboard.md, the stats record)."""
+    proc = sidecar_process(redis_server.url, SIDECAR_STATS_INTERVAL="0.2")
+    clients = [socket.create_connection(("127.0.0.1", proc.port), timeout=10) for _ in range(20)]
+    for sock in clients:
+        sock.sendall(b"GET /sse?channel=w:3&mode=event HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = [read_until(sock, lambda d: b"event: ready" in d) for sock in clients]
+    with Publisher.from_url(redis_server.url) as pub:
+        for i in range(3):
+            pub.event("w:3", "tick", {"i": i})
+            time.sleep(0.3)  # one message per pass
+    for n, sock in enumerate(clients):
+        got[n] = read_until(sock, lambda d: d.count(b"event: message") == 3, got[n])
+        sock.close()
+
+    def observed() -> int:
+        return sum(sum(r.lat) for r in read_records(redis_client, "rt:stats"))
+
+    deadline = time.monotonic() + 10
+    while observed() < len(clients):
+        assert time.monotonic() < deadline, f"{observed()} writes observed"
+        time.sleep(0.1)
+    time.sleep(0.5)  # the records past the last write
+    assert len(clients) <= observed() <= 3 * len(clients)

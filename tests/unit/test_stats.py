@@ -322,6 +322,25 @@ def test_the_queue_stage_is_queued_to_written_for_the_oldest_frame_of_each_write
     assert "lat" not in record["ch"]["orders:*"]  # only patterns whose frames led a write
 
 
+def test_a_write_pass_is_one_observation_per_connection_written(relay, stats, clock):
+    """The writers' pass hands over every connection it wrote at once: still one observation per socket write,
+    each of its oldest frame, whichever connections share one."""
+    first = subscribe(relay.hub, SSE, "orders:1")
+    read(relay, message("orders:1", 1, ts=T0 * 1000 - 9))
+    shared = [subscribe(relay.hub, WS, "orders:2") for _ in range(3)]
+    clock.now += 0.002
+    read(relay, message("orders:2", 1, ts=T0 * 1000 - 4))
+    idle = subscribe(relay.hub, WS, "task:1")
+    clock.now += 0.001
+    for conn in [first, *shared, idle]:
+        conn.drain()
+    stats.observe_write([first, *shared, idle])  # `idle` wrote no frame (a keepalive): not observed
+    record = stats.sample()[0]
+    assert record["lat"] == hist(12, 7, 7, 7) and record["ch"]["orders:*"]["lat"] == hist(12, 7, 7, 7)
+    assert record["stage"]["queue"] == hist(3, 1, 1, 1)
+    assert sum(stats.latency.counts) == 4 and stats.latency.sum_ms == pytest.approx(12 + 3 * 7)
+
+
 def test_a_coalescing_window_puts_its_held_frames_in_the_held_stage(clock):
     policy = Policy.from_json({"channels": {"orders:*": {"window": 0.5}}})
     relay = fake_relay(Settings(stats_patterns="orders:*"), clock, policy)
