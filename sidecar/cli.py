@@ -14,6 +14,7 @@ import socket
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from sidecar.config import Settings
 
@@ -132,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings(**overrides: Any) -> Settings | None:
+    """The settings, or None after one line on stderr naming the bad setting (no traceback for a typo)."""
+    try:
+        return Settings.from_env(**overrides)
+    except ValueError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -144,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from sidecar.serve import serve as run
 
-        run(Settings.from_env(host=args.host, port=args.port, dev=args.dev))
+        settings = _settings(host=args.host, port=args.port, dev=args.dev)
+        if settings is None:
+            return 2
+        run(settings)
         return 0
     if args.command == "demo":
         from sidecar.demo import run_demo
 
-        settings = Settings.from_env(dev=True, host=args.host, port=args.port)
+        settings = _settings(dev=True, host=args.host, port=args.port)
+        if settings is None:
+            return 2
         return run_demo(settings, args.dashboard_port, not args.no_dashboard)
     if args.command == "dashboard":
         return dashboard(args.host, args.port)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from sidecar.cli import build_parser, port_free, port_taken
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:
@@ -53,3 +59,13 @@ def test_a_busy_port_is_seen_and_the_message_says_how_to_pick_another() -> None:
         assert not port_free("127.0.0.1", port)
     message = port_taken("dashboard", "127.0.0.1", port, "make demo DASHBOARD_PORT={}")
     assert f"127.0.0.1:{port} is in use" in message and f"make demo DASHBOARD_PORT={port + 1}" in message
+
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["serve", "--front", "asgi"], ["demo"]])
+def test_a_bad_setting_stops_the_command_with_one_line_naming_it(argv: list[str]) -> None:
+    env = {**os.environ, "SIDECAR_PORT": "eighty"}
+    done = subprocess.run([sys.executable, "-m", "sidecar", *argv], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == "sidecar: SIDECAR_PORT: cannot read 'eighty' as int\n"
