@@ -348,7 +348,8 @@ class _Detached:
         except (TimeoutError, OSError):
             self.outlet.transport.close()
         except Exception:  # the body cannot be ended: the close ends it, never a client left hanging
-            log.exception("SSE stream failed at its end")
+            if not self.outlet.gone():  # else uvloop's write to a handle closed meanwhile: nothing to say
+                log.exception("SSE stream failed at its end")
             self.outlet.transport.close()
         finally:
             self.task = None
