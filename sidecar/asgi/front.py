@@ -265,7 +265,10 @@ class Ticks:
 
     def _fire(self, tick: int) -> None:
         for sleeper in self.due.pop(tick, ()):
-            sleeper.expired()
+            try:
+                sleeper.expired()
+            except Exception:  # that connection's own failure: the others of this tick still expire
+                log.exception("a connection's timer failed")
 
 
 class LeanEvent:
@@ -425,7 +428,10 @@ def stand_ins_fit() -> bool:
     """The startup check's verdict (made at the first call: a server's first connection); a misfit is logged once."""
     global _fits
     if _fits is None:
-        problems = stand_in_problems()
+        try:
+            problems = stand_in_problems()
+        except Exception as exc:  # the check itself no longer fits the libraries: neither do the stand-ins
+            problems = [f"the check failed: {type(exc).__name__}: {exc}"]
         _fits = not problems
         if problems:
             log.warning("uvicorn/wsproto internals are not as sidecar's lean stand-ins expect (%s): running with "

@@ -87,10 +87,10 @@ class _CycleOutlet:
         cycle.scope = slim
         if getattr(protocol, "scope", None) is scope:  # httptools: replaced at the next request's first byte
             protocol.scope = slim
+            if hasattr(protocol, "url"):  # else it is a pipelined request's, maybe half parsed
+                protocol.url = b""
         if getattr(protocol, "headers", None) is scope["headers"]:
             protocol.headers = slim["headers"]
-        if hasattr(protocol, "url"):
-            protocol.url = b""
 
     async def end(self) -> None:
         """Finish a detached response as uvicorn would have at the app's last `more_body: False`: the body's end
@@ -107,7 +107,7 @@ class _CycleOutlet:
     def chunked(self) -> bool:
         raise NotImplementedError
 
-    def streaming(self) -> None:
+    def streaming(self, direct: bool = True) -> None:
         """The app's next head starts a body of unknown length (no Content-Length): h11 frames it by itself."""
 
 
@@ -128,12 +128,13 @@ class _HttpToolsOutlet(_CycleOutlet):
     def chunked(self) -> bool:
         return bool(self.cycle.chunked_encoding)
 
-    def streaming(self) -> None:
+    def streaming(self, direct: bool = True) -> None:
         """uvicorn's httptools cycle would frame it as chunks even for an HTTP/1.0 client, which cannot read them
         (RFC 9112 section 7.1: chunked only for HTTP/1.1). As h11 does: the bytes as they are, ended by the close
-        (uvicorn keeps no HTTP/1.0 connection alive)."""
+        (uvicorn keeps no HTTP/1.0 connection alive). Not `direct` (a middleware holds the head, the body goes
+        through uvicorn's send(), which checks unchunked bytes against a Content-Length): uvicorn frames it."""
         if self.cycle.scope["http_version"] == "1.0":
-            self.cycle.chunked_encoding = False
+            self.cycle.chunked_encoding = False if direct else None
 
 
 def _nothing() -> None:

@@ -94,6 +94,7 @@ class _EventStream(EventSourceResponse):
             self.outlet.streaming()
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         if isinstance(self.outlet, Detachable) and not self.outlet.started():
+            self.outlet.streaming(direct=False)  # before the middleware sends the head on
             self.outlet = None  # a middleware holds the head: the body goes through it too (the ASGI send path)
         if self.outlet is not None and self.detach is not None and self.detach(self.outlet):
             return  # the request's task ends here; the stream goes on without it
@@ -180,8 +181,9 @@ async def sse(request: Request) -> Response:
 class Detachable(Outlet, Protocol):
     """An Outlet whose response can outlive the request's task (our uvicorn protocols: sidecar/asgi/protocols.py)."""
 
-    def streaming(self) -> None:
-        """Called before the head of a body of unknown length: the server frames it as the HTTP version allows."""
+    def streaming(self, direct: bool = True) -> None:
+        """Called before the head of a body of unknown length: the server frames it as the HTTP version allows
+        (`direct`: the body's bytes go to the transport, else through the server's send())."""
         ...
 
     def started(self) -> bool:
@@ -250,8 +252,7 @@ class _Detached:
     def expired(self) -> None:
         """The Wait's deadline (front.ticks)."""
         self.tick = None
-        self.session.timer_fired()
-        self.step()
+        self.step(fired=True)
 
     def _cancel(self) -> None:
         if self.tick is not None:
@@ -259,13 +260,16 @@ class _Detached:
             self.front.ticks.remove(self.tick, self)
             self.tick = None
 
-    def step(self) -> None:
-        """_sse_loop's turn: the session's actions until it waits, or something has to be awaited."""
+    def step(self, fired: bool = False) -> None:
+        """_sse_loop's turn: the session's actions until it waits, or something has to be awaited. Whatever
+        raises ends this stream (logged, its connection closed), never leaves it connected with no timer."""
         if self.done:
             return
         session, sink, conn = self.session, self.sink, self.conn
         self.running = True
         try:
+            if fired:
+                session.timer_fired()
             while self.active:
                 if sink.paused:  # flow control: the frames wait in the queue, under its bounds
                     self._await(self._drain())
@@ -295,7 +299,11 @@ class _Detached:
         finally:
             self.running = False
             self.again = False
-        self._finish()
+        try:
+            self._finish()
+        except Exception:
+            log.exception("SSE stream failed")
+            self.outlet.transport.close()
 
     async def _drain(self) -> None:
         conn = self.conn
@@ -338,6 +346,10 @@ class _Detached:
             async with asyncio.timeout(self.send_timeout):  # a backstop, as the send path's send timeout
                 await self.outlet.end()
         except (TimeoutError, OSError):
+            self.outlet.transport.close()
+        except Exception:  # the body cannot be ended: the close ends it, never a client left hanging
+            if not self.outlet.gone():  # else uvloop's write to a handle closed meanwhile: nothing to say
+                log.exception("SSE stream failed at its end")
             self.outlet.transport.close()
         finally:
             self.task = None

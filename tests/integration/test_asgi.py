@@ -766,3 +766,93 @@ def _ok(url: str) -> bool:
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+@pytest.mark.parametrize("http", OURS)
+def test_a_request_pipelined_behind_a_detached_stream_with_its_line_split_is_served_after_the_stream(
+    http, redis_server, tmp_path
+):
+    """A client pipelines its next request behind the stream, and the packet with the stream's request holds the
+    start of the next one's line: nothing of it may be lost or answered inside the stream's body. The stream ends
+    (token expiry) with its last chunk, then the next request is answered on the same connection."""
+    import h11
+
+    env = {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_JWT_LEEWAY": "0"}
+    proc = uvicorn_relay(redis_server.url, tmp_path, ["--http", http, "--ws", "sidecar.asgi:WSProtocol"], env)
+    token = mint(SECRET, ["split:*"], ttl=3)
+    sock = socket.create_connection(("127.0.0.1", proc.port), timeout=10)  # type: ignore[attr-defined]
+    client = h11.Connection(h11.CLIENT)
+    try:
+        first = client.send(h11.Request(method="GET", target=f"/sse?channel=split:1&mode=event&token={token}",
+                                        headers=[("Host", "127.0.0.1")])) + client.send(h11.EndOfMessage())  # fmt: skip
+        second = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        sock.sendall(first + second[:12])  # "GET /healthz": the next request's line begun
+        data = b""
+        while b"event: ready" not in data:
+            data += sock.recv(65536)
+        time.sleep(0.3)  # the stream is detached by now
+        sock.sendall(second[12:])
+        client.receive_data(data)
+        events, deadline = [], time.monotonic() + 15
+        while not events or not isinstance(events[-1], h11.EndOfMessage):
+            assert time.monotonic() < deadline, events[-3:]
+            event = client.next_event()  # fails on anything that is not HTTP/1.1 framing
+            if event is h11.NEED_DATA:
+                client.receive_data(sock.recv(65536))
+            else:
+                events.append(event)
+        body = b"".join(bytes(e.data) for e in events if isinstance(e, h11.Data))
+        assert b"token-expired" in body and b"HTTP/1.1" not in body, body[-300:]
+        client.start_next_cycle()
+        client.send(h11.Request(method="GET", target="/healthz", headers=[("Host", "127.0.0.1")]))
+        client.send(h11.EndOfMessage())
+        events = []
+        while not events or not isinstance(events[-1], h11.EndOfMessage):
+            assert time.monotonic() < deadline, events[-3:]
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(sock.recv(65536))
+            else:
+                events.append(event)
+        assert events[0].status_code == 200
+        assert orjson.loads(b"".join(bytes(e.data) for e in events if isinstance(e, h11.Data)))["ok"] is True
+    finally:
+        sock.close()
+        proc.stop()
+    assert "Invalid HTTP request" not in proc.log_text() and "Traceback" not in proc.log_text(), proc.log_tail(40)
+
+
+def test_an_http_1_0_client_behind_an_http_middleware_gets_its_stream_on_httptools(redis_server, tmp_path):
+    """A middleware holding the head sends the stream through uvicorn's send(): an HTTP/1.0 client must still get
+    the stream's events (uvicorn's httptools cycle frames them as it would on its own protocol), not a head and a
+    RuntimeError for a body longer than its (absent) Content-Length."""
+    port = free_port()
+    env = child_env(redis_server.url, {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_DEV": "1"})
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "tests.integration.test_asgi:fastapi_app_with_middleware",
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--http",
+            "sidecar.asgi.protocols:HttpToolsProtocol", "--ws", "sidecar.asgi:WSProtocol"]  # fmt: skip
+    proc = ManagedProcess(f"fastapi-{port}", argv, {**env, "PYTHONPATH": str(REPO_ROOT)}, tmp_path / "fastapi.log")
+    pub = Publisher.from_url(redis_server.url)
+    sock = None
+    try:
+        proc.wait_until("GET /realtime/healthz 200", lambda: _ok(f"http://127.0.0.1:{port}/realtime/healthz"), 20)
+        token = mint(SECRET, ["mw10:*"])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(f"GET /realtime/sse?channel=mw10:1&mode=event&token={token} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"event: ready" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data  # the server closed the stream
+            data += chunk
+        pub.event("mw10:1", "tick", {"n": 1})
+        while b'"n":1' not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert data.split(b"\r\n\r\n", 1)[0].lower().count(b"x-app: tagged") == 1
+    finally:
+        if sock is not None:
+            sock.close()
+        pub.close()
+        proc.stop()
+    assert "Traceback" not in proc.log_text() and "ERROR" not in proc.log_text(), proc.log_tail(40)
