@@ -167,7 +167,13 @@ async def sse(request: Request) -> Response:
     def detach(outlet: Outlet) -> bool:
         if not isinstance(outlet, Detachable) or front.writer is None or front.ticks is None or not outlet.detach():
             return False
-        _Detached(front, relay, conn, session, outlet, send_timeout).start()
+        try:
+            _Detached(front, relay, conn, session, outlet, send_timeout).start()
+        except BaseException:  # detached but not started: nobody would end it, nor free its admission slot
+            log.exception("SSE stream could not go on detached")
+            relay.hub.disconnect(conn)
+            outlet.transport.close()
+            raise
         return True
 
     response = _EventStream(
