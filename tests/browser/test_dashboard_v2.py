@@ -21,7 +21,7 @@ import redis
 
 from dashboard.sources import N_BUCKETS, percentile
 from sidecar.stats import LATENCY_BOUNDS_MS
-from tests.browser.test_dashboard import DashboardProcess, wait_for
+from tests.browser.test_dashboard import X_RANGE, DashboardProcess, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -210,7 +210,7 @@ def test_the_v2_views_show_what_the_replicas_and_publishers_recorded(redis_serve
 # -- with real traffic through a real sidecar ---------------------------------------------------------------
 ADMIN_KEY = "dashboard-v2-test-admin-key-0123456789abcdef"
 WINDOW = 0.5  # the coalescing window the test sets through the page
-MESSAGES, SPACING = 30, 0.1  # published on win:a, one every SPACING s: 3 s of traffic
+MESSAGES, SPACING = 30, 0.05  # published on win:a, one every SPACING s: 1.5 s of traffic, 3 windows
 STORM = 10  # SSE connections opened at once against admit_rate 1, admit_burst 3
 
 
@@ -248,12 +248,17 @@ def test_real_traffic_shows_stages_the_windows_coalescing_the_storms_admission_a
         body.press("Tab")
         time.sleep(0.3)  # the widgets' values reach the server before the click
         page.get_by_role("button", name="Apply").click()
-        page.locator(".alert-success", has_text="Policy changed").wait_for(timeout=5_000)
+        page.locator(".alert-success", has_text="Policy changed").wait_for(timeout=10_000)
         marks = wait_for(lambda: (c := columns(page, "changes", "who", "what", "t")) and c["who"] and c, 10,
                          "the page's change as a marker")  # fmt: skip
         assert marks["who"] == ["admin"] and "win:*" in marks["what"][0] and "0.5" in marks["what"][0]
         assert abs(marks["t"][0] / 1000 - time.time()) < 15
-        time.sleep(1.5)  # every replica applies a policy within a second
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+        def policy() -> dict[str, Any]:  # as this replica applies it (a PUT to it applies it before answering)
+            return requests.get(f"{sidecar.url}/admin/throttle", headers=headers, timeout=5).json()["policy"]
+
+        assert policy()["channels"]["win:*"]["window"] == WINDOW
 
         # Traffic: 30 messages into the 0.5 s window of one event-mode subscriber.
         subscriber = Subscriber(sidecar.url, "win:a")
@@ -266,11 +271,10 @@ def test_real_traffic_shows_stages_the_windows_coalescing_the_storms_admission_a
         wait_for(lambda: subscriber.messages == MESSAGES, 5, "every message (event mode batches, drops nothing)")
 
         # The storm: admission at 1/s after a burst of 3, set through the admin API.
-        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        doc = requests.get(f"{sidecar.url}/admin/throttle", headers=headers, timeout=5).json()["policy"]
+        doc = policy()
         doc.update(admit_rate=1, admit_burst=3)
         assert requests.put(f"{sidecar.url}/admin/throttle", json=doc, headers=headers, timeout=5).ok
-        time.sleep(1.5)
+        assert (policy()["admit_rate"], policy()["admit_burst"]) == (1, 3)  # in force: its bucket starts full
         statuses = []
         for _ in range(STORM):
             response = requests.get(f"{sidecar.url}/sse?channel=storm:x", stream=True, timeout=5)
@@ -317,7 +321,7 @@ def test_real_traffic_shows_stages_the_windows_coalescing_the_storms_admission_a
         page.get_by_text("gevent", exact=True).first.wait_for(timeout=5_000)  # the replica's front
         page.get_by_text("none has bytes queued now").wait_for(timeout=5_000)  # an empty table says why
         page.get_by_role("button", name="5 min", exact=True).click()
-        time.sleep(1)
+        wait_for(lambda: (r := page.evaluate(X_RANGE)) and r[1] - r[0] == 300_000, 5, "the 5-minute view")
         page.screenshot(path=str(artifacts / "dashboard-traffic.png"), full_page=True)
     finally:
         page.close()
