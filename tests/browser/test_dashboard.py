@@ -167,7 +167,7 @@ def test_the_dashboard_plots_the_traffic_filters_by_channel_and_changes_the_thro
         page.get_by_text("queue_frames", exact=True).wait_for(timeout=5_000)
         page.screenshot(path=str(artifacts / "dashboard-empty.png"), full_page=True)
 
-        # Traffic while the page is open: 40 messages on ALPHA (one subscriber) and 20 on NOISE (none), over 2 s.
+        # Traffic while the page is open: 40 messages on ALPHA (one subscriber) and 20 on NOISE (none), over 1 s.
         subscriber = Subscriber(sidecar.url, ALPHA)
         pub = Publisher.from_url(redis_server.url)
         first = sums(page, "rates", "published")
@@ -176,7 +176,7 @@ def test_the_dashboard_plots_the_traffic_filters_by_channel_and_changes_the_thro
             pub.event(ALPHA, "tick", {"i": i})
             if i % 2:
                 pub.event(NOISE, "tick")
-            time.sleep(0.05)
+            time.sleep(0.025)
         wait_for(lambda: subscriber.messages == 40, 5, "the deliveries")
 
         # The plotted seconds add up to what was published and delivered, once they have settled: in the
@@ -223,7 +223,6 @@ def test_the_dashboard_plots_the_traffic_filters_by_channel_and_changes_the_thro
         csv = Path(download.value.path()).read_text().splitlines()
         assert csv[0] == "time,published,delivered"
         assert sum(float(line.split(",")[1]) for line in csv[1:]) == pytest.approx(60)
-
 
         # A click on a channel filters the plots to it.
         page.get_by_text(ALPHA, exact=True).first.click()

@@ -21,7 +21,7 @@ import redis
 
 from dashboard.sources import N_BUCKETS, percentile
 from sidecar.stats import LATENCY_BOUNDS_MS
-from tests.browser.test_dashboard import DashboardProcess, wait_for
+from tests.browser.test_dashboard import X_RANGE, DashboardProcess, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -248,7 +248,7 @@ def test_real_traffic_shows_stages_the_windows_coalescing_the_storms_admission_a
         body.press("Tab")
         time.sleep(0.3)  # the widgets' values reach the server before the click
         page.get_by_role("button", name="Apply").click()
-        page.locator(".alert-success", has_text="Policy changed").wait_for(timeout=5_000)
+        page.locator(".alert-success", has_text="Policy changed").wait_for(timeout=10_000)
         marks = wait_for(lambda: (c := columns(page, "changes", "who", "what", "t")) and c["who"] and c, 10,
                          "the page's change as a marker")  # fmt: skip
         assert marks["who"] == ["admin"] and "win:*" in marks["what"][0] and "0.5" in marks["what"][0]
@@ -317,7 +317,7 @@ def test_real_traffic_shows_stages_the_windows_coalescing_the_storms_admission_a
         page.get_by_text("gevent", exact=True).first.wait_for(timeout=5_000)  # the replica's front
         page.get_by_text("none has bytes queued now").wait_for(timeout=5_000)  # an empty table says why
         page.get_by_role("button", name="5 min", exact=True).click()
-        time.sleep(1)
+        wait_for(lambda: (r := page.evaluate(X_RANGE)) and r[1] - r[0] == 300_000, 5, "the 5-minute view")
         page.screenshot(path=str(artifacts / "dashboard-traffic.png"), full_page=True)
     finally:
         page.close()

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import redis
 import requests
 
 from sidecar.client import AsyncClient, Client
@@ -24,8 +23,12 @@ FAST_RETRY = {"SIDECAR_SSE_RETRY_MS": "50"}  # reconnect within 50-100 ms (the s
 
 
 @pytest.fixture
-def publisher(redis_server: EmbeddedRedis) -> Publisher:
-    return Publisher.from_url(redis_server.url)
+def publisher(request: pytest.FixtureRequest) -> Publisher:
+    """To the module's default sidecar's Redis when the test takes `shared_sidecar` (it needs no sidecar of its
+    own: channels no other test uses), else to the test's own `redis_server`."""
+    if "shared_sidecar" in request.fixturenames:
+        return Publisher.from_url(request.getfixturevalue("shared_sidecar").redis_url)
+    return Publisher.from_url(request.getfixturevalue("redis_server").url)
 
 
 def random_patch(rng: random.Random, depth: int = 0) -> dict[str, Any]:
@@ -142,9 +145,9 @@ def test_client_fails_over_to_another_sidecar_without_duplicates_or_holes(
 
 
 def test_async_client_receives_what_the_sync_client_receives(
-    redis_server: EmbeddedRedis, sidecar_process: Callable[..., SidecarProcess], publisher: Publisher
+    shared_sidecar: SidecarProcess, publisher: Publisher
 ) -> None:
-    sidecar = sidecar_process(redis_server.url)
+    sidecar = shared_sidecar
     publisher.diff("same:1", "created", {"n": 0})
     channels = ["same:1", "same:2"]
     writer = threading.Thread(target=publish_mixed, args=(publisher, 20))
@@ -196,12 +199,10 @@ def publish_mixed(publisher: Publisher, n: int) -> None:
 
 
 def test_client_replaces_its_state_when_the_channel_loses_its_history(
-    redis_server: EmbeddedRedis,
-    redis_client: redis.Redis,
-    sidecar_process: Callable[..., SidecarProcess],
-    publisher: Publisher,
+    shared_sidecar: SidecarProcess, publisher: Publisher
 ) -> None:
-    sidecar = sidecar_process(redis_server.url)
+    sidecar = shared_sidecar
+    redis_client = publisher.store.redis  # only lost:1's keys are deleted: the shared sidecar may stay
     publisher.diff("lost:1", "created", {"a": 1})
     keys = Store(redis_client, Settings()).keys("lost:1")
     with Client(sidecar.url, channels=["lost:1"]) as client:

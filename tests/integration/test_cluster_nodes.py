@@ -10,8 +10,6 @@ from __future__ import annotations
 import collections
 import random
 import string
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -23,12 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
-    nodes = RedisClusterNodes(tmp_path / "cluster").start()
-    try:
-        yield nodes
-    finally:
-        nodes.stop()
+def cluster(redis_cluster: RedisClusterNodes) -> RedisClusterNodes:
+    return redis_cluster  # a spare one when an earlier test left it intact (tests/integration/conftest.py)
 
 
 def test_cluster_has_three_masters_with_a_replica_each(cluster: RedisClusterNodes) -> None:

@@ -83,8 +83,8 @@ def test_without_a_key_production_disables_metrics_and_serves_no_demo_page(tmp_p
         assert "/metrics is disabled" in proc.log_text()
 
 
-def test_dev_mode_leaves_metrics_open_and_says_so(redis_server, sidecar_process):
-    dev = sidecar_process(redis_server.url)
+def test_dev_mode_leaves_metrics_open_and_says_so(shared_sidecar):
+    dev = shared_sidecar  # the module's default (dev-mode) sidecar: nothing here changes it
     assert ("sidecar_reader_healthy", ()) in scrape(dev.url)
     assert "anyone may read /metrics" in dev.log_text()
     assert requests.get(f"{dev.url}/demo", timeout=5).status_code == 404
