@@ -104,7 +104,8 @@ async def websocket(ws: WebSocket) -> None:
     sink: Sink | None = None
     if outlet is not None and front.writer is not None:
         sink = front.writer.sink(conn, outlet, wake.set, relay.stats.observe_write)
-        conn.abort = outlet.transport.abort  # a stuck write: the task's drain then ends, as a disconnect
+        # A stuck write: the task's drain then ends, as a disconnect.
+        conn.abort = outlet.abort if isinstance(outlet, _WSOutlet) else outlet.transport.abort
     try:
         while not gone and close is None:
             if sink is not None and sink.paused:  # flow control: the frames wait in the queue, under its bounds
@@ -208,15 +209,21 @@ async def _request(front: Front, relay: Relay, session: Session, asked: object) 
     return asked if isinstance(asked, Close) else None
 
 
+_BEFORE_CLOSE = (ConnectionState.CONNECTING, ConnectionState.OPEN)
+
+
 class _WSOutlet:
     """The WebSocket's transport for the writer's pass (sidecar/asgi/writer.py's Outlet): writable once the
     handshake is sent, until a close frame is sent or the connection is lost."""
 
-    __slots__ = ("protocol", "transport")
+    __slots__ = ("protocol", "transport", "ended")
 
     def __init__(self, protocol: WSProtocol) -> None:
         self.protocol = protocol
         self.transport: asyncio.WriteTransport = protocol.transport
+        # Set by the protocol wherever the socket can end (WSProtocol.note_end): gone() is read for every socket at
+        # every message of the fan-out, and asking wsproto for its state there was ~9% of it (docs/performance.md).
+        self.ended = False
 
     def chunked(self) -> bool:
         return False
@@ -231,9 +238,12 @@ class _WSOutlet:
         await self.protocol.writable.wait()  # set again by connection_lost too
 
     def gone(self) -> bool:
-        p = self.protocol
-        open_ = p.conn.state == ConnectionState.OPEN
-        return bool(p.disconnected or p.close_sent or not open_ or self.transport.is_closing())
+        return self.ended
+
+    def abort(self) -> None:
+        """End a socket stuck in a write (the stuck check, control.py)."""
+        self.ended = True
+        self.transport.abort()
 
 
 class WSProtocol(_UvicornWSProtocol):
@@ -256,6 +266,34 @@ class WSProtocol(_UvicornWSProtocol):
 
     close_after = 2.0  # the default of SIDECAR_CLOSE_TIMEOUT
     _head_checked = False
+    outlet: _WSOutlet | None = None
+
+    def note_end(self) -> None:
+        """Tell the outlet if the socket ended: a close frame sent or received (wsproto's state), the connection
+        lost, or the transport closing. Called after every method of uvicorn's that can end it: those that take
+        the socket's bytes, the app's sends, the keepalive's timeout, the server's shutdown, the app's end."""
+        outlet = self.outlet
+        if outlet is not None and not outlet.ended:
+            closing = self.conn.state not in _BEFORE_CLOSE  # the outlet exists from the upgrade, before the accept
+            outlet.ended = bool(self.disconnected or self.close_sent or closing or self.transport.is_closing())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.note_end()
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.note_end()
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        self.note_end()
+
+    async def run_asgi(self) -> None:
+        try:
+            await super().run_asgi()
+        finally:
+            self.note_end()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -273,18 +311,23 @@ class WSProtocol(_UvicornWSProtocol):
                 self.transport.write(refused.http_response())
                 self.transport.close()
                 return
-        super().data_received(data)
+        super().data_received(data)  # its events: a close, a message too big, a protocol error
+        self.note_end()
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         if not self.config.ws_per_message_deflate:
             self.scope["extensions"][FRAMES] = {}
-            offer(self.scope, _WSOutlet(self))
+            self.outlet = _WSOutlet(self)
+            offer(self.scope, self.outlet)
 
     async def send(self, message: Any) -> None:
         frames = message.get(FRAMES)
         if frames is None or message["type"] != "websocket.send":
-            await super().send(message)
+            try:
+                await super().send(message)  # a close, a refusal
+            finally:
+                self.note_end()
             if message["type"] == "websocket.accept" and self.conn.connection is not None:
                 # Accepted: wsproto's handshake (its h11 connection, its event deque) has nothing more to do, but
                 # WSConnection keeps it for the socket's life (~2 KB); its events() only asks it for none.

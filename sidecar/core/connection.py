@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from sidecar.core.protocol import ZERO_KEY, Message, Position, StreamKey, encode_cursor, sse_id_line
 
+NO_POSITION = Position()  # a channel's position before anything was queued for it
+
 SSE, WS = "sse", "ws"
 
 
@@ -38,7 +40,7 @@ class Connection:
     __slots__ = (
         "id", "transport", "wake", "max_frames", "max_bytes", "subs", "queue", "queued_channels", "queue_ts",
         "batch_ts", "queue_at", "batch_at", "queue_channel", "batch_channel", "queued_bytes", "positions", "sent",
-        "resync", "dropped", "drops", "writing_since", "abort", "single_frames",
+        "resync", "dropped", "drops", "writing_since", "abort", "sse_frames",
     )  # fmt: skip
     _ids = itertools.count(1)
 
@@ -69,10 +71,10 @@ class Connection:
         self.drops: dict[str, int] = {}  # the same per channel, read and reset by the hub's owner
         self.writing_since: float | None = None  # when the socket write in progress began (see writing())
         self.abort: Callable[[], None] | None = None  # set by the caller: ends a socket stuck in a write
-        self.single_frames: SingleChannelFrames | None = None  # its hub's, shared by all its connections
+        self.sse_frames: SseFrames | None = None  # its hub's, shared by all its connections
 
     def cursor(self) -> str:
-        return encode_cursor([self.positions.get(c, Position()) for c in sorted(self.subs)])
+        return encode_cursor([self.positions.get(c, NO_POSITION) for c in sorted(self.subs)])
 
     def push(
         self, frame: bytes, channel: str | None = None, position: Position | None = None, ts: float = 0.0,
@@ -83,10 +85,18 @@ class Connection:
         if position is not None and channel is not None:
             self.positions[channel] = position
             if self.transport == SSE:
-                if len(self.subs) == 1 and channel in self.subs and self.single_frames is not None:
-                    frame = self.single_frames(frame, position)
-                else:
+                shared = self.sse_frames
+                if shared is None:
                     frame = sse_id_line(self.cursor()) + frame
+                elif len(self.subs) == 1 and channel in self.subs:
+                    # The fan-out's hot path: the frame the connection before this one got, read without a call.
+                    if frame is shared.frame and position is shared.position:
+                        frame = shared.out
+                    else:
+                        frame = shared(frame, position)
+                else:
+                    positions = self.positions
+                    frame = shared.cursor(frame, tuple([positions.get(c, NO_POSITION) for c in sorted(self.subs)]))
         queue = self.queue
         was_empty = not queue
         queue.append(frame)
@@ -141,20 +151,33 @@ class Connection:
         self.wake()
 
 
-class SingleChannelFrames:
-    """The SSE frame with its `id:` line for a connection with one channel: its cursor is the message's
-    position alone, so all such connections share the same bytes. One entry per hub is enough: the deliveries
-    of one frame come one after the other."""
+class SseFrames:
+    """SSE frames with their `id:` line, shared by the connections of a hub whose cursors are the same: a
+    connection's cursor is its positions in the order of its sorted channels, so every connection with one channel
+    gets the message's position alone, and connections with several channels at the same positions the same line.
+    One frame at a time is enough: the deliveries of one frame come one after the other."""
 
-    __slots__ = ("frame", "position", "out")
+    __slots__ = ("frame", "position", "out", "cursors_of", "cursors")
 
     def __init__(self) -> None:
-        self.frame: bytes | None = None
-        self.position = Position()
+        self.frame: bytes | None = None  # the one-channel entry: its frame, position, and the frame with its id line
+        self.position = NO_POSITION
         self.out = b""
+        self.cursors_of: bytes | None = None  # the frame of `cursors`: positions (in channel order) -> framed
+        self.cursors: dict[tuple[Position, ...], bytes] = {}
 
     def __call__(self, frame: bytes, position: Position) -> bytes:
+        """`frame` for a connection whose one channel is at `position`."""
         if frame is not self.frame or (position is not self.position and position != self.position):
             self.frame, self.position = frame, position
             self.out = sse_id_line(position.encode()) + frame
         return self.out
+
+    def cursor(self, frame: bytes, positions: tuple[Position, ...]) -> bytes:
+        """`frame` for a connection whose channels, sorted, are at `positions`."""
+        if frame is not self.cursors_of:
+            self.cursors_of, self.cursors = frame, {}
+        out = self.cursors.get(positions)
+        if out is None:
+            out = self.cursors[positions] = sse_id_line(encode_cursor(list(positions))) + frame
+        return out

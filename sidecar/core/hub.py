@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from sidecar.core import merge
-from sidecar.core.connection import SSE, WS, Connection, SingleChannelFrames, Subscription
+from sidecar.core.connection import SSE, WS, Connection, SseFrames, Subscription
 from sidecar.core.protocol import (
     ZERO_KEY,
     Message,
@@ -86,11 +86,11 @@ class Hub:
         self.frames_encoded = 0
         self.delivered = 0  # frames queued for connections, ever
         self.delivered_by_channel: dict[str, int] = {}  # the same, per channel (read and reset by stats)
-        self.single_frames = SingleChannelFrames()  # SSE frames of one-channel connections (connection.py)
+        self.sse_frames = SseFrames()  # SSE frames with the id lines its connections share (connection.py)
 
     # -- connections and subscriptions -------------------------------------------------------------------
     def connect(self, conn: Connection) -> Connection:
-        conn.single_frames = self.single_frames
+        conn.sse_frames = self.sse_frames
         self.connections[conn.id] = conn
         return conn
 

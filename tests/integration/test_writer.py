@@ -126,6 +126,54 @@ def test_a_stalled_websocket_reader_gets_every_frame_whole_and_in_order_when_it_
     assert [m["data"]["i"] for m in messages] == list(range(FRAMES))
 
 
+def opcodes(data: bytes) -> list[int]:
+    """The opcode of each whole WebSocket frame in `data`, in order."""
+    ops, i = [], 0
+    while i + 2 <= len(data):
+        n, head = data[i + 1] & 0x7F, 2
+        if n == 126:
+            n, head = int.from_bytes(data[i + 2 : i + 4], "big"), 4
+        elif n == 127:
+            n, head = int.from_bytes(data[i + 2 : i + 10], "big"), 10
+        if i + head + n > len(data):
+            break
+        ops.append(data[i] & 0x0F)
+        i += head + n
+    return ops
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_websocket_whose_client_closes_gets_nothing_after_the_close_frame_while_messages_keep_coming(
+    sidecar, redis_server
+):
+    key = base64.b64encode(os.urandom(16))
+    sock = socket.create_connection(("127.0.0.1", sidecar.port), timeout=10)
+    sock.sendall(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n"
+    )
+    head = read_until(sock, lambda d: b"\r\n\r\n" in d)
+    sock.sendall(masked(0x1, json.dumps({"op": "subscribe", "channel": "w:3", "mode": "event"}).encode()))
+    data = read_until(sock, lambda d: b'"type":"subscribed"' in d, head.partition(b"\r\n\r\n")[2])
+    with Publisher.from_url(redis_server.url) as pub:
+        for i in range(20):
+            pub.event("w:3", "tick", {"i": i})
+        data = read_until(sock, lambda d: b'"i":19' in d, data)
+        sock.sendall(masked(0x8, (1000).to_bytes(2, "big")))  # the client's close, while the channel goes on
+        for i in range(20, 200):
+            pub.event("w:3", "tick", {"i": i})
+    buf = bytearray(data)
+    while chunk := sock.recv(1 << 16):  # until the server closes TCP
+        buf += chunk
+    sock.close()
+    ops = opcodes(bytes(buf))
+    assert 0x8 in ops and ops[-1] == 0x8, ops[-5:]  # its close frame is the last thing sent
+
+
 def test_each_socket_write_of_a_pass_is_one_latency_observation(redis_server, redis_client, sidecar_process):
     """The pass hands the stats every connection it wrote at once: the record's `lat` still counts one
     observation per socket write, not one per pass (docs/dashboard.md, the stats record)."""
