@@ -126,6 +126,12 @@ class RedisClusterNodes:
     def start(self, timeout: float = 30.0) -> RedisClusterNodes:
         for i in range(len(self.nodes)):
             self._start_node(i)
+        # Every node a config epoch of its own before they meet, as `redis-cli --cluster create` does. Left to
+        # Redis, the equal epochs of new nodes are told apart by gossip, which a replica stops taking part in:
+        # a replica could keep an epoch equal to its master's (seen: both 4), and its TAKEOVER of that master then
+        # claimed the slots with an epoch no greater than the dead master's, which no node accepted.
+        for epoch, node in enumerate(self.nodes, 1):
+            node.command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
         first = self.nodes[0]
         for node in self.nodes[1:]:
             first.command("CLUSTER", "MEET", "127.0.0.1", node.port)
