@@ -463,6 +463,42 @@ def test_an_idle_asgi_websocket_gets_the_sessions_ping_alone_and_its_frames_dire
     assert "Traceback" not in proc.log_text(), proc.log_tail(40)
 
 
+FILLER = "x" * 4000
+
+
+def flood(pub: Publisher, channel: str, reader: WSClient | SSEClient) -> None:
+    """12 MB of diffs to `channel`, all of it to a stalled peer too; `reader` replays them to the last state
+    exactly (the protocol's replay: a snapshot restarts, a message must be the next)."""
+    for start in range(1, 3001, 100):
+        with pub.batch() as batch:
+            for n in range(start, start + 100):
+                batch.diff(channel, "changed", {"n": n, "pad": FILLER})
+    reader.wait(lambda f: any(x.get("seq") == 3001 for x in f), timeout=60)
+    state, expected = None, None
+    for frame in reader.frames:
+        if frame["type"] in ("subscribed", "snapshot"):
+            state, expected = frame["state"], frame["seq"] + 1
+        elif frame["type"] == "message":
+            assert frame["seq"] == expected, (frame["seq"], expected)
+            state, expected = {**state, **frame["diff"]}, expected + 1
+    assert state == {"n": 3000, "pad": FILLER} and expected == 3002
+
+
+def assert_stalled_one_closed(base: str, pid: int, rss: int) -> None:
+    """Within 20 s only the reader is left (the stuck check closed the stalled peer), and the sidecar grew by
+    well under the 12 MB it was given for it."""
+
+    def connections() -> int:
+        return requests.get(f"{base}/healthz", timeout=5).json()["connections"]
+
+    deadline = time.monotonic() + 20
+    while connections() > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert connections() == 1
+    grown = psutil.Process(pid).memory_info().rss - rss
+    assert grown < 6 * 2**20, f"the sidecar grew by {grown / 2**20:.1f} MB for 12 MB to a stalled peer"
+
+
 def test_a_stalled_asgi_websocket_is_bounded_and_closed_by_the_stuck_check_while_another_keeps_receiving(
     redis_server, tmp_path
 ):
@@ -485,30 +521,9 @@ def test_a_stalled_asgi_websocket_is_bounded_and_closed_by_the_stuck_check_while
         stalled.pump(0.5)
         assert any(t["type"] == "subscribed" for t in stalled.texts)
         rss = psutil.Process(proc.pid).memory_info().rss
-        filler = "x" * 4000
-        for start in range(1, 3001, 100):  # 12 MB, all of it to the stalled socket too
-            with pub.batch() as batch:
-                for n in range(start, start + 100):
-                    batch.diff("stall:1", "changed", {"n": n, "pad": filler})
-        reader.wait(lambda f: any(x.get("seq") == 3001 for x in f), timeout=60)
-        state, expected = None, None
-        for frame in reader.frames:  # the protocol's replay: a snapshot restarts, a message must be the next
-            if frame["type"] in ("subscribed", "snapshot"):
-                state, expected = frame["state"], frame["seq"] + 1
-            elif frame["type"] == "message":
-                assert frame["seq"] == expected, (frame["seq"], expected)
-                state, expected = {**state, **frame["diff"]}, expected + 1
-        assert state == {"n": 3000, "pad": filler} and expected == 3002
-
-        def connections() -> int:
-            return requests.get(f"{proc.url}/healthz", timeout=5).json()["connections"]
-
-        deadline = time.monotonic() + 20
-        while connections() > 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert connections() == 1 and "stuck in a socket write" in proc.log_text()
-        grown = psutil.Process(proc.pid).memory_info().rss - rss
-        assert grown < 6 * 2**20, f"the sidecar grew by {grown / 2**20:.1f} MB for 12 MB to a stalled peer"
+        flood(pub, "stall:1", reader)
+        assert_stalled_one_closed(proc.url, proc.pid, rss)
+        assert "stuck in a socket write" in proc.log_text()
     finally:
         stalled.sock.close()
         reader.close()
@@ -640,33 +655,11 @@ def test_a_stalled_detached_sse_stream_is_bounded_and_closed_by_the_stuck_check_
     while b"event: ready" not in head:
         head += stalled.recv(65536)
     reader = SSEClient(base, ["sstall:1"])
-
-    def connections() -> int:
-        return requests.get(f"{base}/healthz", timeout=5).json()["connections"]
-
     try:
         reader.wait(lambda f: any(x["type"] == "ready" for x in f))
         rss = psutil.Process(proc.pid).memory_info().rss
-        filler = "x" * 4000
-        for start in range(1, 3001, 100):  # 12 MB, all of it to the stalled stream too
-            with pub.batch() as batch:
-                for n in range(start, start + 100):
-                    batch.diff("sstall:1", "changed", {"n": n, "pad": filler})
-        reader.wait(lambda f: any(x.get("seq") == 3001 for x in f), timeout=60)
-        state, expected = None, None
-        for frame in reader.frames:
-            if frame["type"] in ("subscribed", "snapshot"):
-                state, expected = frame["state"], frame["seq"] + 1
-            elif frame["type"] == "message":
-                assert frame["seq"] == expected, (frame["seq"], expected)
-                state, expected = {**state, **frame["diff"]}, expected + 1
-        assert state == {"n": 3000, "pad": filler} and expected == 3002
-        deadline = time.monotonic() + 20
-        while connections() > 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert connections() == 1  # the stalled one never closes its socket: the stuck check did
-        grown = psutil.Process(proc.pid).memory_info().rss - rss
-        assert grown < 6 * 2**20, f"the sidecar grew by {grown / 2**20:.1f} MB for 12 MB to a stalled peer"
+        flood(pub, "sstall:1", reader)
+        assert_stalled_one_closed(base, proc.pid, rss)  # the stalled one never closes its socket: the stuck check did
     finally:
         stalled.close()
         reader.close()
@@ -735,10 +728,7 @@ def test_a_mounted_relay_behind_an_http_middleware_streams_sse_whole_on_our_prot
     neither write its body before the head is out nor detach from a response uvicorn has not started. h11 reads
     the whole stream strictly, the middleware's header included, then the shutdown's last chunk."""
     port = free_port()
-    env = child_env(redis_server.url, {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_DEV": "1"})
-    argv = [sys.executable, "-m", "uvicorn", "--factory", "tests.integration.test_asgi:fastapi_app_with_middleware",
-            "--host", "127.0.0.1", "--port", str(port), "--no-access-log", *OUR_PROTOCOLS]  # fmt: skip
-    proc = ManagedProcess(f"fastapi-{port}", argv, {**env, "PYTHONPATH": str(REPO_ROOT)}, tmp_path / "fastapi.log")
+    proc = middleware_app(redis_server.url, tmp_path, port, OUR_PROTOCOLS)
     pub = Publisher.from_url(redis_server.url)
     stream = None
     try:
@@ -759,6 +749,14 @@ def test_a_mounted_relay_behind_an_http_middleware_streams_sse_whole_on_our_prot
             stream.sock.close()
         pub.close()
         proc.stop()
+
+
+def middleware_app(redis_url: str, tmp_path: Path, port: int, protocols: list[str]) -> ManagedProcess:
+    """uvicorn running the FastAPI app with an http middleware around the mounted relay, on `protocols`."""
+    env = child_env(redis_url, {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_DEV": "1"})
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "tests.integration.test_asgi:fastapi_app_with_middleware",
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log", *protocols]  # fmt: skip
+    return ManagedProcess(f"fastapi-{port}", argv, {**env, "PYTHONPATH": str(REPO_ROOT)}, tmp_path / "fastapi.log")
 
 
 def _ok(url: str) -> bool:
@@ -827,11 +825,8 @@ def test_an_http_1_0_client_behind_an_http_middleware_gets_its_stream_on_httptoo
     the stream's events (uvicorn's httptools cycle frames them as it would on its own protocol), not a head and a
     RuntimeError for a body longer than its (absent) Content-Length."""
     port = free_port()
-    env = child_env(redis_server.url, {"SIDECAR_JWT_SECRET": SECRET, "SIDECAR_DEV": "1"})
-    argv = [sys.executable, "-m", "uvicorn", "--factory", "tests.integration.test_asgi:fastapi_app_with_middleware",
-            "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--http",
-            "sidecar.asgi.protocols:HttpToolsProtocol", "--ws", "sidecar.asgi:WSProtocol"]  # fmt: skip
-    proc = ManagedProcess(f"fastapi-{port}", argv, {**env, "PYTHONPATH": str(REPO_ROOT)}, tmp_path / "fastapi.log")
+    proc = middleware_app(redis_server.url, tmp_path, port, ["--http", "sidecar.asgi.protocols:HttpToolsProtocol",
+                                                             "--ws", "sidecar.asgi:WSProtocol"])  # fmt: skip
     pub = Publisher.from_url(redis_server.url)
     sock = None
     try:

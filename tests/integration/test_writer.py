@@ -76,7 +76,8 @@ def sse_events(raw: bytes) -> list[dict]:
     return [json.loads(e.split(b"data: ", 1)[1]) for e in events]
 
 
-def ws_frames(data: bytes) -> list[bytes]:
+def ws_parse(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each whole unmasked WebSocket frame in `data`, in order."""
     frames, i = [], 0
     while i + 2 <= len(data):
         n, head = data[i + 1] & 0x7F, 2
@@ -86,10 +87,14 @@ def ws_frames(data: bytes) -> list[bytes]:
             n, head = int.from_bytes(data[i + 2 : i + 10], "big"), 10
         if i + head + n > len(data):
             break
-        if data[i] & 0x0F == 0x1:
-            frames.append(data[i + head : i + head + n])
+        frames.append((data[i] & 0x0F, data[i + head : i + head + n]))
         i += head + n
     return frames
+
+
+def ws_frames(data: bytes) -> list[bytes]:
+    """The payloads of the text frames in `data`."""
+    return [payload for opcode, payload in ws_parse(data) if opcode == 0x1]
 
 
 def test_a_stalled_sse_reader_gets_every_frame_whole_and_in_order_when_it_reads_again(sidecar, redis_server):
@@ -128,18 +133,7 @@ def test_a_stalled_websocket_reader_gets_every_frame_whole_and_in_order_when_it_
 
 def opcodes(data: bytes) -> list[int]:
     """The opcode of each whole WebSocket frame in `data`, in order."""
-    ops, i = [], 0
-    while i + 2 <= len(data):
-        n, head = data[i + 1] & 0x7F, 2
-        if n == 126:
-            n, head = int.from_bytes(data[i + 2 : i + 4], "big"), 4
-        elif n == 127:
-            n, head = int.from_bytes(data[i + 2 : i + 10], "big"), 10
-        if i + head + n > len(data):
-            break
-        ops.append(data[i] & 0x0F)
-        i += head + n
-    return ops
+    return [opcode for opcode, _ in ws_parse(data)]
 
 
 def masked(opcode: int, payload: bytes) -> bytes:
