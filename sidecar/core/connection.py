@@ -158,6 +158,7 @@ class SseFrames:
     One frame at a time is enough: the deliveries of one frame come one after the other."""
 
     __slots__ = ("frame", "position", "out", "cursors_of", "cursors")
+    MAX_CURSORS = 256
 
     def __init__(self) -> None:
         self.frame: bytes | None = None  # the one-channel entry: its frame, position, and the frame with its id line
@@ -179,5 +180,7 @@ class SseFrames:
             self.cursors_of, self.cursors = frame, {}
         out = self.cursors.get(positions)
         if out is None:
-            out = self.cursors[positions] = sse_id_line(encode_cursor(list(positions))) + frame
+            out = sse_id_line(encode_cursor(list(positions))) + frame
+            if len(self.cursors) < self.MAX_CURSORS:  # cursors that differ (per-user channels) share nothing:
+                self.cursors[positions] = out  # held until the next frame, so a bounded few
         return out

@@ -3,7 +3,7 @@ cache: two hubs in one process, as the tests and an embedded relay run them, kee
 
 from __future__ import annotations
 
-from sidecar.core.connection import SSE, Connection
+from sidecar.core.connection import SSE, Connection, SseFrames
 from sidecar.core.hub import Hub, Sync
 from tests.unit.test_hub import at, message, subscribed
 
@@ -56,3 +56,13 @@ def test_streams_of_several_channels_at_the_same_positions_share_the_frame_with_
     assert [f.split(b"\n", 1)[0] for f in same[0].drain()] == [b"id: 1002-0~e1,1006-0~e1"]
     assert behind.drain() == []  # a hole in c:b (it was at 3): a resync, not a frame
     assert behind.resync == {"c:b"}
+
+
+def test_streams_whose_cursors_all_differ_each_get_their_own_and_the_hub_holds_a_bounded_few() -> None:
+    hub = Hub()
+    conns = [two_channels(hub, (1, seq)) for seq in range(3, 3 + SseFrames.MAX_CURSORS + 50)]
+    hub.dispatch([message("c:a", 2, change={"n": 2})])
+    for seq, conn in enumerate(conns, 3):
+        [frame] = conn.drain()
+        assert frame.startswith(f"id: 1002-0~e1,{1000 + seq}-0~e1\n".encode())
+    assert len(hub.sse_frames.cursors) == SseFrames.MAX_CURSORS
